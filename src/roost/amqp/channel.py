@@ -1,0 +1,578 @@
+"""An AMQP channel: turns channel-level methods into broker calls and the
+broker's deliveries back into frames.
+
+Implements :class:`roost.broker.consumer.DeliverySink` for its consumers.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pamqp import commands as C
+from pamqp.base import Frame as MethodFrame
+
+from roost import properties
+from roost.amqp import encoder
+from roost.broker import errors
+from roost.broker.consumer import Consumer
+from roost.broker.errors import BrokerError, precondition
+from roost.broker.exchange import Exchange
+from roost.broker.message import Message, QueueEntry
+from roost.broker.queue import Queue
+from roost.broker.vhost import REPLY_TO_QUEUE, generate_name
+
+if TYPE_CHECKING:
+    from roost.amqp.connection import AMQPConnection
+    from roost.amqp.decoder import PublishReceived
+
+REPLY_TO_PREFIX = REPLY_TO_QUEUE + "."
+_NO_PROPERTIES = properties.EMPTY
+
+
+class Delivery:
+    """A message delivered on this channel and not yet settled."""
+
+    __slots__ = ("consumer", "entry", "queue", "tag")
+
+    def __init__(
+        self, tag: int, queue: Queue, entry: QueueEntry, consumer: Consumer | None
+    ) -> None:
+        self.tag = tag
+        self.queue = queue
+        self.entry = entry
+        self.consumer = consumer
+
+
+def _table(value: Any) -> dict[str, Any]:
+    return dict(value) if value else {}
+
+
+class Channel:
+    def __init__(self, conn: AMQPConnection, number: int) -> None:
+        self.conn = conn
+        self.number = number
+        assert conn.vhost is not None
+        self.vhost = conn.vhost
+        self.consumers: dict[str, Consumer] = {}
+        self._tag_bytes: dict[str, bytes] = {}
+        self.next_tag = 1
+        self.unacked: dict[int, Delivery] = {}
+        self._unacked_order: deque[Delivery] = deque()
+        self.prefetch_count = 0
+        self.global_prefetch = 0
+        self.flow_active = True
+        self.closing = False
+        self.confirm = False
+        self.publish_seq = 0
+        self._confirmed_upto = 0
+        self._confirm_sent = 0
+        self.tx = False
+        self._tx_publishes: list[tuple[Exchange, Message, bool, str]] = []
+        self._tx_settles: list[tuple[Delivery, bool, bool]] = []  # (delivery, ack, requeue)
+        self._reply_key: str | None = None
+        self.last_queue: str | None = None
+        self._handlers: dict[type[MethodFrame], Callable[[Any], None]] = {
+            C.Channel.Flow: self._flow,
+            C.Channel.FlowOk: lambda m: None,
+            C.Exchange.Declare: self._exchange_declare,
+            C.Exchange.Delete: self._exchange_delete,
+            C.Exchange.Bind: self._exchange_bind,
+            C.Exchange.Unbind: self._exchange_unbind,
+            C.Queue.Declare: self._queue_declare,
+            C.Queue.Bind: self._queue_bind,
+            C.Queue.Unbind: self._queue_unbind,
+            C.Queue.Purge: self._queue_purge,
+            C.Queue.Delete: self._queue_delete,
+            C.Basic.Qos: self._basic_qos,
+            C.Basic.Consume: self._basic_consume,
+            C.Basic.Cancel: self._basic_cancel,
+            C.Basic.Get: self._basic_get,
+            C.Basic.Ack: self._basic_ack,
+            C.Basic.Nack: self._basic_nack,
+            C.Basic.Reject: self._basic_reject,
+            C.Basic.Recover: self._basic_recover,
+            C.Basic.RecoverAsync: self._basic_recover_async,
+            C.Confirm.Select: self._confirm_select,
+            C.Tx.Select: self._tx_select,
+            C.Tx.Commit: self._tx_commit,
+            C.Tx.Rollback: self._tx_rollback,
+        }
+
+    # -- plumbing -------------------------------------------------------
+
+    @property
+    def owner(self) -> object:
+        """Exclusive queues belong to the connection."""
+        return self.conn
+
+    def send(self, frame: MethodFrame) -> None:
+        self.conn.write(encoder.method(self.number, frame))
+
+    def handle_method(self, method: MethodFrame) -> None:
+        handler = self._handlers.get(type(method))
+        if handler is None:
+            raise BrokerError(
+                errors.COMMAND_INVALID, f"method {method.name} is not allowed on a channel"
+            )
+        handler(method)
+
+    # -- DeliverySink ---------------------------------------------------
+
+    def can_deliver(self) -> bool:
+        return (
+            self.flow_active
+            and self.conn.writable
+            and not self.closing
+            and (not self.global_prefetch or len(self.unacked) < self.global_prefetch)
+        )
+
+    def deliver(self, consumer: Consumer, entry: QueueEntry) -> None:
+        tag = self.next_tag
+        self.next_tag = tag + 1
+        if not consumer.no_ack:
+            d = Delivery(tag, consumer.queue, entry, consumer)
+            self.unacked[tag] = d
+            self._unacked_order.append(d)
+        msg = entry.message
+        self.conn.write(
+            encoder.deliver(
+                self.number,
+                self._tag_bytes[consumer.tag],
+                tag,
+                entry.redelivered,
+                encoder.shortstr(msg.exchange),
+                encoder.shortstr(msg.routing_key),
+            )
+            + encoder.content(self.number, msg.properties, msg.body, self.conn.frame_max)
+        )
+
+    def cancelled_by_server(self, consumer: Consumer) -> None:
+        if self.consumers.pop(consumer.tag, None) is None:
+            return
+        self._tag_bytes.pop(consumer.tag, None)
+        if self.conn.capabilities.get("consumer_cancel_notify") and not self.closing:
+            self.send(C.Basic.Cancel(consumer_tag=consumer.tag, nowait=True))
+
+    # -- publishing -----------------------------------------------------
+
+    def handle_publish(self, ev: PublishReceived) -> None:
+        if self.confirm:
+            self.publish_seq += 1
+        if ev.immediate:
+            raise BrokerError(errors.NOT_IMPLEMENTED, "immediate=true")
+        vhost = self.vhost
+        ex = vhost.exchanges.get(ev.exchange)
+        if ex is None:
+            raise errors.not_found("exchange", ev.exchange, vhost.name)
+        if ex.internal:
+            raise errors.access_refused(
+                f"cannot publish to internal exchange '{ex.name}' in vhost '{vhost.name}'"
+            )
+        props = ev.properties
+        persistent = False
+        priority = None
+        if props != _NO_PROPERTIES:
+            try:
+                scanned = properties.scan(props)
+            except properties.PropertyError as exc:
+                raise BrokerError(errors.FRAME_ERROR, f"malformed content header: {exc}") from exc
+            persistent = scanned.delivery_mode == 2
+            priority = scanned.priority
+            if scanned.user_id is not None and scanned.user_id != self.conn.username:
+                raise precondition(
+                    f"user_id property set to '{scanned.user_id}' but authenticated "
+                    f"user was '{self.conn.username}'"
+                )
+            if scanned.reply_to == REPLY_TO_QUEUE:
+                props = self._rewrite_reply_to(props)
+        msg = Message(ev.exchange, ev.routing_key, props, ev.body, persistent, priority)
+        if self.tx:
+            self._tx_publishes.append((ex, msg, ev.mandatory, ev.routing_key))
+            return
+        self._route(ex, msg, ev.mandatory)
+        if self.confirm:
+            self._confirm_upto(self.publish_seq)
+
+    def _route(self, ex: Exchange, msg: Message, mandatory: bool) -> None:
+        vhost = self.vhost
+        if ex is vhost.default_exchange and msg.routing_key.startswith(REPLY_TO_PREFIX):
+            target = vhost.reply_targets.get(msg.routing_key[len(REPLY_TO_PREFIX) :])
+            if target is not None:
+                target(msg)
+                return
+            queues: list[Queue] = []
+        else:
+            queues = vhost.route(ex, msg)
+        if queues:
+            for q in queues:
+                q.enqueue(msg)
+        elif mandatory:
+            self.conn.write(
+                encoder.basic_return(
+                    self.number, errors.NO_ROUTE, "NO_ROUTE", msg.exchange, msg.routing_key
+                )
+                + encoder.content(self.number, msg.properties, msg.body, self.conn.frame_max)
+            )
+
+    def _confirm_upto(self, seq: int) -> None:
+        if self._confirmed_upto == self._confirm_sent:
+            self.conn.confirm_pending(self)
+        self._confirmed_upto = seq
+
+    def flush_confirms(self) -> None:
+        """Send one basic.ack covering every publish confirmed since the last."""
+        upto = self._confirmed_upto
+        if upto > self._confirm_sent and not self.closing:
+            self.conn.write(encoder.basic_ack(self.number, upto, upto - self._confirm_sent > 1))
+        self._confirm_sent = upto
+
+    # -- direct reply-to ------------------------------------------------
+
+    def _rewrite_reply_to(self, raw: bytes) -> bytes:
+        if self._reply_key is None:
+            raise precondition("fast reply consumer does not exist")
+        props = properties.decode_properties(raw)
+        props.reply_to = REPLY_TO_PREFIX + self._reply_key
+        return properties.encode_properties(props)
+
+    def _deliver_reply(self, consumer: Consumer, msg: Message) -> None:
+        if self.closing or consumer.tag not in self.consumers:
+            return
+        self.deliver(consumer, QueueEntry(0, msg))
+
+    # -- exchanges ------------------------------------------------------
+
+    def _exchange_declare(self, m: C.Exchange.Declare) -> None:
+        self.vhost.declare_exchange(
+            m.exchange,
+            m.exchange_type,
+            passive=m.passive,
+            durable=m.durable,
+            auto_delete=m.auto_delete,
+            internal=m.internal,
+            arguments=_table(m.arguments),
+        )
+        if not m.nowait:
+            self.send(C.Exchange.DeclareOk())
+
+    def _exchange_delete(self, m: C.Exchange.Delete) -> None:
+        self.vhost.delete_exchange(m.exchange, if_unused=m.if_unused)
+        if not m.nowait:
+            self.send(C.Exchange.DeleteOk())
+
+    def _exchange_bind(self, m: C.Exchange.Bind) -> None:
+        dest = self.vhost.exchange(m.destination)
+        self.vhost.bind(m.source, dest, m.routing_key, _table(m.arguments))
+        if not m.nowait:
+            self.send(C.Exchange.BindOk())
+
+    def _exchange_unbind(self, m: C.Exchange.Unbind) -> None:
+        dest = self.vhost.exchange(m.destination)
+        self.vhost.unbind(m.source, dest, m.routing_key, _table(m.arguments))
+        if not m.nowait:
+            self.send(C.Exchange.UnbindOk())
+
+    # -- queues ---------------------------------------------------------
+
+    def _queue_name(self, name: str) -> str:
+        # An empty name means "the queue last declared on this channel".
+        if not name:
+            if self.last_queue is None:
+                raise errors.not_found("queue", "", self.vhost.name)
+            return self.last_queue
+        return name
+
+    def _queue_declare(self, m: C.Queue.Declare) -> None:
+        if m.queue == REPLY_TO_QUEUE:
+            if not m.nowait:
+                self.conn.write(encoder.queue_declare_ok(self.number, REPLY_TO_QUEUE, 0, 0))
+            return
+        q = self.vhost.declare_queue(
+            m.queue,
+            owner=self.owner,
+            passive=m.passive,
+            durable=m.durable,
+            exclusive=m.exclusive,
+            auto_delete=m.auto_delete,
+            arguments=_table(m.arguments),
+        )
+        if q.exclusive:
+            self.conn.exclusive_queues.add(q)
+        self.last_queue = q.name
+        if not m.nowait:
+            self.conn.write(
+                encoder.queue_declare_ok(self.number, q.name, q.message_count, q.consumer_count)
+            )
+
+    def _queue_bind(self, m: C.Queue.Bind) -> None:
+        q = self.vhost.queue(self._queue_name(m.queue), self.owner)
+        self.vhost.bind(m.exchange, q, m.routing_key, _table(m.arguments))
+        if not m.nowait:
+            self.send(C.Queue.BindOk())
+
+    def _queue_unbind(self, m: C.Queue.Unbind) -> None:
+        q = self.vhost.queue(self._queue_name(m.queue), self.owner)
+        self.vhost.unbind(m.exchange, q, m.routing_key, _table(m.arguments))
+        self.send(C.Queue.UnbindOk())
+
+    def _queue_purge(self, m: C.Queue.Purge) -> None:
+        n = self.vhost.purge_queue(self._queue_name(m.queue), self.owner)
+        if not m.nowait:
+            self.send(C.Queue.PurgeOk(message_count=n))
+
+    def _queue_delete(self, m: C.Queue.Delete) -> None:
+        n = self.vhost.delete_queue(
+            self._queue_name(m.queue),
+            owner=self.owner,
+            if_unused=m.if_unused,
+            if_empty=m.if_empty,
+        )
+        if not m.nowait:
+            self.send(C.Queue.DeleteOk(message_count=n))
+
+    # -- consuming ------------------------------------------------------
+
+    def _basic_qos(self, m: C.Basic.Qos) -> None:
+        if m.global_:
+            self.global_prefetch = m.prefetch_count
+        else:
+            self.prefetch_count = m.prefetch_count
+        self.send(C.Basic.QosOk())
+        self._dispatch_all()
+
+    def _basic_consume(self, m: C.Basic.Consume) -> None:
+        tag = m.consumer_tag or generate_name("amq.ctag-")
+        if tag in self.consumers:
+            raise BrokerError(errors.NOT_ALLOWED, f"attempt to reuse consumer tag '{tag}'")
+        if m.queue == REPLY_TO_QUEUE:
+            self._consume_reply_to(tag, m)
+            return
+        q = self.vhost.queue(self._queue_name(m.queue), self.owner)
+        if (m.exclusive and q.consumer_count) or q.has_exclusive_consumer():
+            raise errors.access_refused(
+                f"queue '{q.name}' in vhost '{self.vhost.name}' in exclusive use"
+            )
+        args = _table(m.arguments)
+        prio = args.get("x-priority", 0)
+        if not isinstance(prio, int) or isinstance(prio, bool):
+            raise precondition(f"invalid arg 'x-priority' for consumer '{tag}' on queue '{q.name}'")
+        consumer = Consumer(
+            tag,
+            q,
+            self,
+            no_ack=m.no_ack,
+            exclusive=m.exclusive,
+            prefetch=self.prefetch_count,
+            priority=prio,
+            arguments=args,
+        )
+        self.consumers[tag] = consumer
+        self._tag_bytes[tag] = encoder.shortstr(tag)
+        if not m.nowait:
+            self.send(C.Basic.ConsumeOk(consumer_tag=tag))
+        q.add_consumer(consumer)
+
+    def _consume_reply_to(self, tag: str, m: C.Basic.Consume) -> None:
+        if not m.no_ack:
+            raise precondition("reply consumer cannot acknowledge")
+        if self._reply_key is not None:
+            raise precondition("reply consumer already set")
+        key = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        placeholder = Queue(self.vhost, REPLY_TO_QUEUE)
+        consumer = Consumer(tag, placeholder, self, no_ack=True)
+        self.consumers[tag] = consumer
+        self._tag_bytes[tag] = encoder.shortstr(tag)
+        self._reply_key = key
+        self.vhost.reply_targets[key] = lambda msg: self._deliver_reply(consumer, msg)
+        if not m.nowait:
+            self.send(C.Basic.ConsumeOk(consumer_tag=tag))
+
+    def _basic_cancel(self, m: C.Basic.Cancel) -> None:
+        self._cancel(m.consumer_tag or "")
+        if not m.nowait:
+            self.send(C.Basic.CancelOk(consumer_tag=m.consumer_tag))
+
+    def _cancel(self, tag: str) -> None:
+        consumer = self.consumers.pop(tag, None)
+        self._tag_bytes.pop(tag, None)
+        if consumer is None:
+            return
+        if consumer.queue.name == REPLY_TO_QUEUE and self._reply_key is not None:
+            self.vhost.reply_targets.pop(self._reply_key, None)
+            self._reply_key = None
+            return
+        self.vhost.consumer_removed(consumer)
+
+    def _basic_get(self, m: C.Basic.Get) -> None:
+        q = self.vhost.queue(self._queue_name(m.queue), self.owner)
+        entry = q.get(m.no_ack)
+        if entry is None:
+            self.conn.write(encoder.get_empty(self.number))
+            return
+        tag = self.next_tag
+        self.next_tag = tag + 1
+        if not m.no_ack:
+            d = Delivery(tag, q, entry, None)
+            self.unacked[tag] = d
+            self._unacked_order.append(d)
+        msg = entry.message
+        self.conn.write(
+            encoder.get_ok(
+                self.number, tag, entry.redelivered, msg.exchange, msg.routing_key, q.message_count
+            )
+            + encoder.content(self.number, msg.properties, msg.body, self.conn.frame_max)
+        )
+
+    # -- settling -------------------------------------------------------
+
+    def _take(self, tag: int, multiple: bool) -> list[Delivery]:
+        """Remove and return the deliveries an ack/nack/reject refers to."""
+        unacked = self.unacked
+        if multiple:
+            if tag == 0:
+                taken = list(self._unacked_order)
+                unacked.clear()
+                self._unacked_order.clear()
+                return taken
+            if tag not in unacked:
+                raise precondition(f"unknown delivery tag {tag}")
+            order = self._unacked_order
+            taken = []
+            while order and order[0].tag <= tag:
+                d = order.popleft()
+                if d.tag in unacked:
+                    del unacked[d.tag]
+                    taken.append(d)
+            return taken
+        found = unacked.pop(tag, None)
+        if found is None:
+            raise precondition(f"unknown delivery tag {tag}")
+        order = self._unacked_order
+        # Keep the order deque short: drop settled deliveries at its front.
+        while order and order[0].tag not in unacked:
+            order.popleft()
+        return [found]
+
+    def _settle(self, deliveries: list[Delivery], ack: bool, requeue: bool) -> None:
+        if self.tx:
+            for d in deliveries:
+                self._tx_settles.append((d, ack, requeue))
+            return
+        self._apply_settle(deliveries, ack, requeue)
+
+    def _apply_settle(self, deliveries: list[Delivery], ack: bool, requeue: bool) -> None:
+        touched: dict[int, Queue] = {}
+        to_requeue: dict[int, list[QueueEntry]] = {}
+        for d in deliveries:
+            c = d.consumer
+            if c is not None:
+                c.unacked -= 1
+            q = d.queue
+            touched[id(q)] = q
+            if requeue and not ack:
+                to_requeue.setdefault(id(q), []).append(d.entry)
+            else:
+                q.settle()
+        for qid, entries in to_requeue.items():
+            touched[qid].requeue(entries)
+        for q in touched.values():
+            if not q.deleted:
+                q.dispatch()
+
+    def _basic_ack(self, m: C.Basic.Ack) -> None:
+        self._settle(self._take(m.delivery_tag or 0, bool(m.multiple)), True, False)
+
+    def _basic_nack(self, m: C.Basic.Nack) -> None:
+        self._settle(self._take(m.delivery_tag or 0, bool(m.multiple)), False, bool(m.requeue))
+
+    def _basic_reject(self, m: C.Basic.Reject) -> None:
+        self._settle(self._take(m.delivery_tag or 0, False), False, bool(m.requeue))
+
+    def _basic_recover(self, m: C.Basic.Recover) -> None:
+        self._recover(m.requeue)
+        self.send(C.Basic.RecoverOk())
+
+    def _basic_recover_async(self, m: C.Basic.RecoverAsync) -> None:
+        self._recover(m.requeue)
+
+    def _recover(self, requeue: bool) -> None:
+        # RabbitMQ requeues in both cases: redelivering to the original
+        # consumer (requeue=false) is not something it implements either.
+        deliveries = list(self._unacked_order)
+        self.unacked.clear()
+        self._unacked_order.clear()
+        self._apply_settle(deliveries, False, True)
+
+    # -- confirms and transactions -------------------------------------
+
+    def _confirm_select(self, m: C.Confirm.Select) -> None:
+        if self.tx:
+            raise precondition("cannot switch from tx to confirm mode")
+        self.confirm = True
+        if not m.nowait:
+            self.send(C.Confirm.SelectOk())
+
+    def _tx_select(self, m: C.Tx.Select) -> None:
+        if self.confirm:
+            raise precondition("cannot switch from confirm to tx mode")
+        self.tx = True
+        self.send(C.Tx.SelectOk())
+
+    def _tx_commit(self, m: C.Tx.Commit) -> None:
+        if not self.tx:
+            raise precondition("channel is not transactional")
+        publishes, self._tx_publishes = self._tx_publishes, []
+        settles, self._tx_settles = self._tx_settles, []
+        for ex, msg, mandatory, _ in publishes:
+            self._route(ex, msg, mandatory)
+        for d, ack, requeue in settles:
+            self._apply_settle([d], ack, requeue)
+        self.send(C.Tx.CommitOk())
+
+    def _tx_rollback(self, m: C.Tx.Rollback) -> None:
+        if not self.tx:
+            raise precondition("channel is not transactional")
+        self._tx_publishes = []
+        settles, self._tx_settles = self._tx_settles, []
+        if settles:
+            # Rolled-back acks leave their messages unacknowledged again.
+            for d, _, _ in settles:
+                self.unacked[d.tag] = d
+            self._unacked_order = deque(sorted(self.unacked.values(), key=lambda d: d.tag))
+        self.send(C.Tx.RollbackOk())
+
+    # -- flow and teardown ---------------------------------------------
+
+    def _flow(self, m: C.Channel.Flow) -> None:
+        self.flow_active = bool(m.active)
+        self.send(C.Channel.FlowOk(active=m.active))
+        if m.active:
+            self._dispatch_all()
+
+    def _dispatch_all(self) -> None:
+        queues = {id(c.queue): c.queue for c in self.consumers.values()}
+        for q in queues.values():
+            if not q.deleted:
+                q.dispatch()
+
+    def resume(self) -> None:
+        """The socket drained: consumers may take messages again."""
+        self._dispatch_all()
+
+    def teardown(self) -> None:
+        """The channel or its connection closed: cancel consumers, requeue unacked."""
+        self.closing = True
+        for tag in list(self.consumers):
+            self._cancel(tag)
+        deliveries = list(self._unacked_order)
+        if self._tx_settles:
+            deliveries.extend(d for d, _, _ in self._tx_settles)
+            self._tx_settles = []
+        self.unacked.clear()
+        self._unacked_order.clear()
+        if deliveries:
+            self._apply_settle(deliveries, False, True)

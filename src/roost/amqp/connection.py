@@ -1,0 +1,569 @@
+"""asyncio glue for one AMQP connection.
+
+Owns the transport, the handshake (start/tune/open), heartbeats, output
+batching (one ``transport.write`` per loop iteration) and back-pressure:
+``pause_writing`` stops deliveries to this connection's consumers, and a
+resource alarm pauses reading from publishing connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from pamqp import commands as C
+from pamqp import decode
+from pamqp.base import Frame as MethodFrame
+
+from roost import __version__
+from roost.amqp import encoder
+from roost.amqp.channel import Channel
+from roost.amqp.decoder import (
+    ContentTooLarge,
+    FrameDecoder,
+    FrameError,
+    HeartbeatReceived,
+    MethodReceived,
+    ProtocolHeaderReceived,
+    PublishReceived,
+)
+from roost.broker import errors
+from roost.broker.errors import BrokerError
+
+if TYPE_CHECKING:
+    from roost.broker.broker import Broker
+    from roost.broker.queue import Queue
+    from roost.broker.vhost import VirtualHost
+
+log = logging.getLogger("roost.connection")
+
+PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+FRAME_MIN_SIZE = 4096
+PUBLISH_METHOD = (60, 40)
+CLOSE_TIMEOUT = 3.0
+
+CAPABILITIES = {
+    "publisher_confirms": True,
+    "exchange_exchange_bindings": True,
+    "basic.nack": True,
+    "consumer_cancel_notify": True,
+    "connection.blocked": True,
+    "consumer_priorities": True,
+    "authentication_failure_close": True,
+    "per_consumer_qos": True,
+    "direct_reply_to": True,
+}
+
+
+@dataclass
+class ConnectionSettings:
+    channel_max: int = 2047
+    frame_max: int = 131072
+    heartbeat: int = 60
+    handshake_timeout: float = 10.0
+
+
+class AMQPConnection(asyncio.Protocol):
+    def __init__(
+        self,
+        broker: Broker,
+        settings: ConnectionSettings,
+        registry: set[AMQPConnection] | None = None,
+    ) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.registry = registry
+        self.decoder = FrameDecoder(FRAME_MIN_SIZE, broker.max_message_size)
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_event_loop()
+        self.state = "header"  # header, start, secure, tune, open-wait, open, closing, closed
+        self.channels: dict[int, Channel] = {}
+        self.channel_max = settings.channel_max
+        self.frame_max = settings.frame_max
+        self.heartbeat = 0
+        self.username = ""
+        self.vhost: VirtualHost | None = None
+        self.client_properties: dict[str, Any] = {}
+        self.capabilities: dict[str, Any] = {}
+        self.exclusive_queues: set[Queue] = set()
+        self.peer = ""
+        self.writable = True
+        self._out: list[bytes] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._confirming: list[Channel] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_recv = 0.0
+        self._last_send = 0.0
+        self._reading_paused = False
+        self._published_while_blocked = False
+
+    # -- transport callbacks -------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.transport.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)
+        if self.registry is not None:
+            self.registry.add(self)
+        self._last_recv = self.loop.time()
+        self._timer = self.loop.call_later(self.settings.handshake_timeout, self._handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == "closed":
+            return
+        self._last_recv = self.loop.time()
+        try:
+            events = self.decoder.feed(data)
+        except FrameError as exc:
+            self._connection_error(exc.code, exc.text, 0, 0)
+            return
+        channels = self.channels
+        for ev in events:
+            if type(ev) is PublishReceived:
+                ch = channels.get(ev.channel)
+                if ch is None or ch.closing:
+                    if ch is None:
+                        self._unopened_channel(ev.channel, PUBLISH_METHOD)
+                        return
+                    continue
+                try:
+                    ch.handle_publish(ev)
+                except BrokerError as exc:
+                    self._broker_error(ch, exc, PUBLISH_METHOD)
+                if self.broker.alarms:
+                    self._published_while_blocked = True
+            elif type(ev) is MethodReceived:
+                self._method(ev.channel, ev.method)
+            elif type(ev) is HeartbeatReceived:
+                pass
+            elif type(ev) is ContentTooLarge:
+                ch = channels.get(ev.channel)
+                if ch is not None and not ch.closing:
+                    self._broker_error(
+                        ch,
+                        BrokerError(
+                            errors.PRECONDITION_FAILED,
+                            f"message size {ev.size} is larger than configured max size "
+                            f"{self.broker.max_message_size}",
+                        ),
+                        PUBLISH_METHOD,
+                    )
+            elif type(ev) is ProtocolHeaderReceived:
+                self._protocol_header(ev)
+            if self.state == "closed":
+                return
+        if self._published_while_blocked and self.broker.alarms and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = "closed"
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._teardown()
+        if self.registry is not None:
+            self.registry.discard(self)
+        self.broker.unwatch_alarms(self._alarm_changed)
+
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        for ch in list(self.channels.values()):
+            if not ch.closing:
+                ch.resume()
+
+    # -- output ---------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self._out.append(data)
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+
+    def confirm_pending(self, channel: Channel) -> None:
+        self._confirming.append(channel)
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self._confirming:
+            confirming, self._confirming = self._confirming, []
+            for ch in confirming:
+                ch.flush_confirms()
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            out = self._out
+            self._out = []
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._last_send = self.loop.time()
+        else:
+            self._out.clear()
+
+    def send_method(self, channel: int, frame: MethodFrame) -> None:
+        self.write(encoder.method(channel, frame))
+
+    # -- handshake ------------------------------------------------------
+
+    def _protocol_header(self, ev: ProtocolHeaderReceived) -> None:
+        if not ev.ok:
+            # Tell the client which protocol we speak, then hang up.
+            assert self.transport is not None
+            self.transport.write(PROTOCOL_HEADER)
+            self._close_transport()
+            return
+        self.state = "start"
+        self.send_method(
+            0,
+            C.Connection.Start(
+                version_major=0,
+                version_minor=9,
+                server_properties={
+                    "product": "roost",
+                    "version": __version__,
+                    "platform": "Python",
+                    "copyright": "roost contributors",
+                    "information": "https://pypi.org/project/roost/",
+                    "cluster_name": "roost",
+                    "capabilities": dict(CAPABILITIES),
+                },
+                mechanisms="PLAIN AMQPLAIN",
+                locales="en_US",
+            ),
+        )
+
+    def _start_ok(self, m: C.Connection.StartOk) -> None:
+        self.client_properties = dict(m.client_properties or {})
+        caps = self.client_properties.get("capabilities")
+        self.capabilities = dict(caps) if isinstance(caps, dict) else {}
+        mechanism = m.mechanism
+        response = m.response
+        raw = response.encode("utf-8") if isinstance(response, str) else bytes(response or b"")
+        if mechanism == "PLAIN":
+            parts = raw.split(b"\x00")
+            if len(parts) != 3:
+                self._auth_failed(mechanism)
+                return
+            user, password = parts[1], parts[2]
+        elif mechanism == "AMQPLAIN":
+            try:
+                _, table = decode.field_table(struct.pack(">I", len(raw)) + raw)
+            except (ValueError, struct.error):
+                self._auth_failed(mechanism)
+                return
+            login, pw = table.get("LOGIN"), table.get("PASSWORD")
+            user = login.encode() if isinstance(login, str) else _as_bytes(login)
+            password = pw.encode() if isinstance(pw, str) else _as_bytes(pw)
+        else:
+            self._connection_error(
+                errors.COMMAND_INVALID,
+                f"unknown authentication mechanism '{mechanism}'",
+                10,
+                11,
+            )
+            return
+        name = user.decode("utf-8", "replace")
+        if self.broker.users.authenticate(name, password.decode("utf-8", "replace")) is None:
+            self._auth_failed(mechanism)
+            return
+        self.username = name
+        self.state = "tune"
+        s = self.settings
+        self.send_method(
+            0,
+            C.Connection.Tune(
+                channel_max=s.channel_max, frame_max=s.frame_max, heartbeat=s.heartbeat
+            ),
+        )
+
+    def _auth_failed(self, mechanism: str) -> None:
+        log.warning("%s: login refused using mechanism %s", self.peer, mechanism)
+        if self.capabilities.get("authentication_failure_close"):
+            self._connection_error(
+                errors.ACCESS_REFUSED,
+                f"Login was refused using authentication mechanism {mechanism}. "
+                "For details see the broker logfile.",
+                0,
+                0,
+            )
+        else:
+            self._close_transport()
+
+    def _tune_ok(self, m: C.Connection.TuneOk) -> None:
+        s = self.settings
+        if m.channel_max > s.channel_max:
+            self._connection_error(
+                errors.NOT_ALLOWED, f"channel_max={m.channel_max} > {s.channel_max} max", 10, 31
+            )
+            return
+        if m.frame_max and m.frame_max < FRAME_MIN_SIZE:
+            self._connection_error(
+                errors.NOT_ALLOWED, f"frame_max={m.frame_max} < {FRAME_MIN_SIZE} min", 10, 31
+            )
+            return
+        if m.frame_max > s.frame_max:
+            self._connection_error(
+                errors.NOT_ALLOWED, f"frame_max={m.frame_max} > {s.frame_max} max", 10, 31
+            )
+            return
+        self.channel_max = m.channel_max or s.channel_max
+        self.frame_max = m.frame_max or s.frame_max
+        self.heartbeat = m.heartbeat
+        self.decoder.frame_max = self.frame_max
+        self.state = "open-wait"
+
+    def _open(self, m: C.Connection.Open) -> None:
+        vhost = self.broker.vhost(m.virtual_host)
+        if vhost is None:
+            self._connection_error(errors.NOT_ALLOWED, f"vhost {m.virtual_host} not found", 10, 40)
+            return
+        self.vhost = vhost
+        self.state = "open"
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.send_method(0, C.Connection.OpenOk())
+        self.broker.watch_alarms(self._alarm_changed)
+        if self.broker.blocked and self.capabilities.get("connection.blocked"):
+            self.send_method(0, C.Connection.Blocked(reason="low on resources"))
+        if self.heartbeat:
+            self._timer = self.loop.call_later(self._tick_interval(), self._heartbeat_tick)
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        if self.state != "open" and self.state != "closed":
+            log.warning("%s: handshake timed out", self.peer)
+            self._close_transport()
+
+    # -- heartbeats -----------------------------------------------------
+
+    def _tick_interval(self) -> float:
+        return max(self.heartbeat / 2.0, 0.05)
+
+    def _heartbeat_tick(self) -> None:
+        self._timer = None
+        if self.state == "closed" or self.transport is None:
+            return
+        now = self.loop.time()
+        if now - self._last_recv > 2 * self.heartbeat:
+            log.warning(
+                "%s: missed heartbeats from client, timeout: %ss", self.peer, self.heartbeat
+            )
+            self.transport.abort()
+            return
+        if now - self._last_send >= self.heartbeat / 2.0:
+            self.transport.write(encoder.HEARTBEAT)
+            self._last_send = now
+        self._timer = self.loop.call_later(self._tick_interval(), self._heartbeat_tick)
+
+    # -- methods --------------------------------------------------------
+
+    def _method(self, channel: int, method: MethodFrame) -> None:
+        if channel == 0:
+            self._connection_method(method)
+            return
+        if self.state != "open":
+            if self.state == "closing":
+                return
+            self._connection_error(
+                errors.COMMAND_INVALID, "channel method before connection.open", 0, 0
+            )
+            return
+        ch = self.channels.get(channel)
+        t = type(method)
+        ids = divmod(method.index, 1 << 16)
+        if t is C.Channel.Open:
+            if ch is not None:
+                self._connection_error(errors.CHANNEL_ERROR, "second 'channel.open' seen", *ids)
+                return
+            if channel > self.channel_max:
+                self._connection_error(
+                    errors.NOT_ALLOWED,
+                    f"channel number {channel} exceeds channel_max {self.channel_max}",
+                    *ids,
+                )
+                return
+            self.channels[channel] = Channel(self, channel)
+            self.send_method(channel, C.Channel.OpenOk())
+            return
+        if ch is None:
+            self._unopened_channel(channel, ids)
+            return
+        if ch.closing:
+            # After we sent channel.close only close/close-ok matter.
+            if t is C.Channel.CloseOk:
+                self._forget_channel(channel)
+            elif t is C.Channel.Close:
+                self.send_method(channel, C.Channel.CloseOk())
+            return
+        if t is C.Channel.Close:
+            ch.teardown()
+            self._forget_channel(channel)
+            self.send_method(channel, C.Channel.CloseOk())
+            return
+        if t is C.Channel.CloseOk:
+            return
+        if method.index >> 16 == 10:
+            self._connection_error(
+                errors.COMMAND_INVALID,
+                f"connection method {method.name} on channel {channel}",
+                *ids,
+            )
+            return
+        try:
+            ch.handle_method(method)
+        except BrokerError as exc:
+            self._broker_error(ch, exc, ids)
+
+    def _connection_method(self, m: MethodFrame) -> None:
+        t = type(m)
+        state = self.state
+        if state == "closing":
+            if t is C.Connection.CloseOk:
+                self._close_transport()
+            elif t is C.Connection.Close:
+                self.send_method(0, C.Connection.CloseOk())
+            return
+        if t is C.Connection.Close:
+            self._teardown()
+            self.send_method(0, C.Connection.CloseOk())
+            self.state = "closing"
+            self._close_transport()
+            return
+        expected = {
+            "start": C.Connection.StartOk,
+            "tune": C.Connection.TuneOk,
+            "open-wait": C.Connection.Open,
+        }.get(state)
+        if expected is not None:
+            if t is not expected:
+                self._connection_error(
+                    errors.COMMAND_INVALID,
+                    f"expected '{expected.__name__}', got '{m.name}'",
+                    *divmod(m.index, 1 << 16),
+                )
+            elif t is C.Connection.StartOk:
+                self._start_ok(m)  # type: ignore[arg-type]
+            elif t is C.Connection.TuneOk:
+                self._tune_ok(m)  # type: ignore[arg-type]
+            else:
+                self._open(m)  # type: ignore[arg-type]
+            return
+        if t is C.Connection.UpdateSecret:
+            self.send_method(0, C.Connection.UpdateSecretOk())
+        elif t is C.Connection.Blocked or t is C.Connection.Unblocked:
+            pass  # a client may tell us it is blocked; nothing to do
+        else:
+            self._connection_error(
+                errors.COMMAND_INVALID,
+                f"method {m.name} is not allowed on channel 0",
+                *divmod(m.index, 1 << 16),
+            )
+
+    def _unopened_channel(self, channel: int, ids: tuple[int, int]) -> None:
+        self._connection_error(
+            errors.CHANNEL_ERROR, f"expected 'channel.open' on channel {channel}", *ids
+        )
+
+    def _forget_channel(self, number: int) -> None:
+        self.channels.pop(number, None)
+        self.decoder.abandon_content(number)
+
+    # -- errors ---------------------------------------------------------
+
+    def _broker_error(self, ch: Channel, exc: BrokerError, ids: tuple[int, int]) -> None:
+        if exc.closes_connection:
+            self._connection_error(exc.code, exc.text, *ids)
+            return
+        ch.teardown()
+        self.decoder.abandon_content(ch.number)
+        self.send_method(
+            ch.number,
+            C.Channel.Close(
+                reply_code=exc.code,
+                reply_text=_clip(exc.reply_text),
+                class_id=ids[0],
+                method_id=ids[1],
+            ),
+        )
+
+    def _connection_error(self, code: int, text: str, class_id: int, method_id: int) -> None:
+        if self.state in ("closing", "closed"):
+            return
+        name = errors.REPLY_NAMES.get(code, str(code))
+        log.info("%s: closing connection: %s - %s", self.peer, name, text)
+        self._teardown()
+        self.send_method(
+            0,
+            C.Connection.Close(
+                reply_code=code,
+                reply_text=_clip(f"{name} - {text}"),
+                class_id=class_id,
+                method_id=method_id,
+            ),
+        )
+        self.state = "closing"
+        if self._timer is not None:
+            self._timer.cancel()
+        # Give the client a moment to answer close-ok, then drop it.
+        self._timer = self.loop.call_later(CLOSE_TIMEOUT, self._close_transport)
+
+    def close(
+        self, code: int = errors.CONNECTION_FORCED, text: str = "broker forced connection closure"
+    ) -> None:
+        """Server-initiated close (shutdown, management)."""
+        self._connection_error(code, text, 0, 0)
+
+    def _close_transport(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._flush()
+            self.transport.close()
+
+    def _teardown(self) -> None:
+        for ch in list(self.channels.values()):
+            ch.teardown()
+        self.channels.clear()
+        vhost = self.vhost
+        if vhost is not None:
+            for q in list(self.exclusive_queues):
+                if not q.deleted:
+                    vhost.remove_queue(q)
+        self.exclusive_queues.clear()
+
+    # -- resource alarms -----------------------------------------------
+
+    def _alarm_changed(self, blocked: bool, reason: str) -> None:
+        if self.state != "open":
+            return
+        notify = bool(self.capabilities.get("connection.blocked"))
+        if blocked:
+            if notify:
+                self.send_method(0, C.Connection.Blocked(reason=reason))
+        else:
+            if notify:
+                self.send_method(0, C.Connection.Unblocked())
+            self._published_while_blocked = False
+            if self._reading_paused and self.transport is not None:
+                self._reading_paused = False
+                self.transport.resume_reading()
+
+
+def _as_bytes(value: object) -> bytes:
+    return bytes(value) if isinstance(value, bytes | bytearray) else b""
+
+
+def _clip(text: str) -> str:
+    raw = text.encode("utf-8")
+    if len(raw) <= 255:
+        return text
+    return raw[:255].decode("utf-8", "ignore")

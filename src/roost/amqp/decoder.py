@@ -1,0 +1,336 @@
+"""Sans-IO AMQP 0-9-1 frame decoder.
+
+Bytes go in, events come out; nothing here touches a socket. Publishes are
+assembled (method + content header + body frames) into one
+:class:`PublishReceived` event with the property bytes kept raw, and
+``basic.publish`` is parsed by hand because it is the hottest frame; every
+other method is unmarshalled by pamqp.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import cast
+
+from pamqp import commands, exceptions
+from pamqp.base import Frame as MethodFrame
+
+from roost.broker import errors
+
+PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+FRAME_METHOD = 1
+FRAME_HEADER = 2
+FRAME_BODY = 3
+FRAME_HEARTBEAT = 8
+FRAME_END = 0xCE
+BASIC_CLASS = 60
+PUBLISH_ID = (60 << 16) | 40
+
+_frame_head = struct.Struct(">BHI").unpack_from
+_u32 = struct.Struct(">I").unpack_from
+_u64 = struct.Struct(">Q").unpack_from
+_u16 = struct.Struct(">H").unpack_from
+
+
+class FrameError(Exception):
+    """A connection-level protocol violation: close the connection with ``code``."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+        self.class_id = 0
+        self.method_id = 0
+
+
+class ProtocolHeaderReceived:
+    __slots__ = ("ok", "raw")
+
+    def __init__(self, raw: bytes, ok: bool) -> None:
+        self.raw = raw
+        self.ok = ok
+
+
+class MethodReceived:
+    __slots__ = ("channel", "method")
+
+    def __init__(self, channel: int, method: MethodFrame) -> None:
+        self.channel = channel
+        self.method = method
+
+
+class PublishReceived:
+    __slots__ = (
+        "body",
+        "channel",
+        "exchange",
+        "immediate",
+        "mandatory",
+        "properties",
+        "routing_key",
+    )
+
+    def __init__(
+        self,
+        channel: int,
+        exchange: str,
+        routing_key: str,
+        mandatory: bool,
+        immediate: bool,
+        properties: bytes,
+        body: bytes,
+    ) -> None:
+        self.channel = channel
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.mandatory = mandatory
+        self.immediate = immediate
+        self.properties = properties
+        self.body = body
+
+
+class ContentTooLarge:
+    """A publish whose declared body size exceeds the limit; its body is skipped."""
+
+    __slots__ = ("channel", "size")
+
+    def __init__(self, channel: int, size: int) -> None:
+        self.channel = channel
+        self.size = size
+
+
+class HeartbeatReceived:
+    __slots__ = ()
+
+
+Event = (
+    ProtocolHeaderReceived | MethodReceived | PublishReceived | ContentTooLarge | HeartbeatReceived
+)
+HEARTBEAT = HeartbeatReceived()
+
+
+class _Content:
+    """A publish waiting for its header and body frames."""
+
+    __slots__ = (
+        "body_size",
+        "chunks",
+        "discard",
+        "exchange",
+        "immediate",
+        "mandatory",
+        "properties",
+        "received",
+        "routing_key",
+    )
+
+    def __init__(self, exchange: str, routing_key: str, mandatory: bool, immediate: bool) -> None:
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.mandatory = mandatory
+        self.immediate = immediate
+        self.properties: bytes | None = None
+        self.body_size = 0
+        self.received = 0
+        self.chunks: list[bytes] = []
+        self.discard = False
+
+
+class FrameDecoder:
+    """Turns the client's byte stream into events.
+
+    ``frame_max`` bounds every incoming frame (RabbitMQ's 4096-byte minimum
+    applies until tune-ok says otherwise); ``max_message_size`` bounds a
+    publish's declared body size.
+    """
+
+    def __init__(self, frame_max: int = 4096, max_message_size: int = 16 * 1024 * 1024) -> None:
+        self.frame_max = frame_max
+        self.max_message_size = max_message_size
+        self._buf = bytearray()
+        self._got_header = False
+        self._content: dict[int, _Content] = {}
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Decode as much as possible; raises :class:`FrameError` on bad input."""
+        buf = self._buf
+        buf += data
+        events: list[Event] = []
+        pos = 0
+        n = len(buf)
+        if not self._got_header:
+            if n < 8:
+                if buf[: min(n, 4)] != PROTOCOL_HEADER[: min(n, 4)]:
+                    raw = bytes(buf)
+                    buf.clear()
+                    return [ProtocolHeaderReceived(raw, False)]
+                return events
+            raw = bytes(buf[:8])
+            self._got_header = True
+            pos = 8
+            events.append(ProtocolHeaderReceived(raw, raw == PROTOCOL_HEADER))
+            if raw != PROTOCOL_HEADER:
+                buf.clear()
+                return events
+        content = self._content
+        limit = self.frame_max - 8 if self.frame_max else 0xFFFFFFFF
+        try:
+            while n - pos >= 7:
+                ftype, ch, size = _frame_head(buf, pos)
+                if size > limit:
+                    raise FrameError(
+                        errors.FRAME_ERROR,
+                        f"frame size {size + 8} larger than negotiated maximum {limit + 8}",
+                    )
+                start = pos + 7
+                end = start + size
+                if end >= n:
+                    break
+                if buf[end] != FRAME_END:
+                    raise FrameError(
+                        errors.FRAME_ERROR, f"frame end byte 0x{buf[end]:02x} is not 0xce"
+                    )
+                pos = end + 1
+                if ftype == FRAME_METHOD:
+                    if ch in content:
+                        raise self._unexpected(content[ch])
+                    if size < 4:
+                        raise FrameError(errors.FRAME_ERROR, "method frame too short")
+                    if _u32(buf, start)[0] == PUBLISH_ID:
+                        content[ch] = self._parse_publish(buf, start + 4, end)
+                    else:
+                        events.append(MethodReceived(ch, self._parse_method(buf, start, end)))
+                elif ftype == FRAME_HEADER:
+                    c = content.get(ch)
+                    if c is None or c.properties is not None:
+                        raise FrameError(
+                            errors.UNEXPECTED_FRAME,
+                            "expected method frame, got non method frame instead"
+                            if c is None
+                            else "expected content body, got non content body frame instead",
+                        )
+                    if size < 14:
+                        raise FrameError(errors.FRAME_ERROR, "content header too short")
+                    if _u16(buf, start)[0] != BASIC_CLASS:
+                        raise FrameError(
+                            errors.FRAME_ERROR, "content header class does not match method"
+                        )
+                    c.body_size = _u64(buf, start + 4)[0]
+                    c.properties = bytes(buf[start + 12 : end])
+                    if c.body_size > self.max_message_size:
+                        c.discard = True
+                        events.append(ContentTooLarge(ch, c.body_size))
+                    if c.body_size == 0:
+                        del content[ch]
+                        if not c.discard:
+                            events.append(self._complete(ch, c, b""))
+                elif ftype == FRAME_BODY:
+                    c = content.get(ch)
+                    if c is None or c.properties is None:
+                        raise FrameError(
+                            errors.UNEXPECTED_FRAME,
+                            "expected method frame, got non method frame instead"
+                            if c is None
+                            else f"expected content header for class {BASIC_CLASS}, "
+                            "got non content header frame instead",
+                        )
+                    c.received += size
+                    if c.received > c.body_size:
+                        raise FrameError(
+                            errors.FRAME_ERROR, "content body larger than declared in its header"
+                        )
+                    if c.discard:
+                        if c.received == c.body_size:
+                            del content[ch]
+                        continue
+                    if c.received == c.body_size:
+                        del content[ch]
+                        if c.chunks:
+                            c.chunks.append(bytes(buf[start:end]))
+                            body = b"".join(c.chunks)
+                        else:
+                            body = bytes(buf[start:end])
+                        events.append(self._complete(ch, c, body))
+                    else:
+                        c.chunks.append(bytes(buf[start:end]))
+                elif ftype == FRAME_HEARTBEAT:
+                    if ch != 0:
+                        raise FrameError(
+                            errors.FRAME_ERROR, "heartbeat frame on a non-zero channel"
+                        )
+                    events.append(HEARTBEAT)
+                else:
+                    raise FrameError(errors.FRAME_ERROR, f"unknown frame type {ftype}")
+        finally:
+            del buf[:pos]
+        return events
+
+    @staticmethod
+    def _unexpected(c: _Content) -> FrameError:
+        if c.properties is None:
+            return FrameError(
+                errors.UNEXPECTED_FRAME,
+                f"expected content header for class {BASIC_CLASS}, "
+                "got non content header frame instead",
+            )
+        return FrameError(
+            errors.UNEXPECTED_FRAME, "expected content body, got non content body frame instead"
+        )
+
+    @staticmethod
+    def _parse_publish(buf: bytearray, pos: int, end: int) -> _Content:
+        try:
+            pos += 2  # reserved ticket
+            ln = buf[pos]
+            exchange = buf[pos + 1 : pos + 1 + ln].decode("utf-8")
+            pos += 1 + ln
+            ln = buf[pos]
+            routing_key = buf[pos + 1 : pos + 1 + ln].decode("utf-8")
+            pos += 1 + ln
+            bits = buf[pos]
+        except (IndexError, UnicodeDecodeError) as exc:
+            raise FrameError(errors.FRAME_ERROR, "malformed basic.publish frame") from exc
+        if pos >= end:
+            raise FrameError(errors.FRAME_ERROR, "malformed basic.publish frame")
+        return _Content(exchange, routing_key, bool(bits & 1), bool(bits & 2))
+
+    @staticmethod
+    def _parse_method(buf: bytearray, start: int, end: int) -> MethodFrame:
+        index = _u32(buf, start)[0]
+        cls = commands.INDEX_MAPPING.get(index)
+        if cls is None:
+            raise FrameError(
+                errors.COMMAND_INVALID,
+                f"unknown method (class {index >> 16}, method {index & 0xFFFF})",
+            )
+        method = cls()
+        try:
+            method.unmarshal(bytes(buf[start + 4 : end]))
+        except (struct.error, ValueError, IndexError, TypeError, exceptions.PAMQPException) as exc:
+            raise FrameError(
+                errors.FRAME_ERROR, f"malformed method frame {index:#x}: {exc}"
+            ) from exc
+        return cast(MethodFrame, method)
+
+    @staticmethod
+    def _complete(ch: int, c: _Content, body: bytes) -> PublishReceived:
+        assert c.properties is not None
+        return PublishReceived(
+            ch, c.exchange, c.routing_key, c.mandatory, c.immediate, c.properties, body
+        )
+
+    def abandon_content(self, channel: int) -> None:
+        """Forget a half-received publish (its channel was closed)."""
+        self._content.pop(channel, None)
+
+
+__all__ = [
+    "ContentTooLarge",
+    "Event",
+    "FrameDecoder",
+    "FrameError",
+    "HeartbeatReceived",
+    "MethodReceived",
+    "ProtocolHeaderReceived",
+    "PublishReceived",
+]

@@ -1,0 +1,130 @@
+"""Server-to-client frames.
+
+Most methods are marshalled by pamqp. The delivery path (basic.deliver,
+get-ok, return, and the content header and body frames after them) and the
+few methods whose pamqp constructors reject names RabbitMQ accepts are
+written by hand; ``tests/amqp/test_encoder.py`` checks them byte for byte
+against pamqp.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pamqp import frame as pframe
+from pamqp.base import Frame as MethodFrame
+
+_head = struct.Struct(">BHI").pack
+_content_head = struct.Struct(">BHIHHQ").pack
+_u64 = struct.Struct(">Q").pack
+_u32 = struct.Struct(">I").pack
+END = b"\xce"
+HEARTBEAT = b"\x08\x00\x00\x00\x00\x00\x00\xce"
+
+
+def method(channel: int, frame: MethodFrame) -> bytes:
+    return bytes(pframe.marshal(frame, channel))
+
+
+def shortstr(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    if len(raw) > 255:
+        raise ValueError("short string longer than 255 bytes")
+    return bytes((len(raw),)) + raw
+
+
+def _method_frame(channel: int, payload: bytes) -> bytes:
+    return _head(1, channel, len(payload)) + payload + END
+
+
+def content(channel: int, properties: bytes, body: bytes, frame_max: int) -> bytes:
+    """Content header frame plus body frames split to fit ``frame_max``."""
+    size = len(body)
+    header = _content_head(2, channel, 12 + len(properties), 60, 0, size) + properties + END
+    chunk = frame_max - 8 if frame_max else size or 1
+    if size <= chunk:
+        if not size:
+            return header
+        return header + _head(3, channel, size) + body + END
+    parts = [header]
+    for i in range(0, size, chunk):
+        piece = body[i : i + chunk]
+        parts.append(_head(3, channel, len(piece)))
+        parts.append(piece)
+        parts.append(END)
+    return b"".join(parts)
+
+
+def deliver(
+    channel: int,
+    consumer_tag: bytes,
+    delivery_tag: int,
+    redelivered: bool,
+    exchange: bytes,
+    routing_key: bytes,
+) -> bytes:
+    """basic.deliver; ``consumer_tag``, ``exchange``, ``routing_key`` are
+    pre-encoded short strings."""
+    payload = (
+        b"\x00\x3c\x00\x3c"
+        + consumer_tag
+        + _u64(delivery_tag)
+        + (b"\x01" if redelivered else b"\x00")
+        + exchange
+        + routing_key
+    )
+    return _method_frame(channel, payload)
+
+
+def get_ok(
+    channel: int,
+    delivery_tag: int,
+    redelivered: bool,
+    exchange: str,
+    routing_key: str,
+    message_count: int,
+) -> bytes:
+    payload = (
+        b"\x00\x3c\x00\x47"
+        + _u64(delivery_tag)
+        + (b"\x01" if redelivered else b"\x00")
+        + shortstr(exchange)
+        + shortstr(routing_key)
+        + _u32(message_count)
+    )
+    return _method_frame(channel, payload)
+
+
+def get_empty(channel: int) -> bytes:
+    return _method_frame(channel, b"\x00\x3c\x00\x48\x00")
+
+
+def basic_return(
+    channel: int, reply_code: int, reply_text: str, exchange: str, routing_key: str
+) -> bytes:
+    payload = (
+        b"\x00\x3c\x00\x32"
+        + struct.pack(">H", reply_code)
+        + shortstr(reply_text)
+        + shortstr(exchange)
+        + shortstr(routing_key)
+    )
+    return _method_frame(channel, payload)
+
+
+def queue_declare_ok(channel: int, queue: str, message_count: int, consumer_count: int) -> bytes:
+    payload = b"\x00\x32\x00\x0b" + shortstr(queue) + _u32(message_count) + _u32(consumer_count)
+    return _method_frame(channel, payload)
+
+
+def basic_ack(channel: int, delivery_tag: int, multiple: bool) -> bytes:
+    return _method_frame(
+        channel, b"\x00\x3c\x00\x50" + _u64(delivery_tag) + (b"\x01" if multiple else b"\x00")
+    )
+
+
+def basic_nack(channel: int, delivery_tag: int, multiple: bool) -> bytes:
+    # Bits: multiple, requeue (always false from the server).
+    return _method_frame(
+        channel, b"\x00\x3c\x00\x78" + _u64(delivery_tag) + (b"\x01" if multiple else b"\x00")
+    )

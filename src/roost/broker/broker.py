@@ -1,0 +1,68 @@
+"""The broker: virtual hosts, users and broker-wide state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from roost.broker.users import UserStore
+from roost.broker.vhost import VirtualHost
+
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+
+class Broker:
+    def __init__(
+        self,
+        *,
+        default_user: str = "guest",
+        default_password: str = "guest",
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        self.vhosts: dict[str, VirtualHost] = {"/": VirtualHost("/")}
+        self.users = UserStore()
+        self.users.add(default_user, default_password, ("administrator",))
+        self.max_message_size = max_message_size
+        # Resource alarms (memory, disk): while any is set, publishers block.
+        self.alarms: set[str] = set()
+        self._alarm_listeners: list[Callable[[bool, str], None]] = []
+
+    def vhost(self, name: str) -> VirtualHost | None:
+        return self.vhosts.get(name)
+
+    def add_vhost(self, name: str) -> VirtualHost:
+        vh = self.vhosts.get(name)
+        if vh is None:
+            vh = self.vhosts[name] = VirtualHost(name)
+        return vh
+
+    # -- resource alarms --------------------------------------------------
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self.alarms)
+
+    def watch_alarms(self, listener: Callable[[bool, str], None]) -> None:
+        self._alarm_listeners.append(listener)
+
+    def unwatch_alarms(self, listener: Callable[[bool, str], None]) -> None:
+        if listener in self._alarm_listeners:
+            self._alarm_listeners.remove(listener)
+
+    def set_alarm(self, resource: str) -> None:
+        if resource in self.alarms:
+            return
+        was_blocked = self.blocked
+        self.alarms.add(resource)
+        if not was_blocked:
+            self._notify(True, f"low on {resource}")
+
+    def clear_alarm(self, resource: str) -> None:
+        if resource not in self.alarms:
+            return
+        self.alarms.discard(resource)
+        if not self.blocked:
+            self._notify(False, "")
+
+    def _notify(self, blocked: bool, reason: str) -> None:
+        for listener in list(self._alarm_listeners):
+            listener(blocked, reason)

@@ -1,0 +1,67 @@
+"""Consumers and the interface through which queues hand them messages."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from roost.broker.message import QueueEntry
+    from roost.broker.queue import Queue
+
+
+class DeliverySink(Protocol):
+    """What a queue needs from whoever owns a consumer (an AMQP channel).
+
+    Queues call these instead of knowing about channels or frames, so the
+    broker model stays protocol-agnostic.
+    """
+
+    def can_deliver(self) -> bool:
+        """Channel-wide credit: flow, global prefetch and socket back-pressure."""
+        ...
+
+    def deliver(self, consumer: Consumer, entry: QueueEntry) -> None: ...
+
+    def cancelled_by_server(self, consumer: Consumer) -> None:
+        """The queue went away under the consumer (basic.cancel from the server)."""
+        ...
+
+
+class Consumer:
+    __slots__ = (
+        "arguments",
+        "exclusive",
+        "no_ack",
+        "prefetch",
+        "priority",
+        "queue",
+        "sink",
+        "tag",
+        "unacked",
+    )
+
+    def __init__(
+        self,
+        tag: str,
+        queue: Queue,
+        sink: DeliverySink,
+        no_ack: bool = False,
+        exclusive: bool = False,
+        prefetch: int = 0,
+        priority: int = 0,
+        arguments: dict[str, Any] | None = None,
+    ) -> None:
+        self.tag = tag
+        self.queue = queue
+        self.sink = sink
+        self.no_ack = no_ack
+        self.exclusive = exclusive
+        self.prefetch = prefetch
+        self.priority = priority
+        self.arguments = dict(arguments or {})
+        self.unacked = 0
+
+    def has_credit(self) -> bool:
+        return (
+            self.no_ack or not self.prefetch or self.unacked < self.prefetch
+        ) and self.sink.can_deliver()

@@ -1,0 +1,182 @@
+"""Exchange types: small routing objects from a routing key to destinations."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from roost.broker import topic
+from roost.broker.binding import Binding
+
+if TYPE_CHECKING:
+    from roost.broker.binding import Destination
+    from roost.broker.message import Message
+
+_ROUTE_CACHE_LIMIT = 10_000
+
+
+class Exchange:
+    kind: ClassVar[str] = "exchange"
+    type_name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        name: str,
+        durable: bool = False,
+        auto_delete: bool = False,
+        internal: bool = False,
+        arguments: dict[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.durable = durable
+        self.auto_delete = auto_delete
+        self.internal = internal
+        self.arguments: dict[str, Any] = dict(arguments or {})
+        ae = self.arguments.get("alternate-exchange")
+        self.alternate_exchange: str | None = ae if isinstance(ae, str) and ae else None
+        # Bindings where this exchange is the source, by identity.
+        self.bindings: dict[tuple[str, str, str, str], Binding] = {}
+        # Bindings where this exchange is the destination (exchange-to-exchange).
+        self.inbound: set[Binding] = set()
+
+    @property
+    def destination_key(self) -> tuple[str, str]:
+        return (self.kind, self.name)
+
+    def add_binding(self, binding: Binding) -> bool:
+        if binding.key in self.bindings:
+            return False
+        self.bindings[binding.key] = binding
+        self._index(binding)
+        return True
+
+    def remove_binding(self, binding: Binding) -> None:
+        if self.bindings.pop(binding.key, None) is not None:
+            self._unindex(binding)
+
+    def route(self, message: Message) -> list[Destination]:
+        raise NotImplementedError
+
+    def _index(self, binding: Binding) -> None:
+        pass
+
+    def _unindex(self, binding: Binding) -> None:
+        pass
+
+
+class DirectExchange(Exchange):
+    type_name = "direct"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._by_key: dict[str, list[Destination]] = {}
+
+    def _index(self, binding: Binding) -> None:
+        dests = self._by_key.setdefault(binding.routing_key, [])
+        if binding.destination not in dests:
+            dests.append(binding.destination)
+
+    def _unindex(self, binding: Binding) -> None:
+        rk = binding.routing_key
+        still = any(
+            b.destination is binding.destination and b.routing_key == rk
+            for b in self.bindings.values()
+        )
+        if not still:
+            dests = self._by_key.get(rk)
+            if dests is not None and binding.destination in dests:
+                dests.remove(binding.destination)
+                if not dests:
+                    del self._by_key[rk]
+
+    def route(self, message: Message) -> list[Destination]:
+        return self._by_key.get(message.routing_key) or []
+
+
+class FanoutExchange(Exchange):
+    type_name = "fanout"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._dests: list[Destination] = []
+
+    def _index(self, binding: Binding) -> None:
+        if binding.destination not in self._dests:
+            self._dests.append(binding.destination)
+
+    def _unindex(self, binding: Binding) -> None:
+        if not any(b.destination is binding.destination for b in self.bindings.values()):
+            self._dests.remove(binding.destination)
+
+    def route(self, message: Message) -> list[Destination]:
+        return self._dests
+
+
+class TopicExchange(Exchange):
+    type_name = "topic"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._patterns: list[tuple[tuple[str, ...], Destination]] = []
+        self._cache: dict[str, list[Destination]] = {}
+
+    def _index(self, binding: Binding) -> None:
+        self._rebuild()
+
+    def _unindex(self, binding: Binding) -> None:
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._patterns = [
+            (topic.compile_pattern(b.routing_key), b.destination) for b in self.bindings.values()
+        ]
+        self._cache.clear()
+
+    def route(self, message: Message) -> list[Destination]:
+        key = message.routing_key
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        words = topic.split(key)
+        out: list[Destination] = []
+        for pattern, dest in self._patterns:
+            if dest not in out and topic.matches(pattern, words):
+                out.append(dest)
+        if len(self._cache) >= _ROUTE_CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[key] = out
+        return out
+
+
+def _headers_match(binding_args: dict[str, Any], headers: dict[str, Any]) -> bool:
+    mode = binding_args.get("x-match", "all")
+    if isinstance(mode, bytes):
+        mode = mode.decode("utf-8", "replace")
+    with_x = mode in ("all-with-x", "any-with-x")
+    want_all = mode in ("all", "all-with-x")
+    for k, v in binding_args.items():
+        if k == "x-match" or (not with_x and k.startswith("x-")):
+            continue
+        hit = k in headers and (v is None or headers[k] == v)
+        if want_all and not hit:
+            return False
+        if not want_all and hit:
+            return True
+    # "all" with nothing to compare matches everything; "any" matches nothing.
+    return want_all
+
+
+class HeadersExchange(Exchange):
+    type_name = "headers"
+
+    def route(self, message: Message) -> list[Destination]:
+        headers = message.headers
+        out: list[Destination] = []
+        for b in self.bindings.values():
+            if b.destination not in out and _headers_match(b.arguments, headers):
+                out.append(b.destination)
+        return out
+
+
+EXCHANGE_TYPES: dict[str, type[Exchange]] = {
+    cls.type_name: cls for cls in (DirectExchange, FanoutExchange, TopicExchange, HeadersExchange)
+}

@@ -1,0 +1,67 @@
+"""Messages as the broker holds them.
+
+A :class:`Message` is shared by every queue it was routed to; each queue
+keeps its own :class:`QueueEntry` recording the entry's position and whether
+it has been delivered before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from roost.properties import headers_of
+
+_NO_HEADERS: dict[str, Any] = {}
+
+
+class Message:
+    __slots__ = (
+        "_headers",
+        "body",
+        "exchange",
+        "persistent",
+        "priority",
+        "properties",
+        "routing_key",
+    )
+
+    def __init__(
+        self,
+        exchange: str,
+        routing_key: str,
+        properties: bytes,
+        body: bytes,
+        persistent: bool = False,
+        priority: int | None = None,
+    ) -> None:
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.properties = properties  # raw property flags + list, as received
+        self.body = body
+        self.persistent = persistent
+        self.priority = priority
+        self._headers: dict[str, Any] | None = None
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        """The headers table (decoded once, on first use)."""
+        h = self._headers
+        if h is None:
+            h = headers_of(self.properties) or _NO_HEADERS
+            self._headers = h
+        return h
+
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+
+class QueueEntry:
+    """One message's place in one queue."""
+
+    __slots__ = ("message", "redelivered", "seq")
+
+    def __init__(self, seq: int, message: Message, redelivered: bool = False) -> None:
+        self.seq = seq
+        self.message = message
+        self.redelivered = redelivered

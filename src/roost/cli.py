@@ -1,0 +1,111 @@
+"""The ``roost`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+from roost import __version__
+from roost.config import HELP, Config, ConfigError, load_config
+from roost.server import Server
+
+log = logging.getLogger("roost")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="roost", description="roost: an AMQP 0-9-1 message broker in Python"
+    )
+    parser.add_argument("--version", action="version", version=f"roost {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="run the broker",
+        description=(
+            "Run the broker. Every option can also be set in the TOML file given "
+            "with --config (same names, with dashes or underscores) or in a "
+            "ROOST_<NAME> environment variable (e.g. ROOST_PORT=5673); the command "
+            "line wins over the environment, which wins over the file."
+        ),
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(Config(), f.name)
+        text = f"{HELP[f.name]} (default: {default!r}; env ROOST_{f.name.upper()})"
+        if f.type == "bool":
+            serve.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        else:
+            serve.add_argument(
+                flag,
+                dest=f.name,
+                type=int if f.type == "int" else str,
+                default=None,
+                metavar=f.name.upper(),
+                help=text,
+            )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    overrides = {f.name: getattr(args, f.name) for f in fields(Config)}
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"roost: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if config.uvloop:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+    try:
+        return asyncio.run(_serve(config))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(config: Config) -> int:
+    data_dir = config.resolved_data_dir()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"roost: cannot create data directory {data_dir}: {exc.strerror}", file=sys.stderr)
+        return 1
+    server = Server(config)
+    try:
+        await server.start()
+    except OSError as exc:
+        print(
+            f"roost: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"roost {__version__}: data directory {data_dir}", flush=True)
+    print(f"roost {__version__}: listening on amqp://{config.host}:{server.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+    return 0

@@ -1,0 +1,126 @@
+"""Configuration: defaults, overridden by a TOML file, then ``ROOST_*``
+environment variables, then command-line options."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return Path(base) / "roost"
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 5672
+    data_dir: str = ""
+    default_user: str = "guest"
+    default_password: str = "guest"
+    channel_max: int = 2047
+    frame_max: int = 131072
+    heartbeat: int = 60
+    max_message_size: int = 16 * 1024 * 1024
+    log_level: str = "info"
+    uvloop: bool = True
+
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+
+HELP = {
+    "host": "address to listen on",
+    "port": "AMQP port (0 picks a free one)",
+    "data_dir": "directory for all broker data (default: ~/.local/share/roost)",
+    "default_user": "user created at first start",
+    "default_password": "password of the default user",
+    "channel_max": "highest channel number a client may open",
+    "frame_max": "largest frame size offered to clients, in bytes",
+    "heartbeat": "heartbeat interval offered to clients, in seconds (0 disables)",
+    "max_message_size": "largest message body accepted, in bytes",
+    "log_level": "debug, info, warning or error",
+    "uvloop": "use uvloop when it is installed",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(name: str, kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from exc
+    return str(value)
+
+
+_TYPES = {"int": int, "bool": bool, "str": str}
+
+
+def load_config(
+    file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    cfg = Config()
+    kinds = {f.name: _TYPES[str(f.type)] for f in fields(Config)}
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if file:
+        try:
+            with open(file, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
+        table = data.get("roost", data)
+        unknown = sorted(set(k.replace("-", "_") for k in table) - set(kinds))
+        if unknown:
+            raise ConfigError(f"config file {file}: unknown option(s): {', '.join(unknown)}")
+        layers.append((file, {k.replace("-", "_"): v for k, v in table.items()}))
+    environ = os.environ if env is None else env
+    layers.append(
+        (
+            "environment",
+            {
+                name: environ[f"ROOST_{name.upper()}"]
+                for name in kinds
+                if f"ROOST_{name.upper()}" in environ
+            },
+        )
+    )
+    if overrides:
+        layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
+    for _, layer in layers:
+        for name, value in layer.items():
+            setattr(cfg, name, _coerce(name, kinds[name], value))
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError(f"port: {cfg.port} is not between 0 and 65535")
+    if cfg.frame_max < 4096:
+        raise ConfigError("frame_max: must be at least 4096")
+    if not 1 <= cfg.channel_max <= 65535:
+        raise ConfigError("channel_max: must be between 1 and 65535")
+    if cfg.max_message_size < 1:
+        raise ConfigError("max_message_size: must be positive")
+    return cfg

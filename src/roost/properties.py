@@ -1,0 +1,145 @@
+"""Basic-class content properties, kept as the raw bytes a publisher sent.
+
+Messages carry their properties exactly as received so they are delivered
+byte-for-byte; the few fields the broker itself acts on are read from the raw
+bytes without decoding the rest. Shared by the wire layer, the broker model
+and the store, so it lives outside all three.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from pamqp import commands, decode
+
+FLAG_CONTENT_TYPE = 0x8000
+FLAG_CONTENT_ENCODING = 0x4000
+FLAG_HEADERS = 0x2000
+FLAG_DELIVERY_MODE = 0x1000
+FLAG_PRIORITY = 0x0800
+FLAG_CORRELATION_ID = 0x0400
+FLAG_REPLY_TO = 0x0200
+FLAG_EXPIRATION = 0x0100
+FLAG_MESSAGE_ID = 0x0080
+FLAG_TIMESTAMP = 0x0040
+FLAG_TYPE = 0x0020
+FLAG_USER_ID = 0x0010
+FLAG_APP_ID = 0x0008
+FLAG_CLUSTER_ID = 0x0004
+
+EMPTY = b"\x00\x00"
+
+_unpack_long = struct.Struct(">I").unpack_from
+
+
+class PropertyError(ValueError):
+    """The property list is malformed."""
+
+
+class Scanned:
+    """The fields the broker acts on, read straight from the raw bytes."""
+
+    __slots__ = ("delivery_mode", "expiration", "priority", "reply_to", "user_id")
+
+    def __init__(self) -> None:
+        self.delivery_mode = 0
+        self.priority: int | None = None
+        self.reply_to: str | None = None
+        self.expiration: str | None = None
+        self.user_id: str | None = None
+
+
+def _skip_flags(raw: bytes) -> tuple[int, int]:
+    if len(raw) < 2:
+        raise PropertyError("property flags truncated")
+    flags = (raw[0] << 8) | raw[1]
+    pos = 2
+    word = flags
+    while word & 1:  # continuation bit: further flag words follow
+        if len(raw) < pos + 2:
+            raise PropertyError("property flags truncated")
+        word = (raw[pos] << 8) | raw[pos + 1]
+        pos += 2
+    return flags, pos
+
+
+def scan(raw: bytes) -> Scanned:
+    """Read delivery mode, priority, reply-to, expiration and user-id."""
+    out = Scanned()
+    flags, pos = _skip_flags(raw)
+    if not flags & 0xFFF0:
+        return out
+    try:
+        if flags & FLAG_CONTENT_TYPE:
+            pos += 1 + raw[pos]
+        if flags & FLAG_CONTENT_ENCODING:
+            pos += 1 + raw[pos]
+        if flags & FLAG_HEADERS:
+            pos += 4 + _unpack_long(raw, pos)[0]
+        if flags & FLAG_DELIVERY_MODE:
+            out.delivery_mode = raw[pos]
+            pos += 1
+        if flags & FLAG_PRIORITY:
+            out.priority = raw[pos]
+            pos += 1
+        if not flags & (FLAG_REPLY_TO | FLAG_EXPIRATION | FLAG_USER_ID):
+            if pos > len(raw):
+                raise PropertyError("property list truncated")
+            return out
+        if flags & FLAG_CORRELATION_ID:
+            pos += 1 + raw[pos]
+        if flags & FLAG_REPLY_TO:
+            n = raw[pos]
+            out.reply_to = raw[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
+            pos += 1 + n
+        if flags & FLAG_EXPIRATION:
+            n = raw[pos]
+            out.expiration = raw[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
+            pos += 1 + n
+        if flags & FLAG_USER_ID:
+            if flags & FLAG_MESSAGE_ID:
+                pos += 1 + raw[pos]
+            if flags & FLAG_TIMESTAMP:
+                pos += 8
+            if flags & FLAG_TYPE:
+                pos += 1 + raw[pos]
+            n = raw[pos]
+            out.user_id = raw[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
+            pos += 1 + n
+    except (IndexError, struct.error) as exc:
+        raise PropertyError("property list truncated") from exc
+    if pos > len(raw):
+        raise PropertyError("property list truncated")
+    return out
+
+
+def decode_properties(raw: bytes) -> commands.Basic.Properties:
+    """Decode every property (slow path: only when the broker must rewrite)."""
+    flags, pos = _skip_flags(raw)
+    props = commands.Basic.Properties()
+    try:
+        props.unmarshal(flags, raw[pos:])
+    except (struct.error, ValueError, IndexError) as exc:
+        raise PropertyError(str(exc)) from exc
+    return props
+
+
+def encode_properties(props: commands.Basic.Properties) -> bytes:
+    return bytes(props.marshal())
+
+
+def headers_of(raw: bytes) -> dict[str, Any] | None:
+    """The headers table, or None when the message has none."""
+    flags, pos = _skip_flags(raw)
+    if not flags & FLAG_HEADERS:
+        return None
+    try:
+        if flags & FLAG_CONTENT_TYPE:
+            pos += 1 + raw[pos]
+        if flags & FLAG_CONTENT_ENCODING:
+            pos += 1 + raw[pos]
+        _, table = decode.field_table(raw[pos:])
+    except (struct.error, ValueError, IndexError) as exc:
+        raise PropertyError(str(exc)) from exc
+    return dict(table)
