@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     from roost.broker.exchange import Exchange
     from roost.broker.queue import Queue
 
-    Destination = Union[Queue, Exchange]
+    Destination: TypeAlias = Queue | Exchange
 
 
 def args_key(arguments: dict[str, Any] | None) -> str:
