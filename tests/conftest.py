@@ -49,15 +49,26 @@ class RawClient:
                 continue
             raise AssertionError(f"expected {cls.__name__}, got {fr!r} on channel {ch}")
 
-    def handshake(self, vhost: str = "/", user: str = "guest", password: str = "guest",
-                  heartbeat: int = 0, channel_max: int = 0, frame_max: int = 0) -> C.Connection.Tune:
+    def handshake(
+        self,
+        vhost: str = "/",
+        user: str = "guest",
+        password: str = "guest",
+        heartbeat: int = 0,
+        channel_max: int = 0,
+        frame_max: int = 0,
+    ) -> C.Connection.Tune:
         self.send(b"AMQP\x00\x00\x09\x01")
         self.expect(C.Connection.Start)
         self.send_frame(
             C.Connection.StartOk(
-                client_properties={"capabilities": {"authentication_failure_close": True,
-                                                    "consumer_cancel_notify": True,
-                                                    "connection.blocked": True}},
+                client_properties={
+                    "capabilities": {
+                        "authentication_failure_close": True,
+                        "consumer_cancel_notify": True,
+                        "connection.blocked": True,
+                    }
+                },
                 mechanism="PLAIN",
                 response=f"\0{user}\0{password}",
             )

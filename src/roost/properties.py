@@ -65,11 +65,14 @@ def _skip_flags(raw: bytes) -> tuple[int, int]:
 
 
 def scan(raw: bytes) -> Scanned:
-    """Read delivery mode, priority, reply-to, expiration and user-id."""
+    """Read delivery mode, priority, reply-to, expiration and user-id.
+
+    Also checks that the list is exactly as long as its flags say: RabbitMQ
+    refuses a publish whose properties do not parse, and a malformed list
+    must never reach a consumer, whose client would fail on it.
+    """
     out = Scanned()
     flags, pos = _skip_flags(raw)
-    if not flags & 0xFFF0:
-        return out
     try:
         if flags & FLAG_CONTENT_TYPE:
             pos += 1 + raw[pos]
@@ -83,10 +86,6 @@ def scan(raw: bytes) -> Scanned:
         if flags & FLAG_PRIORITY:
             out.priority = raw[pos]
             pos += 1
-        if not flags & (FLAG_REPLY_TO | FLAG_EXPIRATION | FLAG_USER_ID):
-            if pos > len(raw):
-                raise PropertyError("property list truncated")
-            return out
         if flags & FLAG_CORRELATION_ID:
             pos += 1 + raw[pos]
         if flags & FLAG_REPLY_TO:
@@ -97,25 +96,64 @@ def scan(raw: bytes) -> Scanned:
             n = raw[pos]
             out.expiration = raw[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
             pos += 1 + n
+        if flags & FLAG_MESSAGE_ID:
+            pos += 1 + raw[pos]
+        if flags & FLAG_TIMESTAMP:
+            pos += 8
+        if flags & FLAG_TYPE:
+            pos += 1 + raw[pos]
         if flags & FLAG_USER_ID:
-            if flags & FLAG_MESSAGE_ID:
-                pos += 1 + raw[pos]
-            if flags & FLAG_TIMESTAMP:
-                pos += 8
-            if flags & FLAG_TYPE:
-                pos += 1 + raw[pos]
             n = raw[pos]
             out.user_id = raw[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
             pos += 1 + n
+        if flags & FLAG_APP_ID:
+            pos += 1 + raw[pos]
+        if flags & FLAG_CLUSTER_ID:
+            pos += 1 + raw[pos]
     except (IndexError, struct.error) as exc:
         raise PropertyError("property list truncated") from exc
-    if pos > len(raw):
-        raise PropertyError("property list truncated")
+    if pos != len(raw):
+        raise PropertyError(
+            "property list truncated" if pos > len(raw) else "property list has trailing bytes"
+        )
     return out
+
+
+def replace_reply_to(raw: bytes, reply_to: str) -> bytes:
+    """``raw`` with its reply-to property replaced and every other byte kept.
+
+    Re-encoding the whole property list would not round-trip: field tables
+    lose their value types (a double comes back as a float, key order
+    changes), whereas RabbitMQ keeps them exactly as sent.
+    """
+    flags, pos = _skip_flags(raw)
+    if not flags & FLAG_REPLY_TO:
+        raise PropertyError("no reply-to property to replace")
+    try:
+        if flags & FLAG_CONTENT_TYPE:
+            pos += 1 + raw[pos]
+        if flags & FLAG_CONTENT_ENCODING:
+            pos += 1 + raw[pos]
+        if flags & FLAG_HEADERS:
+            pos += 4 + _unpack_long(raw, pos)[0]
+        if flags & FLAG_DELIVERY_MODE:
+            pos += 1
+        if flags & FLAG_PRIORITY:
+            pos += 1
+        if flags & FLAG_CORRELATION_ID:
+            pos += 1 + raw[pos]
+        end = pos + 1 + raw[pos]
+    except (IndexError, struct.error) as exc:
+        raise PropertyError("property list truncated") from exc
+    if end > len(raw):
+        raise PropertyError("property list truncated")
+    value = reply_to.encode("utf-8")
+    return raw[:pos] + bytes((len(value),)) + value + raw[end:]
 
 
 def decode_properties(raw: bytes) -> commands.Basic.Properties:
     """Decode every property (slow path: only when the broker must rewrite)."""
+    scan(raw)  # pamqp reads short strings past the end without complaint
     flags, pos = _skip_flags(raw)
     props = commands.Basic.Properties()
     try:

@@ -235,9 +235,9 @@ class Channel:
     def _rewrite_reply_to(self, raw: bytes) -> bytes:
         if self._reply_key is None:
             raise precondition("fast reply consumer does not exist")
-        props = properties.decode_properties(raw)
-        props.reply_to = REPLY_TO_PREFIX + self._reply_key
-        return properties.encode_properties(props)
+        # Splice the new reply-to into the raw bytes (scan() already
+        # validated them), leaving every other property byte-exact.
+        return properties.replace_reply_to(raw, REPLY_TO_PREFIX + self._reply_key)
 
     def _deliver_reply(self, consumer: Consumer, msg: Message) -> None:
         if self.closing or consumer.tag not in self.consumers:
@@ -271,7 +271,7 @@ class Channel:
             self.send(C.Exchange.BindOk())
 
     def _exchange_unbind(self, m: C.Exchange.Unbind) -> None:
-        dest = self.vhost.exchange(m.destination)
+        dest = self.vhost.exchanges.get(m.destination)
         self.vhost.unbind(m.source, dest, m.routing_key, _table(m.arguments))
         if not m.nowait:
             self.send(C.Exchange.UnbindOk())
@@ -282,7 +282,7 @@ class Channel:
         # An empty name means "the queue last declared on this channel".
         if not name:
             if self.last_queue is None:
-                raise errors.not_found("queue", "", self.vhost.name)
+                raise BrokerError(errors.NOT_FOUND, "no previously declared queue")
             return self.last_queue
         return name
 
@@ -315,8 +315,8 @@ class Channel:
             self.send(C.Queue.BindOk())
 
     def _queue_unbind(self, m: C.Queue.Unbind) -> None:
-        q = self.vhost.queue(self._queue_name(m.queue), self.owner)
-        self.vhost.unbind(m.exchange, q, m.routing_key, _table(m.arguments))
+        q = self.vhost.queues.get(self._queue_name(m.queue))
+        self.vhost.unbind(m.exchange, q, m.routing_key, _table(m.arguments), self.owner)
         self.send(C.Queue.UnbindOk())
 
     def _queue_purge(self, m: C.Queue.Purge) -> None:
@@ -434,7 +434,7 @@ class Channel:
         unacked = self.unacked
         if multiple:
             if tag == 0:
-                taken = list(self._unacked_order)
+                taken = self._outstanding()
                 unacked.clear()
                 self._unacked_order.clear()
                 return taken
@@ -456,6 +456,12 @@ class Channel:
         while order and order[0].tag not in unacked:
             order.popleft()
         return [found]
+
+    def _outstanding(self) -> list[Delivery]:
+        """Unsettled deliveries in tag order. ``_unacked_order`` may still hold
+        deliveries settled singly (only its front is trimmed), so filter."""
+        unacked = self.unacked
+        return [d for d in self._unacked_order if unacked.get(d.tag) is d]
 
     def _settle(self, deliveries: list[Delivery], ack: bool, requeue: bool) -> None:
         if self.tx:
@@ -493,8 +499,9 @@ class Channel:
         self._settle(self._take(m.delivery_tag or 0, False), False, bool(m.requeue))
 
     def _basic_recover(self, m: C.Basic.Recover) -> None:
-        self._recover(m.requeue)
+        # RabbitMQ answers recover-ok before the redeliveries.
         self.send(C.Basic.RecoverOk())
+        self._recover(m.requeue)
 
     def _basic_recover_async(self, m: C.Basic.RecoverAsync) -> None:
         self._recover(m.requeue)
@@ -502,7 +509,7 @@ class Channel:
     def _recover(self, requeue: bool) -> None:
         # RabbitMQ requeues in both cases: redelivering to the original
         # consumer (requeue=false) is not something it implements either.
-        deliveries = list(self._unacked_order)
+        deliveries = self._outstanding()
         self.unacked.clear()
         self._unacked_order.clear()
         self._apply_settle(deliveries, False, True)
@@ -568,7 +575,7 @@ class Channel:
         self.closing = True
         for tag in list(self.consumers):
             self._cancel(tag)
-        deliveries = list(self._unacked_order)
+        deliveries = self._outstanding()
         if self._tx_settles:
             deliveries.extend(d for d, _, _ in self._tx_settles)
             self._tx_settles = []

@@ -124,7 +124,7 @@ class AMQPConnection(asyncio.Protocol):
         try:
             events = self.decoder.feed(data)
         except FrameError as exc:
-            self._connection_error(exc.code, exc.text, 0, 0)
+            self._connection_error(exc.code, exc.text, exc.class_id, exc.method_id)
             return
         channels = self.channels
         for ev in events:
@@ -386,11 +386,15 @@ class AMQPConnection(asyncio.Protocol):
             if ch is not None:
                 self._connection_error(errors.CHANNEL_ERROR, "second 'channel.open' seen", *ids)
                 return
-            if channel > self.channel_max:
+            # Like RabbitMQ, channel_max caps how many channels are open at
+            # once, not the channel numbers a client may pick.
+            if self.channel_max and len(self.channels) >= self.channel_max:
                 self._connection_error(
                     errors.NOT_ALLOWED,
-                    f"channel number {channel} exceeds channel_max {self.channel_max}",
-                    *ids,
+                    f"number of channels opened ({len(self.channels)}) has reached "
+                    f"the negotiated channel_max ({self.channel_max})",
+                    0,
+                    0,
                 )
                 return
             self.channels[channel] = Channel(self, channel)
@@ -464,16 +468,15 @@ class AMQPConnection(asyncio.Protocol):
         elif t is C.Connection.Blocked or t is C.Connection.Unblocked:
             pass  # a client may tell us it is blocked; nothing to do
         else:
+            # RabbitMQ's wording and code for any other method on channel 0.
             self._connection_error(
-                errors.COMMAND_INVALID,
-                f"method {m.name} is not allowed on channel 0",
+                errors.CHANNEL_ERROR,
+                "unexpected method in connection state running",
                 *divmod(m.index, 1 << 16),
             )
 
     def _unopened_channel(self, channel: int, ids: tuple[int, int]) -> None:
-        self._connection_error(
-            errors.CHANNEL_ERROR, f"expected 'channel.open' on channel {channel}", *ids
-        )
+        self._connection_error(errors.CHANNEL_ERROR, "expected 'channel.open'", *ids)
 
     def _forget_channel(self, number: int) -> None:
         self.channels.pop(number, None)

@@ -173,14 +173,17 @@ class FrameDecoder:
                 buf.clear()
                 return events
         content = self._content
-        limit = self.frame_max - 8 if self.frame_max else 0xFFFFFFFF
+        # RabbitMQ tolerates a payload of up to frame_max bytes (its
+        # FRAME_SIZE_FUDGE covers clients that forget the 8 framing bytes),
+        # although frame_max is meant to include them; accept what it accepts.
+        limit = self.frame_max if self.frame_max else 0xFFFFFFFF
         try:
             while n - pos >= 7:
                 ftype, ch, size = _frame_head(buf, pos)
                 if size > limit:
                     raise FrameError(
                         errors.FRAME_ERROR,
-                        f"frame size {size + 8} larger than negotiated maximum {limit + 8}",
+                        f"frame payload size {size} larger than negotiated maximum {limit}",
                     )
                 start = pos + 7
                 end = start + size
@@ -202,18 +205,24 @@ class FrameDecoder:
                         events.append(MethodReceived(ch, self._parse_method(buf, start, end)))
                 elif ftype == FRAME_HEADER:
                     c = content.get(ch)
-                    if c is None or c.properties is not None:
+                    if c is None:
                         raise FrameError(
                             errors.UNEXPECTED_FRAME,
-                            "expected method frame, got non method frame instead"
-                            if c is None
-                            else "expected content body, got non content body frame instead",
+                            "expected method frame, got non method frame instead",
                         )
+                    if c.properties is not None:
+                        raise self._unexpected(c)
                     if size < 14:
                         raise FrameError(errors.FRAME_ERROR, "content header too short")
-                    if _u16(buf, start)[0] != BASIC_CLASS:
-                        raise FrameError(
-                            errors.FRAME_ERROR, "content header class does not match method"
+                    class_id = _u16(buf, start)[0]
+                    if class_id != BASIC_CLASS:
+                        # RabbitMQ: 505, blamed on the basic.publish awaiting it.
+                        raise _in_publish(
+                            FrameError(
+                                errors.UNEXPECTED_FRAME,
+                                f"expected content header for class {BASIC_CLASS}, "
+                                f"got one for class {class_id} instead",
+                            )
                         )
                     c.body_size = _u64(buf, start + 4)[0]
                     c.properties = bytes(buf[start + 12 : end])
@@ -226,14 +235,13 @@ class FrameDecoder:
                             events.append(self._complete(ch, c, b""))
                 elif ftype == FRAME_BODY:
                     c = content.get(ch)
-                    if c is None or c.properties is None:
+                    if c is None:
                         raise FrameError(
                             errors.UNEXPECTED_FRAME,
-                            "expected method frame, got non method frame instead"
-                            if c is None
-                            else f"expected content header for class {BASIC_CLASS}, "
-                            "got non content header frame instead",
+                            "expected method frame, got non method frame instead",
                         )
+                    if c.properties is None:
+                        raise self._unexpected(c)
                     c.received += size
                     if c.received > c.body_size:
                         raise FrameError(
@@ -255,8 +263,9 @@ class FrameDecoder:
                         c.chunks.append(bytes(buf[start:end]))
                 elif ftype == FRAME_HEARTBEAT:
                     if ch != 0:
+                        # RabbitMQ answers 505, not 501, for this.
                         raise FrameError(
-                            errors.FRAME_ERROR, "heartbeat frame on a non-zero channel"
+                            errors.UNEXPECTED_FRAME, f"heartbeat frame on channel {ch}"
                         )
                     events.append(HEARTBEAT)
                 else:
@@ -268,13 +277,18 @@ class FrameDecoder:
     @staticmethod
     def _unexpected(c: _Content) -> FrameError:
         if c.properties is None:
-            return FrameError(
-                errors.UNEXPECTED_FRAME,
-                f"expected content header for class {BASIC_CLASS}, "
-                "got non content header frame instead",
+            return _in_publish(
+                FrameError(
+                    errors.UNEXPECTED_FRAME,
+                    f"expected content header for class {BASIC_CLASS}, "
+                    "got non content header frame instead",
+                )
             )
-        return FrameError(
-            errors.UNEXPECTED_FRAME, "expected content body, got non content body frame instead"
+        return _in_publish(
+            FrameError(
+                errors.UNEXPECTED_FRAME,
+                "expected content body, got non content body frame instead",
+            )
         )
 
     @staticmethod
@@ -289,9 +303,11 @@ class FrameDecoder:
             pos += 1 + ln
             bits = buf[pos]
         except (IndexError, UnicodeDecodeError) as exc:
-            raise FrameError(errors.FRAME_ERROR, "malformed basic.publish frame") from exc
+            raise _in_publish(
+                FrameError(errors.FRAME_ERROR, "malformed basic.publish frame")
+            ) from exc
         if pos >= end:
-            raise FrameError(errors.FRAME_ERROR, "malformed basic.publish frame")
+            raise _in_publish(FrameError(errors.FRAME_ERROR, "malformed basic.publish frame"))
         return _Content(exchange, routing_key, bool(bits & 1), bool(bits & 2))
 
     @staticmethod
@@ -307,9 +323,9 @@ class FrameDecoder:
         try:
             method.unmarshal(bytes(buf[start + 4 : end]))
         except (struct.error, ValueError, IndexError, TypeError, exceptions.PAMQPException) as exc:
-            raise FrameError(
-                errors.FRAME_ERROR, f"malformed method frame {index:#x}: {exc}"
-            ) from exc
+            err = FrameError(errors.FRAME_ERROR, f"malformed method frame {index:#x}: {exc}")
+            err.class_id, err.method_id = index >> 16, index & 0xFFFF  # as RabbitMQ reports
+            raise err from exc
         return cast(MethodFrame, method)
 
     @staticmethod
@@ -321,7 +337,18 @@ class FrameDecoder:
 
     def abandon_content(self, channel: int) -> None:
         """Forget a half-received publish (its channel was closed)."""
-        self._content.pop(channel, None)
+        c = self._content.get(channel)
+        # A publish refused as too large still has body frames on the wire
+        # (the channel is closed because of it): keep skipping them, as
+        # RabbitMQ reads the whole content before closing the channel.
+        if c is not None and not c.discard:
+            del self._content[channel]
+
+
+def _in_publish(err: FrameError) -> FrameError:
+    """RabbitMQ names basic.publish as the failing method of a broken content sequence."""
+    err.class_id, err.method_id = BASIC_CLASS, 40
+    return err
 
 
 __all__ = [

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from roost.broker import topic
+from roost.broker import fields, topic
 from roost.broker.binding import Binding
+from roost.broker.errors import precondition
 
 if TYPE_CHECKING:
     from roost.broker.binding import Destination
@@ -55,6 +56,10 @@ class Exchange:
 
     def route(self, message: Message) -> list[Destination]:
         raise NotImplementedError
+
+    def validate_binding(self, arguments: dict[str, Any]) -> None:
+        """Raise a BrokerError when a binding's arguments make no sense for
+        this type (RabbitMQ's ``validate_binding`` callback)."""
 
     def _index(self, binding: Binding) -> None:
         pass
@@ -156,7 +161,8 @@ def _headers_match(binding_args: dict[str, Any], headers: dict[str, Any]) -> boo
     for k, v in binding_args.items():
         if k == "x-match" or (not with_x and k.startswith("x-")):
             continue
-        hit = k in headers and (v is None or headers[k] == v)
+        # A void binding value asks only for the header's presence.
+        hit = k in headers and (v is None or fields.headers_equal(v, headers[k]))
         if want_all and not hit:
             return False
         if not want_all and hit:
@@ -165,8 +171,27 @@ def _headers_match(binding_args: dict[str, Any], headers: dict[str, Any]) -> boo
     return want_all
 
 
+_X_MATCH_MODES = ("all", "any", "all-with-x", "any-with-x")
+
+
 class HeadersExchange(Exchange):
     type_name = "headers"
+
+    def validate_binding(self, arguments: dict[str, Any]) -> None:
+        # rabbit_exchange_type_headers:validate_binding/2, texts included.
+        if "x-match" not in arguments:
+            return
+        mode = arguments["x-match"]
+        if not isinstance(mode, str):
+            raise precondition(
+                f"Invalid x-match field type {fields.type_name(mode)} "
+                f"(value {fields.plain(mode)[1:-1]}); expected longstr"
+            )
+        if mode not in _X_MATCH_MODES:
+            raise precondition(
+                f'Invalid x-match field value <<"{mode}">>; '
+                "expected all, any, all-with-x, or any-with-x"
+            )
 
     def route(self, message: Message) -> list[Destination]:
         headers = message.headers

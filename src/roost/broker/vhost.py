@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from roost.broker import errors
+from roost.broker import errors, fields
 from roost.broker.binding import Binding
 from roost.broker.errors import BrokerError, not_found, precondition
 from roost.broker.exchange import EXCHANGE_TYPES, DirectExchange, Exchange
@@ -26,7 +26,8 @@ PREDECLARED = (
     ("amq.headers", "headers"),
     ("amq.match", "headers"),
 )
-# Queue arguments RabbitMQ compares on redeclaration; others are ignored.
+# Queue arguments RabbitMQ compares on redeclaration, in the order it checks
+# them (rabbit_classic_queue's queue_arguments); others are ignored.
 EQUIVALENCE_ARGS = (
     "x-expires",
     "x-message-ttl",
@@ -37,8 +38,9 @@ EQUIVALENCE_ARGS = (
     "x-max-priority",
     "x-overflow",
     "x-queue-mode",
-    "x-queue-type",
     "x-single-active-consumer",
+    "x-queue-type",
+    "x-queue-master-locator",
 )
 REPLY_TO_QUEUE = "amq.rabbitmq.reply-to"
 
@@ -102,33 +104,43 @@ class VirtualHost:
         internal: bool = False,
         arguments: dict[str, Any] | None = None,
     ) -> Exchange:
-        if name == DEFAULT_EXCHANGE:
-            raise errors.access_refused("operation not permitted on the default exchange")
+        # The order of checks is rabbit_channel's: type, default exchange,
+        # then (only for a new exchange) the name and the alternate
+        # exchange's type, then equivalence with an existing one.
         if passive:
+            if name == DEFAULT_EXCHANGE:
+                raise errors.access_refused("operation not permitted on the default exchange")
             return self.exchange(name)
-        if name.startswith("amq."):
-            raise errors.access_refused(f"exchange name '{name}' contains reserved prefix 'amq.*'")
         cls = EXCHANGE_TYPES.get(type_)
         if cls is None:
             raise BrokerError(errors.COMMAND_INVALID, f"unknown exchange type '{type_}'")
+        if name == DEFAULT_EXCHANGE:
+            raise errors.access_refused("operation not permitted on the default exchange")
+        args = dict(arguments or {})
         existing = self.exchanges.get(name)
         if existing is not None:
-            self._check_exchange_equivalent(existing, type_, durable, auto_delete, internal)
+            self._check_exchange_equivalent(existing, type_, durable, auto_delete, internal, args)
             return existing
-        ae = (arguments or {}).get("alternate-exchange")
+        if name.startswith("amq."):
+            raise errors.access_refused(f"exchange name '{name}' contains reserved prefix 'amq.*'")
+        ae = args.get("alternate-exchange")
         if ae is not None and not isinstance(ae, str):
             raise precondition(
-                f"invalid arg 'alternate-exchange' for exchange '{name}' in vhost "
-                f"'{self.name}': not a string"
+                f"invalid type '{fields.type_name(ae)}' for arg 'alternate-exchange' in "
+                f"exchange '{name}' in vhost '{self.name}'"
             )
-        ex = cls(
-            name, durable=durable, auto_delete=auto_delete, internal=internal, arguments=arguments
-        )
+        ex = cls(name, durable=durable, auto_delete=auto_delete, internal=internal, arguments=args)
         self.exchanges[name] = ex
         return ex
 
     def _check_exchange_equivalent(
-        self, ex: Exchange, type_: str, durable: bool, auto_delete: bool, internal: bool
+        self,
+        ex: Exchange,
+        type_: str,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        args: dict[str, Any],
     ) -> None:
         for field, have, want in (
             ("type", ex.type_name, type_),
@@ -141,18 +153,27 @@ class VirtualHost:
                     f"inequivalent arg '{field}' for exchange '{ex.name}' in vhost "
                     f"'{self.name}': received '{want}' but current is '{have}'"
                 )
+        # Of the arguments, RabbitMQ compares only the alternate exchange.
+        diff = fields.inequivalence(ex.arguments, args, "alternate-exchange")
+        if diff is not None:
+            raise precondition(
+                f"inequivalent arg 'alternate-exchange' for exchange '{ex.name}' in vhost "
+                f"'{self.name}': {diff}"
+            )
 
     def delete_exchange(self, name: str, if_unused: bool = False) -> None:
-        if name == DEFAULT_EXCHANGE or name.startswith("amq."):
+        if name == DEFAULT_EXCHANGE:
+            raise errors.access_refused("operation not permitted on the default exchange")
+        if name.startswith("amq."):
             raise errors.access_refused(
-                "operation not permitted on the default exchange"
-                if name == DEFAULT_EXCHANGE
-                else f"exchange name '{name}' contains reserved prefix 'amq.*'"
+                f"deletion of system exchange '{name}' in vhost '{self.name}' not allowed"
             )
         ex = self.exchanges.get(name)
         if ex is None:
             return  # RabbitMQ treats deleting a missing exchange as success
-        if if_unused and (ex.bindings or ex.inbound):
+        # "Unused" means no bindings out of it; bindings into it (exchange
+        # to exchange) do not count, as in rabbit_exchange:delete/3.
+        if if_unused and ex.bindings:
             raise precondition(f"exchange '{name}' in vhost '{self.name}' in use")
         self._remove_exchange(ex)
 
@@ -181,13 +202,18 @@ class VirtualHost:
         if not name:
             name = generate_name("amq.gen-")
         elif name.startswith("amq.") and name != REPLY_TO_QUEUE:
+            # Checked before the lookup: redeclaring even an existing
+            # server-named queue by name is refused, as in RabbitMQ.
             raise errors.access_refused(f"queue name '{name}' contains reserved prefix 'amq.*'")
+        # RabbitMQ never makes an exclusive queue durable, so the durable
+        # flag of an exclusive declaration is neither kept nor compared.
+        durable = durable and not exclusive
         args = dict(arguments or {})
         existing = self.queues.get(name)
         if existing is not None:
-            if existing.exclusive_owner is not None and existing.exclusive_owner is not owner:
-                raise self._locked(existing)
-            self._check_queue_equivalent(existing, durable, exclusive, auto_delete, args)
+            self._check_queue_equivalent(
+                existing, owner if exclusive else None, durable, auto_delete, args
+            )
             return existing
         q = Queue(
             self,
@@ -202,11 +228,20 @@ class VirtualHost:
         return q
 
     def _check_queue_equivalent(
-        self, q: Queue, durable: bool, exclusive: bool, auto_delete: bool, args: dict[str, Any]
+        self,
+        q: Queue,
+        owner: object | None,
+        durable: bool,
+        auto_delete: bool,
+        args: dict[str, Any],
     ) -> None:
+        # rabbit_amqqueue:assert_equivalence/5: the exclusive owner must be
+        # exactly the same (none for a non-exclusive queue), then the flags,
+        # then the arguments.
+        if q.exclusive_owner is not owner:
+            raise self._locked(q)
         for field, have, want in (
             ("durable", q.durable, durable),
-            ("exclusive", q.exclusive, exclusive),
             ("auto_delete", q.auto_delete, auto_delete),
         ):
             if have != want:
@@ -215,11 +250,18 @@ class VirtualHost:
                     f"'{self.name}': received '{_flag(want)}' but current is '{_flag(have)}'"
                 )
         for key in EQUIVALENCE_ARGS:
-            have_v, want_v = q.arguments.get(key), args.get(key)
-            if have_v != want_v:
+            have_args, want_args = q.arguments, args
+            # A missing queue type is the default, classic, on either side.
+            if (
+                key == "x-queue-type"
+                and (key not in have_args or key not in want_args)
+                and have_args.get(key, "classic") == want_args.get(key, "classic")
+            ):
+                continue
+            diff = fields.inequivalence(have_args, want_args, key)
+            if diff is not None:
                 raise precondition(
-                    f"inequivalent arg '{key}' for queue '{q.name}' in vhost '{self.name}': "
-                    f"received {_describe(want_v)} but current is {_describe(have_v)}"
+                    f"inequivalent arg '{key}' for queue '{q.name}' in vhost '{self.name}': {diff}"
                 )
 
     def delete_queue(
@@ -269,10 +311,12 @@ class VirtualHost:
         routing_key: str,
         arguments: dict[str, Any] | None,
     ) -> None:
-        if source == DEFAULT_EXCHANGE:
+        if source == DEFAULT_EXCHANGE or destination is self.default_exchange:
             raise errors.access_refused("operation not permitted on the default exchange")
         src = self.exchange(source)
-        b = Binding(src, destination, routing_key, arguments)
+        args = dict(arguments or {})
+        src.validate_binding(args)
+        b = Binding(src, destination, routing_key, args)
         if src.add_binding(b):
             if isinstance(destination, Queue):
                 destination.bindings.add(b)
@@ -282,17 +326,29 @@ class VirtualHost:
     def unbind(
         self,
         source: str,
-        destination: Destination,
+        destination: Destination | None,
         routing_key: str,
         arguments: dict[str, Any] | None,
+        owner: object | None = None,
     ) -> None:
-        if source == DEFAULT_EXCHANGE:
+        """Remove a binding; like RabbitMQ, removing one that does not exist
+        (or whose source or destination does not) succeeds."""
+        if source == DEFAULT_EXCHANGE or destination is self.default_exchange:
             raise errors.access_refused("operation not permitted on the default exchange")
-        src = self.exchange(source)
+        src = self.exchanges.get(source)
+        if src is None or destination is None:
+            return
         b = Binding(src, destination, routing_key, arguments)
         existing = src.bindings.get(b.key)
-        if existing is not None:
-            self._drop_binding(existing, cascade=True)
+        if existing is None:
+            return
+        if (
+            isinstance(destination, Queue)
+            and destination.exclusive_owner is not None
+            and destination.exclusive_owner is not owner
+        ):
+            raise self._locked(destination)
+        self._drop_binding(existing, cascade=True)
 
     def _drop_binding(self, b: Binding, cascade: bool) -> None:
         src = b.source
@@ -346,10 +402,3 @@ class VirtualHost:
                     seen_x.add(id(ae))
                     work.append((ae, ae.route(message)))
         return queues
-
-
-def _describe(value: object) -> str:
-    if value is None:
-        return "none"
-    kind = {bool: "bool", int: "long", float: "double", str: "longstr"}.get(type(value), "table")
-    return f"the value '{value}' of type '{kind}'"
