@@ -10,7 +10,7 @@ import base64
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pamqp import commands as C
 from pamqp.base import Frame as MethodFrame
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from roost.amqp.decoder import PublishReceived
 
 REPLY_TO_PREFIX = REPLY_TO_QUEUE + "."
+_UNLIMITED = 1 << 30
+_scan_cache: dict[bytes, properties.Scanned] = {}
 _NO_PROPERTIES = properties.EMPTY
 
 
@@ -122,33 +124,39 @@ class Channel:
 
     # -- DeliverySink ---------------------------------------------------
 
-    def can_deliver(self) -> bool:
-        return (
-            self.flow_active
-            and self.conn.writable
-            and not self.closing
-            and (not self.global_prefetch or len(self.unacked) < self.global_prefetch)
-        )
+    def credit(self) -> int:
+        if not self.flow_active or not self.conn.writable or self.closing:
+            return 0
+        if self.global_prefetch:
+            return self.global_prefetch - len(self.unacked)
+        return _UNLIMITED
 
-    def deliver(self, consumer: Consumer, entry: QueueEntry) -> None:
+    def deliver(self, consumer: Consumer, entries: list[QueueEntry]) -> None:
+        number = self.number
+        ctag = self._tag_bytes[consumer.tag]
+        frame_max = self.conn.frame_max
         tag = self.next_tag
-        self.next_tag = tag + 1
-        if not consumer.no_ack:
-            d = Delivery(tag, consumer.queue, entry, consumer)
-            self.unacked[tag] = d
-            self._unacked_order.append(d)
-        msg = entry.message
-        self.conn.write(
-            encoder.deliver(
-                self.number,
-                self._tag_bytes[consumer.tag],
-                tag,
-                entry.redelivered,
-                encoder.shortstr(msg.exchange),
-                encoder.shortstr(msg.routing_key),
+        track = not consumer.no_ack
+        queue = consumer.queue
+        unacked = self.unacked
+        order = self._unacked_order
+        frames = []
+        for entry in entries:
+            if track:
+                d = Delivery(tag, queue, entry, consumer)
+                unacked[tag] = d
+                order.append(d)
+            frames.append(
+                encoder.deliver_message(
+                    number, ctag, tag, entry.redelivered, entry.message, frame_max
+                )
             )
-            + encoder.content(self.number, msg.properties, msg.body, self.conn.frame_max)
-        )
+            tag += 1
+        self.next_tag = tag
+        self.conn.write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def dispatch_soon(self, queue: Queue) -> None:
+        self.conn.dispatch_soon(queue)
 
     def cancelled_by_server(self, consumer: Consumer) -> None:
         if self.consumers.pop(consumer.tag, None) is None:
@@ -172,14 +180,23 @@ class Channel:
             raise errors.access_refused(
                 f"cannot publish to internal exchange '{ex.name}' in vhost '{vhost.name}'"
             )
-        props = ev.properties
+        props = cast(bytes, ev.properties)  # always set once the event is emitted
         persistent = False
         priority = None
         if props != _NO_PROPERTIES:
-            try:
-                scanned = properties.scan(props)
-            except properties.PropertyError as exc:
-                raise BrokerError(errors.FRAME_ERROR, f"malformed content header: {exc}") from exc
+            scanned = _scan_cache.get(props)
+            if scanned is None:
+                try:
+                    scanned = properties.scan(props)
+                except properties.PropertyError as exc:
+                    raise BrokerError(
+                        errors.FRAME_ERROR, f"malformed content header: {exc}"
+                    ) from exc
+                # Publishers tend to repeat the same few property lists.
+                if len(props) <= 64:
+                    if len(_scan_cache) >= 1024:
+                        _scan_cache.clear()
+                    _scan_cache[props] = scanned
             persistent = scanned.delivery_mode == 2
             priority = scanned.priority
             if scanned.user_id is not None and scanned.user_id != self.conn.username:
@@ -242,7 +259,7 @@ class Channel:
     def _deliver_reply(self, consumer: Consumer, msg: Message) -> None:
         if self.closing or consumer.tag not in self.consumers:
             return
-        self.deliver(consumer, QueueEntry(0, msg))
+        self.deliver(consumer, [QueueEntry(0, msg)])
 
     # -- exchanges ------------------------------------------------------
 
@@ -471,21 +488,27 @@ class Channel:
         self._apply_settle(deliveries, ack, requeue)
 
     def _apply_settle(self, deliveries: list[Delivery], ack: bool, requeue: bool) -> None:
-        touched: dict[int, Queue] = {}
-        to_requeue: dict[int, list[QueueEntry]] = {}
+        requeueing = requeue and not ack
+        per_queue: dict[Queue, list[QueueEntry]] = {}
         for d in deliveries:
             c = d.consumer
             if c is not None:
                 c.unacked -= 1
-            q = d.queue
-            touched[id(q)] = q
-            if requeue and not ack:
-                to_requeue.setdefault(id(q), []).append(d.entry)
+            entries = per_queue.get(d.queue)
+            if entries is None:
+                per_queue[d.queue] = [d.entry]
             else:
-                q.settle()
-        for qid, entries in to_requeue.items():
-            touched[qid].requeue(entries)
-        for q in touched.values():
+                entries.append(d.entry)
+        for q, entries in per_queue.items():
+            if requeueing:
+                q.requeue(entries)
+            else:
+                q.settle(len(entries))
+        if self.global_prefetch:
+            # Channel-wide credit freed up: any of this channel's queues may
+            # now deliver, not only the ones these deliveries came from.
+            self._dispatch_all()
+        for q in per_queue:
             if not q.deleted:
                 q.dispatch()
 

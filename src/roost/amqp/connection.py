@@ -95,6 +95,7 @@ class AMQPConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
         self._confirming: list[Channel] = []
+        self._redispatch: set[Queue] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._last_recv = 0.0
         self._last_send = 0.0
@@ -190,6 +191,16 @@ class AMQPConnection(asyncio.Protocol):
         self._out.append(data)
         if self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
+
+    def dispatch_soon(self, queue: Queue) -> None:
+        if queue not in self._redispatch:
+            self._redispatch.add(queue)
+            self.loop.call_soon(self._dispatch_later, queue)
+
+    def _dispatch_later(self, queue: Queue) -> None:
+        self._redispatch.discard(queue)
+        if not queue.deleted:
+            queue.dispatch()
 
     def confirm_pending(self, channel: Channel) -> None:
         self._confirming.append(channel)

@@ -60,33 +60,37 @@ class MethodReceived:
 
 
 class PublishReceived:
+    """A publish: created at its basic.publish frame and filled in by the
+    content frames after it; emitted as an event once its body is complete."""
+
     __slots__ = (
         "body",
+        "body_size",
         "channel",
+        "chunks",
+        "discard",
         "exchange",
         "immediate",
         "mandatory",
         "properties",
+        "received",
         "routing_key",
     )
 
     def __init__(
-        self,
-        channel: int,
-        exchange: str,
-        routing_key: str,
-        mandatory: bool,
-        immediate: bool,
-        properties: bytes,
-        body: bytes,
+        self, channel: int, exchange: str, routing_key: str, mandatory: bool, immediate: bool
     ) -> None:
         self.channel = channel
         self.exchange = exchange
         self.routing_key = routing_key
         self.mandatory = mandatory
         self.immediate = immediate
-        self.properties = properties
-        self.body = body
+        self.properties: bytes | None = None  # None until the content header arrives
+        self.body = b""
+        self.body_size = 0
+        self.received = 0
+        self.chunks: list[bytes] | None = None
+        self.discard = False
 
 
 class ContentTooLarge:
@@ -109,33 +113,6 @@ Event = (
 HEARTBEAT = HeartbeatReceived()
 
 
-class _Content:
-    """A publish waiting for its header and body frames."""
-
-    __slots__ = (
-        "body_size",
-        "chunks",
-        "discard",
-        "exchange",
-        "immediate",
-        "mandatory",
-        "properties",
-        "received",
-        "routing_key",
-    )
-
-    def __init__(self, exchange: str, routing_key: str, mandatory: bool, immediate: bool) -> None:
-        self.exchange = exchange
-        self.routing_key = routing_key
-        self.mandatory = mandatory
-        self.immediate = immediate
-        self.properties: bytes | None = None
-        self.body_size = 0
-        self.received = 0
-        self.chunks: list[bytes] = []
-        self.discard = False
-
-
 class FrameDecoder:
     """Turns the client's byte stream into events.
 
@@ -147,30 +124,41 @@ class FrameDecoder:
     def __init__(self, frame_max: int = 4096, max_message_size: int = 16 * 1024 * 1024) -> None:
         self.frame_max = frame_max
         self.max_message_size = max_message_size
-        self._buf = bytearray()
+        self._buf = bytearray()  # an incomplete frame carried to the next feed()
+        self._need = 0  # bytes that incomplete frame needs before it can parse
         self._got_header = False
-        self._content: dict[int, _Content] = {}
+        self._content: dict[int, PublishReceived] = {}
+        # basic.publish arguments repeat: decode each distinct frame once.
+        self._publish_cache: dict[bytes, tuple[str, str, bool, bool]] = {}
 
     def feed(self, data: bytes) -> list[Event]:
         """Decode as much as possible; raises :class:`FrameError` on bad input."""
-        buf = self._buf
-        buf += data
         events: list[Event] = []
+        pending = self._buf
+        if pending:
+            pending += data
+            if len(pending) < self._need:
+                return events  # still inside one large frame: don't re-copy yet
+            buf = bytes(pending)
+            pending.clear()
+        else:
+            # Parse straight from the bytes received: slices of bytes are
+            # one copy, where slicing a bytearray and converting takes two.
+            buf = data if type(data) is bytes else bytes(data)
         pos = 0
         n = len(buf)
+        self._need = 0
         if not self._got_header:
             if n < 8:
                 if buf[: min(n, 4)] != PROTOCOL_HEADER[: min(n, 4)]:
-                    raw = bytes(buf)
-                    buf.clear()
-                    return [ProtocolHeaderReceived(raw, False)]
+                    return [ProtocolHeaderReceived(buf, False)]
+                pending += buf
                 return events
-            raw = bytes(buf[:8])
+            raw = buf[:8]
             self._got_header = True
             pos = 8
             events.append(ProtocolHeaderReceived(raw, raw == PROTOCOL_HEADER))
             if raw != PROTOCOL_HEADER:
-                buf.clear()
                 return events
         content = self._content
         # RabbitMQ tolerates a payload of up to frame_max bytes (its
@@ -188,6 +176,7 @@ class FrameDecoder:
                 start = pos + 7
                 end = start + size
                 if end >= n:
+                    self._need = end + 1 - pos
                     break
                 if buf[end] != FRAME_END:
                     raise FrameError(
@@ -200,7 +189,14 @@ class FrameDecoder:
                     if size < 4:
                         raise FrameError(errors.FRAME_ERROR, "method frame too short")
                     if _u32(buf, start)[0] == PUBLISH_ID:
-                        content[ch] = self._parse_publish(buf, start + 4, end)
+                        raw_args = buf[start + 4 : end]
+                        args = self._publish_cache.get(raw_args)
+                        if args is None:
+                            args = self._parse_publish(raw_args)
+                            if len(self._publish_cache) >= 256:
+                                self._publish_cache.clear()
+                            self._publish_cache[raw_args] = args
+                        content[ch] = PublishReceived(ch, *args)
                     else:
                         events.append(MethodReceived(ch, self._parse_method(buf, start, end)))
                 elif ftype == FRAME_HEADER:
@@ -225,14 +221,14 @@ class FrameDecoder:
                             )
                         )
                     c.body_size = _u64(buf, start + 4)[0]
-                    c.properties = bytes(buf[start + 12 : end])
+                    c.properties = buf[start + 12 : end]
                     if c.body_size > self.max_message_size:
                         c.discard = True
                         events.append(ContentTooLarge(ch, c.body_size))
                     if c.body_size == 0:
                         del content[ch]
                         if not c.discard:
-                            events.append(self._complete(ch, c, b""))
+                            events.append(c)
                 elif ftype == FRAME_BODY:
                     c = content.get(ch)
                     if c is None:
@@ -253,14 +249,17 @@ class FrameDecoder:
                         continue
                     if c.received == c.body_size:
                         del content[ch]
-                        if c.chunks:
-                            c.chunks.append(bytes(buf[start:end]))
-                            body = b"".join(c.chunks)
+                        if c.chunks is not None:
+                            c.chunks.append(buf[start:end])
+                            c.body = b"".join(c.chunks)
+                            c.chunks = None
                         else:
-                            body = bytes(buf[start:end])
-                        events.append(self._complete(ch, c, body))
+                            c.body = buf[start:end]
+                        events.append(c)
+                    elif c.chunks is None:
+                        c.chunks = [buf[start:end]]
                     else:
-                        c.chunks.append(bytes(buf[start:end]))
+                        c.chunks.append(buf[start:end])
                 elif ftype == FRAME_HEARTBEAT:
                     if ch != 0:
                         # RabbitMQ answers 505, not 501, for this.
@@ -271,11 +270,12 @@ class FrameDecoder:
                 else:
                     raise FrameError(errors.FRAME_ERROR, f"unknown frame type {ftype}")
         finally:
-            del buf[:pos]
+            if pos < n:
+                pending += buf[pos:]
         return events
 
     @staticmethod
-    def _unexpected(c: _Content) -> FrameError:
+    def _unexpected(c: PublishReceived) -> FrameError:
         if c.properties is None:
             return _in_publish(
                 FrameError(
@@ -292,9 +292,10 @@ class FrameDecoder:
         )
 
     @staticmethod
-    def _parse_publish(buf: bytearray, pos: int, end: int) -> _Content:
+    def _parse_publish(buf: bytes) -> tuple[str, str, bool, bool]:
+        end = len(buf)
+        pos = 2  # reserved ticket
         try:
-            pos += 2  # reserved ticket
             ln = buf[pos]
             exchange = buf[pos + 1 : pos + 1 + ln].decode("utf-8")
             pos += 1 + ln
@@ -308,10 +309,10 @@ class FrameDecoder:
             ) from exc
         if pos >= end:
             raise _in_publish(FrameError(errors.FRAME_ERROR, "malformed basic.publish frame"))
-        return _Content(exchange, routing_key, bool(bits & 1), bool(bits & 2))
+        return exchange, routing_key, bool(bits & 1), bool(bits & 2)
 
     @staticmethod
-    def _parse_method(buf: bytearray, start: int, end: int) -> MethodFrame:
+    def _parse_method(buf: bytes, start: int, end: int) -> MethodFrame:
         index = _u32(buf, start)[0]
         cls = commands.INDEX_MAPPING.get(index)
         if cls is None:
@@ -321,19 +322,12 @@ class FrameDecoder:
             )
         method = cls()
         try:
-            method.unmarshal(bytes(buf[start + 4 : end]))
+            method.unmarshal(buf[start + 4 : end])
         except (struct.error, ValueError, IndexError, TypeError, exceptions.PAMQPException) as exc:
             err = FrameError(errors.FRAME_ERROR, f"malformed method frame {index:#x}: {exc}")
             err.class_id, err.method_id = index >> 16, index & 0xFFFF  # as RabbitMQ reports
             raise err from exc
         return cast(MethodFrame, method)
-
-    @staticmethod
-    def _complete(ch: int, c: _Content, body: bytes) -> PublishReceived:
-        assert c.properties is not None
-        return PublishReceived(
-            ch, c.exchange, c.routing_key, c.mandatory, c.immediate, c.properties, body
-        )
 
     def abandon_content(self, channel: int) -> None:
         """Forget a half-received publish (its channel was closed)."""

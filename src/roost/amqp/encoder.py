@@ -14,6 +14,8 @@ import struct
 from pamqp import frame as pframe
 from pamqp.base import Frame as MethodFrame
 
+from roost.broker.message import Message
+
 _head = struct.Struct(">BHI").pack
 _content_head = struct.Struct(">BHIHHQ").pack
 _u64 = struct.Struct(">Q").pack
@@ -74,6 +76,56 @@ def deliver(
         + routing_key
     )
     return _method_frame(channel, payload)
+
+
+_deliver_head = struct.Struct(">BHIHH").pack
+_tag_bit = struct.Struct(">QB").pack
+_exrk_cache: dict[tuple[str, str], bytes] = {}
+
+
+def deliver_message(
+    channel: int,
+    consumer_tag: bytes,
+    delivery_tag: int,
+    redelivered: bool,
+    message: Message,
+    frame_max: int,
+) -> bytes:
+    """basic.deliver plus the message's content frames, as one bytes object.
+
+    ``consumer_tag`` is a pre-encoded short string. The same frames as
+    :func:`deliver` followed by :func:`content`, built with fewer copies.
+    """
+    exrk_key = (message.exchange, message.routing_key)
+    exrk = _exrk_cache.get(exrk_key)
+    if exrk is None:
+        exrk = shortstr(message.exchange) + shortstr(message.routing_key)
+        if len(_exrk_cache) >= 4096:
+            _exrk_cache.clear()
+        _exrk_cache[exrk_key] = exrk
+    body = message.body
+    props = message.properties
+    size = len(body)
+    method = (
+        _deliver_head(1, channel, 13 + len(consumer_tag) + len(exrk), 60, 60)
+        + consumer_tag
+        + _tag_bit(delivery_tag, redelivered)
+        + exrk
+    )
+    if 0 < size <= frame_max - 8:
+        return b"".join(
+            (
+                method,
+                b"\xce",
+                _content_head(2, channel, 12 + len(props), 60, 0, size),
+                props,
+                b"\xce",
+                _head(3, channel, size),
+                body,
+                END,
+            )
+        )
+    return method + END + content(channel, props, body, frame_max)
 
 
 def get_ok(

@@ -16,11 +16,19 @@ class DeliverySink(Protocol):
     broker model stays protocol-agnostic.
     """
 
-    def can_deliver(self) -> bool:
-        """Channel-wide credit: flow, global prefetch and socket back-pressure."""
+    def credit(self) -> int:
+        """How many more messages the owner takes now, across all its
+        consumers: flow, channel-wide prefetch and socket back-pressure."""
         ...
 
-    def deliver(self, consumer: Consumer, entry: QueueEntry) -> None: ...
+    def deliver(self, consumer: Consumer, entries: list[QueueEntry]) -> None:
+        """Hand over ``entries`` (already counted as delivered) in order."""
+        ...
+
+    def dispatch_soon(self, queue: Queue) -> None:
+        """``queue`` stopped a large batch early; call its ``dispatch`` again
+        on a later loop iteration so one queue cannot stall the others."""
+        ...
 
     def cancelled_by_server(self, consumer: Consumer) -> None:
         """The queue went away under the consumer (basic.cancel from the server)."""
@@ -60,8 +68,3 @@ class Consumer:
         self.priority = priority
         self.arguments = dict(arguments or {})
         self.unacked = 0
-
-    def has_credit(self) -> bool:
-        return (
-            self.no_ack or not self.prefetch or self.unacked < self.prefetch
-        ) and self.sink.can_deliver()

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from roost.broker.vhost import VirtualHost
 
 
+# Most messages one dispatch() call hands out (see Queue.dispatch).
+DISPATCH_BATCH = 1000
+
+
 class Queue:
     kind: ClassVar[str] = "queue"
 
@@ -48,6 +52,10 @@ class Queue:
         self._had_consumers = False
         self._seq = 0
         self._dispatching = False
+        # Set when the last dispatch() left messages because no consumer had
+        # credit. Enqueueing cannot add credit, so it skips dispatch() until
+        # an explicit call (ack, new consumer, qos, flow, socket drained).
+        self._stalled = False
         self.deleted = False
         self.published = 0
         self.delivered = 0
@@ -79,7 +87,7 @@ class Queue:
         self._seq += 1
         self.published += 1
         self.ready.append(QueueEntry(self._seq, message))
-        if self._groups:
+        if self._groups and not self._stalled:
             self.dispatch()
 
     def requeue(self, entries: Iterable[QueueEntry]) -> None:
@@ -118,36 +126,67 @@ class Queue:
         self.acked += count
 
     def dispatch(self) -> None:
-        """Hand ready messages to consumers with credit, round-robin by priority."""
+        """Hand ready messages to consumers with credit, round-robin by priority.
+
+        A consumer alone in its priority group gets its messages as one
+        batch (one call, one socket write); competing consumers get one
+        message each in turn. At most ``DISPATCH_BATCH`` messages go out per
+        call, so a deep queue drained by an unlimited consumer does not
+        stall the event loop or build one huge write.
+        """
+        self._stalled = False
         if self._dispatching or not self.ready:
             return
         self._dispatching = True
         ready = self.ready
+        budget = DISPATCH_BATCH
         try:
             for _, group in self._groups:
-                misses = 0
-                n = len(group)
-                while ready and misses < n:
+                if len(group) == 1:
                     c = group[0]
-                    group.rotate(-1)
-                    if (
-                        c.no_ack or not c.prefetch or c.unacked < c.prefetch
-                    ) and c.sink.can_deliver():
-                        entry = ready.popleft()
-                        self.delivered += 1
-                        if c.no_ack:
-                            self.acked += 1
+                    k = min(len(ready), budget, c.sink.credit())
+                    if not c.no_ack and c.prefetch:
+                        k = min(k, c.prefetch - c.unacked)
+                    if k <= 0:
+                        continue
+                    entries = [ready.popleft() for _ in range(k)]
+                    self._count_out(c, k)
+                    budget -= k
+                    c.sink.deliver(c, entries)
+                else:
+                    misses = 0
+                    n = len(group)
+                    while ready and misses < n and budget:
+                        c = group[0]
+                        group.rotate(-1)
+                        if (
+                            c.no_ack or not c.prefetch or c.unacked < c.prefetch
+                        ) and c.sink.credit() > 0:
+                            self._count_out(c, 1)
+                            budget -= 1
+                            c.sink.deliver(c, [ready.popleft()])
+                            misses = 0
                         else:
-                            self.unacked += 1
-                            c.unacked += 1
-                        c.sink.deliver(c, entry)
-                        misses = 0
-                    else:
-                        misses += 1
-                if not ready:
+                            misses += 1
+                if not ready or not budget:
                     break
         finally:
             self._dispatching = False
+        if ready:
+            if not budget:
+                for _, group in self._groups:
+                    group[0].sink.dispatch_soon(self)
+                    break
+            else:
+                self._stalled = True
+
+    def _count_out(self, c: Consumer, k: int) -> None:
+        self.delivered += k
+        if c.no_ack:
+            self.acked += k
+        else:
+            self.unacked += k
+            c.unacked += k
 
     # -- consumers ------------------------------------------------------
 
