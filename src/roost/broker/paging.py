@@ -1,0 +1,68 @@
+"""A compact FIFO of paged-out queue entries.
+
+A paged entry is two machine words in an ``array`` chunk: its sequence
+number (with flag bits) and its location in the message log. A million
+entries cost 16 MB instead of several hundred as Python objects.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import deque
+from collections.abc import Iterator
+
+CHUNK = 4096
+REDELIVERED = 1 << 63
+PAGING_REF = 1 << 62  # the entry holds its own reference on the log record
+SEQ_MASK = PAGING_REF - 1
+
+
+class PagedEntries:
+    __slots__ = ("_chunks", "_head", "_len")
+
+    def __init__(self) -> None:
+        self._chunks: deque[tuple[array[int], array[int]]] = deque()
+        self._head = 0  # index of the first live entry in the first chunk
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def append(self, word: int, ref: int) -> None:
+        chunks = self._chunks
+        if not chunks or len(chunks[-1][0]) >= CHUNK:
+            chunks.append((array("Q"), array("Q")))
+        words, refs = chunks[-1]
+        words.append(word)
+        refs.append(ref)
+        self._len += 1
+
+    def popleft(self) -> tuple[int, int]:
+        if not self._len:
+            raise IndexError("pop from empty PagedEntries")
+        words, refs = self._chunks[0]
+        i = self._head
+        item = (words[i], refs[i])
+        self._len -= 1
+        if i + 1 >= len(words):
+            self._chunks.popleft()
+            self._head = 0
+        else:
+            self._head = i + 1
+        return item
+
+    def first_seq(self) -> int:
+        words, _ = self._chunks[0]
+        return words[self._head] & SEQ_MASK
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        head = self._head
+        for words, refs in self._chunks:
+            for i in range(head, len(words)):
+                yield words[i], refs[i]
+            head = 0
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._head = 0
+        self._len = 0

@@ -1,0 +1,1 @@
+"""Durability: the message segment log, definitions, and the data directory."""
