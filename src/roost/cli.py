@@ -13,6 +13,8 @@ from dataclasses import fields
 from roost import __version__
 from roost.config import HELP, Config, ConfigError, load_config
 from roost.server import Server
+from roost.store.datadir import DataDirInUse
+from roost.store.definitions import DefinitionsError
 
 log = logging.getLogger("roost")
 
@@ -90,16 +92,18 @@ async def _serve(config: Config) -> int:
     except OSError as exc:
         print(f"roost: cannot create data directory {data_dir}: {exc.strerror}", file=sys.stderr)
         return 1
+    print(f"roost {__version__}: data directory {data_dir}", flush=True)
     server = Server(config)
     try:
         await server.start()
-    except OSError as exc:
-        print(
-            f"roost: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
+    except (DataDirInUse, DefinitionsError) as exc:
+        print(f"roost: {exc}", file=sys.stderr)
         return 1
-    print(f"roost {__version__}: data directory {data_dir}", flush=True)
+    except OSError as exc:
+        where = exc.filename or f"{config.host}:{config.port}"
+        verb = "cannot use" if exc.filename else "cannot listen on"
+        print(f"roost: {verb} {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(f"roost {__version__}: listening on amqp://{config.host}:{server.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

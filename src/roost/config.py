@@ -31,6 +31,7 @@ class Config:
     max_message_size: int = 16 * 1024 * 1024
     log_level: str = "info"
     uvloop: bool = True
+    segment_size: int = 32 * 1024 * 1024
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
@@ -48,6 +49,7 @@ HELP = {
     "max_message_size": "largest message body accepted, in bytes",
     "log_level": "debug, info, warning or error",
     "uvloop": "use uvloop when it is installed",
+    "segment_size": "size of each message log segment file, in bytes",
 }
 
 
@@ -121,6 +123,8 @@ def load_config(
         raise ConfigError("frame_max: must be at least 4096")
     if not 1 <= cfg.channel_max <= 65535:
         raise ConfigError("channel_max: must be between 1 and 65535")
+    if not 64 * 1024 <= cfg.segment_size <= 1024**3:
+        raise ConfigError("segment_size: must be between 65536 and 1073741824")
     if cfg.max_message_size < 1:
         raise ConfigError("max_message_size: must be positive")
     return cfg

@@ -46,6 +46,10 @@ class RoostBroker:
     def __init__(self, **config: Any) -> None:
         config.setdefault("host", "127.0.0.1")
         config.setdefault("port", 0)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if not config.get("data_dir"):
+            self._tmp = tempfile.TemporaryDirectory(prefix="roost-")
+            config["data_dir"] = self._tmp.name
         self.config = Config(**config)
         self.server: Server | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -114,6 +118,9 @@ class RoostBroker:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
             self.loop = None
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
 
     def __enter__(self) -> RoostBroker:
         return self.start()

@@ -71,6 +71,9 @@ class Channel:
         self.confirm = False
         self.publish_seq = 0
         self._confirmed_upto = 0
+        # Publishes waiting for the message store's fsync: (seq, batch).
+        self._unconfirmed: deque[tuple[int, int]] = deque()
+        self._awaited_batch = 0
         self._confirm_sent = 0
         self.tx = False
         self._tx_publishes: list[tuple[Exchange, Message, bool, str]] = []
@@ -210,30 +213,55 @@ class Channel:
         if self.tx:
             self._tx_publishes.append((ex, msg, ev.mandatory, ev.routing_key))
             return
-        self._route(ex, msg, ev.mandatory)
+        logged = self._route(ex, msg, ev.mandatory)
         if self.confirm:
-            self._confirm_upto(self.publish_seq)
+            if logged or self._unconfirmed:
+                self._await_durable(self.publish_seq, logged)
+            else:
+                self._confirm_upto(self.publish_seq)
 
-    def _route(self, ex: Exchange, msg: Message, mandatory: bool) -> None:
+    def _await_durable(self, seq: int, logged: bool) -> None:
+        """Confirm ``seq`` once the message store has fsync'd it; confirms
+        stay in publish order, so later transient ones wait behind it."""
+        journal = self.vhost.journal
+        assert journal is not None or not logged
+        batch = journal.batch if logged and journal is not None else 0
+        self._unconfirmed.append((seq, batch))
+        if batch > self._awaited_batch and journal is not None:
+            self._awaited_batch = batch
+            journal.wait_durable(batch, self._durable_reached)
+
+    def _durable_reached(self) -> None:
+        journal = self.vhost.journal
+        assert journal is not None
+        durable = journal.durable_batch
+        pending = self._unconfirmed
+        upto = 0
+        while pending and pending[0][1] <= durable:
+            upto = pending.popleft()[0]
+        if upto:
+            self._confirm_upto(upto)
+
+    def _route(self, ex: Exchange, msg: Message, mandatory: bool) -> bool:
         vhost = self.vhost
         if ex is vhost.default_exchange and msg.routing_key.startswith(REPLY_TO_PREFIX):
             target = vhost.reply_targets.get(msg.routing_key[len(REPLY_TO_PREFIX) :])
             if target is not None:
                 target(msg)
-                return
+                return False
             queues: list[Queue] = []
         else:
             queues = vhost.route(ex, msg)
         if queues:
-            for q in queues:
-                q.enqueue(msg)
-        elif mandatory:
+            return vhost.enqueue(msg, queues)
+        if mandatory:
             self.conn.write(
                 encoder.basic_return(
                     self.number, errors.NO_ROUTE, "NO_ROUTE", msg.exchange, msg.routing_key
                 )
                 + encoder.content(self.number, msg.properties, msg.body, self.conn.frame_max)
             )
+        return False
 
     def _confirm_upto(self, seq: int) -> None:
         if self._confirmed_upto == self._confirm_sent:
@@ -503,7 +531,7 @@ class Channel:
             if requeueing:
                 q.requeue(entries)
             else:
-                q.settle(len(entries))
+                q.settle(entries)
         if self.global_prefetch:
             # Channel-wide credit freed up: any of this channel's queues may
             # now deliver, not only the ones these deliveries came from.
@@ -561,7 +589,16 @@ class Channel:
             self._route(ex, msg, mandatory)
         for d, ack, requeue in settles:
             self._apply_settle([d], ack, requeue)
-        self.send(C.Tx.CommitOk())
+        journal = self.vhost.journal
+        if journal is None:
+            self.send(C.Tx.CommitOk())
+        else:
+            # commit-ok only once what the transaction wrote is on disk.
+            journal.wait_durable(journal.batch, self._commit_ok)
+
+    def _commit_ok(self) -> None:
+        if not self.closing:
+            self.send(C.Tx.CommitOk())
 
     def _tx_rollback(self, m: C.Tx.Rollback) -> None:
         if not self.tx:

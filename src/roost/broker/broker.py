@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from roost.broker.journal import Journal
 from roost.broker.users import UserStore
 from roost.broker.vhost import VirtualHost
 
@@ -17,11 +18,20 @@ class Broker:
         default_user: str = "guest",
         default_password: str = "guest",
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        journal: Journal | None = None,
     ) -> None:
-        self.vhosts: dict[str, VirtualHost] = {"/": VirtualHost("/")}
-        self.users = UserStore()
-        self.users.add(default_user, default_password, ("administrator",))
+        self.journal = journal
         self.max_message_size = max_message_size
+        # Called whenever a durable definition changes (set by the store).
+        self.on_definitions_changed: Callable[[], None] | None = None
+        self.next_queue_id = 1
+        self.vhosts: dict[str, VirtualHost] = {}
+        self.users = UserStore()
+        # (user, vhost) -> (configure, write, read) patterns.
+        self.permissions: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self.add_vhost("/")
+        self.users.add(default_user, default_password, ("administrator",))
+        self.permissions[(default_user, "/")] = (".*", ".*", ".*")
         # Resource alarms (memory, disk): while any is set, publishers block.
         self.alarms: set[str] = set()
         self._alarm_listeners: list[Callable[[bool, str], None]] = []
@@ -32,8 +42,23 @@ class Broker:
     def add_vhost(self, name: str) -> VirtualHost:
         vh = self.vhosts.get(name)
         if vh is None:
-            vh = self.vhosts[name] = VirtualHost(name)
+            vh = self.vhosts[name] = VirtualHost(
+                name,
+                journal=self.journal,
+                on_definitions_changed=self.definitions_changed,
+                allocate_queue_id=self.allocate_queue_id,
+            )
+            self.definitions_changed()
         return vh
+
+    def allocate_queue_id(self) -> int:
+        qid = self.next_queue_id
+        self.next_queue_id += 1
+        return qid
+
+    def definitions_changed(self) -> None:
+        if self.on_definitions_changed is not None:
+            self.on_definitions_changed()
 
     # -- resource alarms --------------------------------------------------
 

@@ -23,8 +23,10 @@ class Journal(Protocol):
         """
         ...
 
-    def retain(self, ref: int) -> None:
-        """One more queue relies on the record at ``ref`` (a paged-out entry)."""
+    def page_out(self, message: Message) -> int:
+        """A queue drops ``message``'s body from memory and will read it back
+        from the log: make sure a record exists, take a reference on it and
+        return its location (also left in ``message.ref``)."""
         ...
 
     def release(self, ref: int) -> None:

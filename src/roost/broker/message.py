@@ -22,6 +22,7 @@ class Message:
         "persistent",
         "priority",
         "properties",
+        "ref",
         "routing_key",
     )
 
@@ -41,6 +42,8 @@ class Message:
         self.persistent = persistent
         self.priority = priority
         self._headers: dict[str, Any] | None = None
+        # Location of this message's record in the message log (0: none).
+        self.ref = 0
 
     @property
     def headers(self) -> dict[str, Any]:

@@ -1,9 +1,16 @@
-"""Classic in-memory queue with RabbitMQ's delivery semantics.
+"""Classic queue with RabbitMQ's delivery semantics.
 
 The interface is the narrow one of RabbitMQ's ``rabbit_queue_type``:
 enqueue, consume, cancel, settle, requeue, get, purge, delete. Ready
 messages are kept in publish order (``QueueEntry.seq``); a requeued message
 goes back to its original position, as in RabbitMQ's classic queues.
+
+With a journal (message store) attached, a queue longer than
+``ready_limit`` keeps only its head in memory: later messages are *paged*,
+held as (sequence, log location) pairs and read back from the log as the
+head drains. A durable queue also tells the journal which persistent
+messages it delivered and settled, so a restart brings back exactly the
+unsettled ones.
 """
 
 from __future__ import annotations
@@ -13,15 +20,19 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from roost.broker.message import Message, QueueEntry
+from roost.broker.paging import PAGING_REF, REDELIVERED, SEQ_MASK, PagedEntries
 
 if TYPE_CHECKING:
     from roost.broker.binding import Binding
     from roost.broker.consumer import Consumer
+    from roost.broker.journal import Journal
     from roost.broker.vhost import VirtualHost
 
 
 # Most messages one dispatch() call hands out (see Queue.dispatch).
 DISPATCH_BATCH = 1000
+# Messages a queue keeps in memory before paging the rest to the log.
+READY_LIMIT = 8192
 
 
 class Queue:
@@ -57,6 +68,11 @@ class Queue:
         # an explicit call (ack, new consumer, qos, flow, socket drained).
         self._stalled = False
         self.deleted = False
+        self.journal: Journal | None = vhost.journal
+        # Identity of a durable queue in the message log (0: not logged).
+        self.store_id = 0
+        self.paged = PagedEntries()
+        self.ready_limit = READY_LIMIT
         self.published = 0
         self.delivered = 0
         self.acked = 0
@@ -65,7 +81,7 @@ class Queue:
 
     @property
     def message_count(self) -> int:
-        return len(self.ready)
+        return len(self.ready) + len(self.paged)
 
     @property
     def consumer_count(self) -> int:
@@ -86,12 +102,50 @@ class Queue:
     def enqueue(self, message: Message) -> None:
         self._seq += 1
         self.published += 1
-        self.ready.append(QueueEntry(self._seq, message))
+        journal = self.journal
+        if journal is not None and (self.paged or len(self.ready) >= self.ready_limit):
+            self._page_out(journal, self._seq, message)
+        else:
+            self.ready.append(QueueEntry(self._seq, message))
         if self._groups and not self._stalled:
             self.dispatch()
 
+    def _holds_durable_ref(self, message: Message) -> bool:
+        """Whether this queue's id is in the message's persistent log record."""
+        return bool(self.store_id and message.persistent and message.ref)
+
+    def _page_out(self, journal: Journal, seq: int, message: Message) -> None:
+        if self._holds_durable_ref(message):
+            self.paged.append(seq, message.ref)
+        else:
+            self.paged.append(seq | PAGING_REF, journal.page_out(message))
+
+    def _page_in(self) -> None:
+        """Refill the in-memory head from the log."""
+        journal = self.journal
+        paged = self.paged
+        if journal is None or not paged:
+            return
+        ready = self.ready
+        n = min(len(paged), max(self.ready_limit // 2, self.ready_limit - len(ready)))
+        for _ in range(n):
+            word, ref = paged.popleft()
+            msg = journal.read(ref)
+            if word & PAGING_REF:
+                journal.release(ref)
+            ready.append(QueueEntry(word & SEQ_MASK, msg, bool(word & REDELIVERED)))
+
+    def restore(self, refs: list[int], delivered: set[int]) -> None:
+        """Refill a durable queue from the log after a restart (all paged)."""
+        for ref in refs:
+            self._seq += 1
+            self.paged.append(self._seq | (REDELIVERED if ref in delivered else 0), ref)
+
     def requeue(self, entries: Iterable[QueueEntry]) -> None:
         """Put delivered-but-unsettled entries back at their original position."""
+        if self.deleted:
+            self.settle(list(entries))
+            return
         ready = self.ready
         n = 0
         for entry in sorted(entries, key=_seq_of, reverse=True):
@@ -111,19 +165,49 @@ class Queue:
 
     def get(self, no_ack: bool) -> QueueEntry | None:
         if not self.ready:
-            return None
+            self._page_in()
+            if not self.ready:
+                return None
         entry = self.ready.popleft()
         self.delivered += 1
         if no_ack:
             self.acked += 1
+            self._forget([entry])
         else:
             self.unacked += 1
+            self._mark_delivered([entry])
         return entry
 
-    def settle(self, count: int = 1) -> None:
-        """``count`` delivered entries were acked (or rejected without requeue)."""
-        self.unacked -= count
-        self.acked += count
+    def settle(self, entries: list[QueueEntry]) -> None:
+        """Delivered entries were acked (or rejected without requeue)."""
+        self.unacked -= len(entries)
+        self.acked += len(entries)
+        self._forget(entries)
+
+    def _forget(self, entries: list[QueueEntry]) -> None:
+        """These entries leave the queue for good: record it in the log."""
+        journal = self.journal
+        if journal is None or not self.store_id:
+            return
+        qid = self.store_id
+        deleted = self.deleted
+        for e in entries:
+            m = e.message
+            if m.persistent and m.ref:
+                if deleted:
+                    journal.release(m.ref)  # the queue's id is gone from the log
+                else:
+                    journal.ack(qid, m.ref)
+
+    def _mark_delivered(self, entries: list[QueueEntry]) -> None:
+        journal = self.journal
+        if journal is None or not self.store_id:
+            return
+        qid = self.store_id
+        for e in entries:
+            m = e.message
+            if m.persistent and m.ref and not e.redelivered:
+                journal.delivered(qid, m.ref)
 
     def dispatch(self) -> None:
         """Hand ready messages to consumers with credit, round-robin by priority.
@@ -135,7 +219,11 @@ class Queue:
         stall the event loop or build one huge write.
         """
         self._stalled = False
-        if self._dispatching or not self.ready:
+        if self._dispatching:
+            return
+        if len(self.ready) < DISPATCH_BATCH and self.paged and self._groups:
+            self._page_in()
+        if not self.ready:
             return
         self._dispatching = True
         ready = self.ready
@@ -150,7 +238,7 @@ class Queue:
                     if k <= 0:
                         continue
                     entries = [ready.popleft() for _ in range(k)]
-                    self._count_out(c, k)
+                    self._count_out(c, entries)
                     budget -= k
                     c.sink.deliver(c, entries)
                 else:
@@ -162,9 +250,10 @@ class Queue:
                         if (
                             c.no_ack or not c.prefetch or c.unacked < c.prefetch
                         ) and c.sink.credit() > 0:
-                            self._count_out(c, 1)
+                            entries = [ready.popleft()]
+                            self._count_out(c, entries)
                             budget -= 1
-                            c.sink.deliver(c, [ready.popleft()])
+                            c.sink.deliver(c, entries)
                             misses = 0
                         else:
                             misses += 1
@@ -180,13 +269,16 @@ class Queue:
             else:
                 self._stalled = True
 
-    def _count_out(self, c: Consumer, k: int) -> None:
+    def _count_out(self, c: Consumer, entries: list[QueueEntry]) -> None:
+        k = len(entries)
         self.delivered += k
         if c.no_ack:
             self.acked += k
+            self._forget(entries)
         else:
             self.unacked += k
             c.unacked += k
+            self._mark_delivered(entries)
 
     # -- consumers ------------------------------------------------------
 
@@ -216,8 +308,20 @@ class Queue:
     # -- whole-queue operations -----------------------------------------
 
     def purge(self) -> int:
-        n = len(self.ready)
+        """Drop every ready message (delivered ones stay until settled)."""
+        n = self.message_count
+        ready = list(self.ready)
         self.ready.clear()
+        self._forget(ready)
+        journal = self.journal
+        if journal is not None and self.paged:
+            qid = self.store_id
+            for word, ref in self.paged:
+                if word & PAGING_REF or self.deleted:
+                    journal.release(ref)
+                else:
+                    journal.ack(qid, ref)
+            self.paged.clear()
         return n
 
     def detach_all_consumers(self) -> list[Consumer]:

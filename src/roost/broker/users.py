@@ -1,42 +1,57 @@
-"""Users and password hashes in RabbitMQ's format.
+"""Users and password hashes in RabbitMQ's formats.
 
-Hashes are RabbitMQ's ``rabbit_password_hashing_sha256``: base64 of a 4-byte
-salt followed by SHA-256(salt + password), so definitions exported from
-RabbitMQ import unchanged.
+Hashes are base64 of a 4-byte salt followed by H(salt + password), with H
+SHA-256 (``rabbit_password_hashing_sha256``, the default), SHA-512 or MD5
+as RabbitMQ names them, so definitions exported from RabbitMQ import
+unchanged.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import os
 
+SHA256 = "rabbit_password_hashing_sha256"
+SHA512 = "rabbit_password_hashing_sha512"
+MD5 = "rabbit_password_hashing_md5"
+_HASHES = {SHA256: hashlib.sha256, SHA512: hashlib.sha512, MD5: hashlib.md5}
 
-def hash_password(password: str, salt: bytes | None = None) -> str:
+
+def hash_password(password: str, salt: bytes | None = None, algorithm: str = SHA256) -> str:
     salt = os.urandom(4) if salt is None else salt
-    digest = hashlib.sha256(salt + password.encode("utf-8")).digest()
+    digest = _HASHES[algorithm](salt + password.encode("utf-8")).digest()
     return base64.b64encode(salt + digest).decode("ascii")
 
 
-def check_password(password: str, password_hash: str) -> bool:
+def check_password(password: str, password_hash: str, algorithm: str = SHA256) -> bool:
+    if algorithm not in _HASHES or not password_hash:
+        return False
     try:
-        raw = base64.b64decode(password_hash)
-    except ValueError:
+        raw = base64.b64decode(password_hash, validate=True)
+    except (ValueError, binascii.Error):
         return False
     if len(raw) < 5:
         return False
-    salt = raw[:4]
-    return hmac.compare_digest(hash_password(password, salt), password_hash)
+    return hmac.compare_digest(hash_password(password, raw[:4], algorithm), password_hash)
 
 
 class User:
-    __slots__ = ("name", "password_hash", "tags")
+    __slots__ = ("algorithm", "name", "password_hash", "tags")
 
-    def __init__(self, name: str, password_hash: str, tags: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        password_hash: str,
+        tags: tuple[str, ...] = (),
+        algorithm: str = SHA256,
+    ) -> None:
         self.name = name
         self.password_hash = password_hash
         self.tags = tags
+        self.algorithm = algorithm
 
 
 class UserStore:
@@ -48,8 +63,11 @@ class UserStore:
         self.users[name] = user
         return user
 
+    def put(self, user: User) -> None:
+        self.users[user.name] = user
+
     def authenticate(self, name: str, password: str) -> User | None:
         user = self.users.get(name)
-        if user is None or not check_password(password, user.password_hash):
+        if user is None or not check_password(password, user.password_hash, user.algorithm):
             return None
         return user

@@ -16,6 +16,7 @@ from roost.broker.queue import Queue
 if TYPE_CHECKING:
     from roost.broker.binding import Destination
     from roost.broker.consumer import Consumer
+    from roost.broker.journal import Journal
     from roost.broker.message import Message
 
 DEFAULT_EXCHANGE = ""
@@ -45,6 +46,10 @@ EQUIVALENCE_ARGS = (
 REPLY_TO_QUEUE = "amq.rabbitmq.reply-to"
 
 
+def _nothing() -> None:
+    pass
+
+
 def _flag(value: bool) -> str:
     return "true" if value else "false"
 
@@ -54,8 +59,17 @@ def generate_name(prefix: str) -> str:
 
 
 class VirtualHost:
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        journal: Journal | None = None,
+        on_definitions_changed: Callable[[], None] | None = None,
+        allocate_queue_id: Callable[[], int] | None = None,
+    ) -> None:
         self.name = name
+        self.journal = journal
+        self._changed = on_definitions_changed or _nothing
+        self._allocate_queue_id = allocate_queue_id
         self.exchanges: dict[str, Exchange] = {}
         self.queues: dict[str, Queue] = {}
         self.default_exchange = DirectExchange(DEFAULT_EXCHANGE, durable=True)
@@ -131,6 +145,8 @@ class VirtualHost:
             )
         ex = cls(name, durable=durable, auto_delete=auto_delete, internal=internal, arguments=args)
         self.exchanges[name] = ex
+        if durable:
+            self._changed()
         return ex
 
     def _check_exchange_equivalent(
@@ -183,6 +199,8 @@ class VirtualHost:
         for b in list(ex.inbound):
             self._drop_binding(b, cascade=True)
         self.exchanges.pop(ex.name, None)
+        if ex.durable:
+            self._changed()
 
     # -- queues ---------------------------------------------------------
 
@@ -225,6 +243,10 @@ class VirtualHost:
         )
         self.queues[name] = q
         self.default_exchange.add_binding(Binding(self.default_exchange, q, name, None))
+        if durable:
+            if self.journal is not None and self._allocate_queue_id is not None:
+                q.store_id = self._allocate_queue_id()
+            self._changed()
         return q
 
     def _check_queue_equivalent(
@@ -292,6 +314,8 @@ class VirtualHost:
         q.purge()
         for hook in self.on_queue_deleted:
             hook(q)
+        if q.durable:
+            self._changed()
         return count
 
     def purge_queue(self, name: str, owner: object) -> int:
@@ -322,6 +346,8 @@ class VirtualHost:
                 destination.bindings.add(b)
             else:
                 destination.inbound.add(b)
+            if src.durable and destination.durable:
+                self._changed()
 
     def unbind(
         self,
@@ -353,6 +379,8 @@ class VirtualHost:
     def _drop_binding(self, b: Binding, cascade: bool) -> None:
         src = b.source
         src.remove_binding(b)
+        if src.durable and b.destination.durable and src.name:
+            self._changed()
         dest = b.destination
         if isinstance(dest, Queue):
             dest.bindings.discard(b)
@@ -363,6 +391,21 @@ class VirtualHost:
             self._remove_exchange(src)
 
     # -- routing --------------------------------------------------------
+
+    def enqueue(self, message: Message, queues: list[Queue]) -> bool:
+        """Put a routed message on its queues; a persistent one is written to
+        the log once for all the durable queues among them. Returns whether
+        it was (a publisher confirm must then wait for the fsync)."""
+        journal = self.journal
+        logged = False
+        if message.persistent and journal is not None:
+            ids = [q.store_id for q in queues if q.store_id]
+            if ids:
+                message.ref = journal.append(message, ids, True)
+                logged = True
+        for q in queues:
+            q.enqueue(message)
+        return logged
 
     def route(self, exchange: Exchange, message: Message) -> list[Queue]:
         """Queues ``message`` goes to: through exchange-to-exchange bindings

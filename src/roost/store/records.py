@@ -126,7 +126,9 @@ def decode_message(payload: bytes | memoryview) -> StoredMessage:
     return StoredMessage(kind, queue_ids, exchange, routing_key, properties, body, moved_from)
 
 
-def peek_queue_ids(payload: bytes | memoryview) -> tuple[int, tuple[int, ...], tuple[int, int] | None]:
+def peek_queue_ids(
+    payload: bytes | memoryview,
+) -> tuple[int, tuple[int, ...], tuple[int, int] | None]:
     """Kind, queue ids and moved-from location, without decoding the rest."""
     kind = payload[0]
     n = payload[1]

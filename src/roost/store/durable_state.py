@@ -1,0 +1,135 @@
+"""Wires a broker to its data directory: recovery at start-up, definitions
+saved on every durable change, everything flushed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from roost.broker.broker import Broker
+from roost.store import definitions
+from roost.store.datadir import MESSAGES_DIR, DataDirLock
+from roost.store.message_store import DEFAULT_SEGMENT_SIZE, MessageStore
+
+log = logging.getLogger("roost.store")
+DISK_ALARM = "disk"
+
+
+class DurableState:
+    def __init__(self, data_dir: Path, segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
+        self.data_dir = data_dir
+        self.lock = DataDirLock(data_dir)
+        self.lock.acquire()
+        try:
+            self.store = MessageStore(data_dir / MESSAGES_DIR, segment_size)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.broker: Broker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._save_scheduled = False
+        self._defs_failed = False
+
+    def recover(self, broker: Broker) -> None:
+        """Load definitions and queue contents into a fresh broker."""
+        started = time.monotonic()
+        self.broker = broker
+        self.store.on_error = self._store_error
+        saved = definitions.load(self.data_dir / definitions.FILENAME)
+        if saved is not None:
+            # The saved users and permissions replace the defaults, so a
+            # deleted default user stays deleted.
+            broker.users.users.clear()
+            broker.permissions.clear()
+            for problem in definitions.apply(broker, saved):
+                log.error("recovering definitions: %s", problem)
+        by_id = {
+            q.store_id: q for vh in broker.vhosts.values() for q in vh.queues.values() if q.store_id
+        }
+        recovered, report = self.store.recover(set(by_id))
+        for qid, rq in recovered.items():
+            by_id[qid].restore(rq.refs, rq.delivered)
+        for line in report.truncated:
+            log.warning("recovery: %s", line)
+        for line in report.skipped:
+            log.error("recovery: %s", line)
+        log.info(
+            "recovered %d messages in %d queues from %d segments in %.2fs",
+            report.messages,
+            len(recovered),
+            report.segments,
+            time.monotonic() - started,
+        )
+        broker.on_definitions_changed = self.schedule_save
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.store.start(loop)
+        self.save_now()
+
+    # -- definitions ----------------------------------------------------
+
+    def schedule_save(self) -> None:
+        if not self._save_scheduled and self._loop is not None:
+            self._save_scheduled = True
+            self._loop.call_soon(self._save)
+
+    def _save(self) -> None:
+        self._save_scheduled = False
+        assert self.broker is not None
+        content = definitions.encode(definitions.export(self.broker, include_internal=True))
+        path = self.data_dir / definitions.FILENAME
+        # Through the store's writer thread: written before any message
+        # batch submitted after it, so a confirmed message's queue exists.
+        fut = self.store.run_in_writer(definitions.write_atomic, path, content)
+        fut.add_done_callback(self._saved_threadsafe)
+
+    def _saved_threadsafe(self, fut: object) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._saved, fut)
+
+    def _saved(self, fut: object) -> None:
+        exc = fut.exception()  # type: ignore[attr-defined]
+        if exc is None:
+            if self._defs_failed:
+                self._defs_failed = False
+                self._store_error(False)
+            return
+        log.error("saving definitions failed: %s; retrying", exc)
+        if not self._defs_failed:
+            self._defs_failed = True
+            self._store_error(True)
+        assert self._loop is not None
+        self._loop.call_later(1.0, self.schedule_save)
+
+    def save_now(self) -> None:
+        assert self.broker is not None
+        content = definitions.encode(definitions.export(self.broker, include_internal=True))
+        definitions.write_atomic(self.data_dir / definitions.FILENAME, content)
+
+    # -- disk alarm -----------------------------------------------------
+
+    def _store_error(self, failing: bool) -> None:
+        if self.broker is None:
+            return
+        if failing:
+            log.error("disk alarm set: writes to %s are failing", self.data_dir)
+            self.broker.set_alarm(DISK_ALARM)
+        elif not self._defs_failed and not self.store.failing:
+            log.info("disk alarm cleared")
+            self.broker.clear_alarm(DISK_ALARM)
+
+    # -- shutdown -------------------------------------------------------
+
+    def close(self) -> None:
+        try:
+            self.store.close()
+            if self.broker is not None:
+                try:
+                    self.save_now()
+                except OSError as exc:
+                    log.error("saving definitions at shutdown failed: %s", exc)
+        finally:
+            self.lock.release()

@@ -1,0 +1,608 @@
+"""The message store: an append-only log of segment files.
+
+``messages/NNNNNNNN.seg`` holds message records (see :mod:`records`);
+beside each, ``NNNNNNNN.acks`` holds fixed-size entries saying which queue
+settled (or was handed) which record of that segment. Records and entries
+are appended on the event loop into memory; a single writer thread writes
+them with ``pwrite`` and makes them durable with one ``fdatasync`` per file
+per batch (group commit). What was appended while a batch was being
+written goes out in the next one, so under load each fsync covers many
+publishes and the event loop never waits for the disk.
+
+A segment whose records no queue needs any more is deleted whole, with its
+``.acks`` file, so disk use follows what is actually queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from roost import properties
+from roost.broker.message import Message
+from roost.store import records
+from roost.store.records import ACK, ACK_ENTRY, ACK_ENTRY_SIZE, DELIVERED, HEADER, HEADER_SIZE
+
+log = logging.getLogger("roost.store")
+
+DEFAULT_SEGMENT_SIZE = 32 * 1024 * 1024
+READ_BLOCK = 256 * 1024
+RETRY_DELAY = 1.0
+
+
+def make_ref(segment: int, offset: int) -> int:
+    return (segment << 32) | offset
+
+
+def ref_segment(ref: int) -> int:
+    return ref >> 32
+
+
+def ref_offset(ref: int) -> int:
+    return ref & 0xFFFFFFFF
+
+
+def _seg_name(n: int) -> str:
+    return f"{n:08d}.seg"
+
+
+def _acks_name(n: int) -> str:
+    return f"{n:08d}.acks"
+
+
+@dataclass
+class _Batch:
+    """Everything to write in one group commit."""
+
+    number: int
+    chunks: list[tuple[int, int, bytes]] = field(default_factory=list)  # seg, offset, data
+    acks: list[tuple[int, int, bytes]] = field(default_factory=list)  # seg, offset, data
+    delete: list[int] = field(default_factory=list)
+    new_files: bool = False
+
+
+class StoreError(Exception):
+    pass
+
+
+@dataclass
+class RecoveredQueue:
+    """What recovery found for one durable queue: refs in order, and which
+    of them had been handed to a consumer before the restart."""
+
+    refs: list[int] = field(default_factory=list)
+    delivered: set[int] = field(default_factory=set)
+
+
+@dataclass
+class RecoveryReport:
+    segments: int = 0
+    records: int = 0
+    messages: int = 0
+    truncated: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+class MessageStore:
+    def __init__(
+        self,
+        directory: Path,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        on_error: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.segment_size = segment_size
+        self.on_error = on_error  # called with True on a write failure, False on recovery
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="roost-store")
+        self._fds: dict[int, int] = {}
+        self._ack_fds: dict[int, int] = {}
+        self._ack_size: dict[int, int] = {}
+        self.live: dict[int, int] = {}
+        self._seg = 0
+        self._seg_size = 0
+        self._pending = bytearray()
+        self._pending_start = 0
+        self._pending_seg = 0
+        self._chunks: list[tuple[int, int, bytes]] = []
+        self._acks: dict[int, bytearray] = {}
+        self._deletes: list[int] = []
+        self._new_files = False
+        self._batch_no = 1
+        self._durable = 0
+        self._inflight: _Batch | None = None
+        self._inflight_future: Future[None] | None = None
+        self._scheduled = False
+        self._failed: _Batch | None = None
+        self._waiters: dict[int, list[Callable[[], None]]] = {}
+        self._read_cache: tuple[int, int, bytes] | None = None  # seg, offset, data
+        self.closed = False
+
+    # -- start-up -------------------------------------------------------
+
+    def recover(
+        self, known_queue_ids: set[int]
+    ) -> tuple[dict[int, RecoveredQueue], RecoveryReport]:
+        """Scan the segments, drop torn or corrupt records, rebuild queues."""
+        report = RecoveryReport()
+        queues: dict[int, RecoveredQueue] = {}
+        settled: set[tuple[int, int]] = set()
+        delivered: set[tuple[int, int]] = set()
+        seg_numbers = sorted(
+            int(p.name[:-4]) for p in self.dir.glob("*.seg") if p.name[:-4].isdigit()
+        )
+        for n in seg_numbers:
+            report.segments += 1
+            path = self.dir / _seg_name(n)
+            data = path.read_bytes()
+            good_end = self._scan_segment(n, data, known_queue_ids, queues, settled, report)
+            if good_end < len(data):
+                with open(path, "r+b") as fh:
+                    fh.truncate(good_end)
+                    os.fsync(fh.fileno())
+            acks_path = self.dir / _acks_name(n)
+            if acks_path.exists():
+                raw = acks_path.read_bytes()
+                whole = len(raw) - len(raw) % ACK_ENTRY_SIZE
+                for off in range(0, whole, ACK_ENTRY_SIZE):
+                    kind, qid, roff = ACK_ENTRY.unpack_from(raw, off)
+                    if kind == ACK:
+                        settled.add((qid, make_ref(n, roff)))
+                    elif kind == DELIVERED:
+                        delivered.add((qid, make_ref(n, roff)))
+                if whole != len(raw):
+                    with open(acks_path, "r+b") as fh:
+                        fh.truncate(whole)
+                self._ack_size[n] = whole
+        # Settled references no longer keep their segment alive.
+        live: dict[int, int] = {}
+        for qid, rq in queues.items():
+            kept = []
+            for ref in rq.refs:
+                if (qid, ref) in settled:
+                    continue
+                kept.append(ref)
+                seg = ref_segment(ref)
+                live[seg] = live.get(seg, 0) + 1
+                if (qid, ref) in delivered:
+                    rq.delivered.add(ref)
+            rq.refs = kept
+            report.messages += len(kept)
+        self.live = live
+        for n in seg_numbers:
+            if not live.get(n):
+                self._unlink(n)
+            else:
+                self._open_segment(n)
+        # New records always go to a fresh segment: never append after a
+        # tail that recovery may have cut.
+        self._seg = (seg_numbers[-1] + 1) if seg_numbers else 1
+        self._start_segment(self._seg)
+        return queues, report
+
+    def _scan_segment(
+        self,
+        n: int,
+        data: bytes,
+        known: set[int],
+        queues: dict[int, RecoveredQueue],
+        settled: set[tuple[int, int]],
+        report: RecoveryReport,
+    ) -> int:
+        pos = 0
+        size = len(data)
+        view = memoryview(data)
+        name = _seg_name(n)
+        while pos < size:
+            if size - pos < HEADER_SIZE:
+                report.truncated.append(f"{name}: torn record header at offset {pos}")
+                return pos
+            length, crc = HEADER.unpack_from(data, pos)
+            end = pos + HEADER_SIZE + length
+            if length < 2 or end > size:
+                report.truncated.append(
+                    f"{name}: torn or corrupt record at offset {pos}, dropping {size - pos} bytes"
+                )
+                return pos
+            payload = view[pos + HEADER_SIZE : end]
+            if not records.check(payload, crc):
+                if _valid_record_at(data, end):
+                    report.skipped.append(f"{name}: corrupt record at offset {pos} skipped")
+                    pos = end
+                    continue
+                report.truncated.append(
+                    f"{name}: corrupt record at offset {pos}, dropping {size - pos} bytes"
+                )
+                return pos
+            report.records += 1
+            try:
+                kind, qids, moved_from = records.peek_queue_ids(payload)
+            except (IndexError, ValueError) as exc:
+                report.skipped.append(f"{name}: unreadable record at offset {pos}: {exc}")
+                pos = end
+                continue
+            if kind != records.PAGED:
+                ref = make_ref(n, pos)
+                for qid in qids:
+                    if qid in known:
+                        queues.setdefault(qid, RecoveredQueue()).refs.append(ref)
+                        if moved_from is not None:
+                            settled.add((qid, make_ref(*moved_from)))
+            pos = end
+        return pos
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    # -- Journal: appending ---------------------------------------------
+
+    @property
+    def batch(self) -> int:
+        return self._batch_no
+
+    @property
+    def durable_batch(self) -> int:
+        return self._durable
+
+    def append(self, message: Message, queue_ids: list[int], persistent: bool) -> int:
+        record = records.encode_message(
+            records.PERSISTENT if persistent else records.PAGED,
+            queue_ids,
+            message.exchange,
+            message.routing_key,
+            message.properties,
+            message.body,
+        )
+        ref = self._append_record(record)
+        if persistent:
+            seg = ref_segment(ref)
+            self.live[seg] = self.live.get(seg, 0) + len(queue_ids)
+        return ref
+
+    def _append_record(self, record: bytes) -> int:
+        if self._seg_size and self._seg_size + len(record) > self.segment_size:
+            self._roll()
+        offset = self._seg_size
+        if not self._pending:
+            self._pending_start = offset
+            self._pending_seg = self._seg
+        self._pending += record
+        self._seg_size = offset + len(record)
+        self._schedule()
+        return make_ref(self._seg, offset)
+
+    def _roll(self) -> None:
+        self._cut_pending()
+        old = self._seg
+        self._seg += 1
+        self._start_segment(self._seg)
+        if not self.live.get(old):
+            self._deletes.append(old)
+
+    def _start_segment(self, n: int) -> None:
+        self._seg_size = 0
+        self._open_segment(n)
+        self._new_files = True
+
+    def _open_segment(self, n: int) -> None:
+        if n not in self._fds:
+            self._fds[n] = os.open(self.dir / _seg_name(n), os.O_RDWR | os.O_CREAT, 0o600)
+
+    def _cut_pending(self) -> None:
+        if self._pending:
+            self._chunks.append((self._pending_seg, self._pending_start, bytes(self._pending)))
+            self._pending.clear()
+
+    def page_out(self, message: Message) -> int:
+        ref = message.ref
+        seg = ref_segment(ref)
+        if not ref or (seg != self._seg and not self.live.get(seg)):
+            # No record yet, or its segment is already on its way out.
+            ref = self.append(message, [], persistent=False)
+            message.ref = ref
+            seg = ref_segment(ref)
+        self.live[seg] = self.live.get(seg, 0) + 1
+        return ref
+
+    def release(self, ref: int) -> None:
+        seg = ref_segment(ref)
+        left = self.live.get(seg, 0) - 1
+        if left > 0:
+            self.live[seg] = left
+            return
+        self.live.pop(seg, None)
+        if seg != self._seg:
+            self._deletes.append(seg)
+            self._schedule()
+
+    def ack(self, queue_id: int, ref: int) -> None:
+        self._ack_entry(ACK, queue_id, ref)
+        self.release(ref)
+
+    def delivered(self, queue_id: int, ref: int) -> None:
+        self._ack_entry(DELIVERED, queue_id, ref)
+
+    def _ack_entry(self, kind: int, queue_id: int, ref: int) -> None:
+        seg = ref_segment(ref)
+        buf = self._acks.get(seg)
+        if buf is None:
+            buf = self._acks[seg] = bytearray()
+        buf += ACK_ENTRY.pack(kind, queue_id, ref_offset(ref))
+        self._schedule()
+
+    def wait_durable(self, batch: int, callback: object) -> None:
+        assert callable(callback)
+        if batch == self._batch_no and not self._has_pending():
+            batch -= 1  # nothing new since the batch in flight (if any)
+        if batch <= self._durable:
+            callback()
+            return
+        self._waiters.setdefault(batch, []).append(callback)
+
+    # -- Journal: reading -----------------------------------------------
+
+    def read(self, ref: int) -> Message:
+        seg, offset = ref_segment(ref), ref_offset(ref)
+        payload = self._payload(seg, offset)
+        stored = records.decode_message(payload)
+        scanned = properties.scan(stored.properties)
+        msg = Message(
+            stored.exchange,
+            stored.routing_key,
+            stored.properties,
+            stored.body,
+            scanned.delivery_mode == 2,
+            scanned.priority,
+        )
+        msg.ref = ref
+        return msg
+
+    def _payload(self, seg: int, offset: int) -> bytes:
+        # Not yet handed to the writer, or being written right now?
+        if seg == self._pending_seg and self._pending and offset >= self._pending_start:
+            return _cut(bytes(self._pending), offset - self._pending_start)
+        for cseg, coff, data in self._unwritten():
+            if cseg == seg and coff <= offset < coff + len(data):
+                return _cut(data, offset - coff)
+        cache = self._read_cache
+        if cache is not None and cache[0] == seg:
+            start = offset - cache[1]
+            if start >= 0 and start + HEADER_SIZE <= len(cache[2]):
+                (length, _) = HEADER.unpack_from(cache[2], start)
+                if start + HEADER_SIZE + length <= len(cache[2]):
+                    return _cut(cache[2], start)
+        fd = self._fds[seg]
+        block = os.pread(fd, READ_BLOCK, offset)
+        (length, _) = HEADER.unpack_from(block, 0)
+        if HEADER_SIZE + length > len(block):
+            block = os.pread(fd, HEADER_SIZE + length, offset)
+        self._read_cache = (seg, offset, block)
+        return _cut(block, 0)
+
+    def _has_pending(self) -> bool:
+        return bool(self._pending or self._chunks or self._acks or self._deletes)
+
+    def _unwritten(self) -> list[tuple[int, int, bytes]]:
+        out = list(self._chunks)
+        for b in (self._inflight, self._failed):
+            if b is not None:
+                out.extend(b.chunks)
+        return out
+
+    # -- group commit ---------------------------------------------------
+
+    def _schedule(self) -> None:
+        if not self._scheduled and self._inflight is None and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self._submit)
+
+    def _submit(self) -> None:
+        self._scheduled = False
+        if self._inflight is not None or self._failed is not None or self.closed:
+            return
+        batch = self._take_batch()
+        if batch is None:
+            return
+        self._run(batch, self._done_threadsafe)
+
+    def _take_batch(self) -> _Batch | None:
+        self._cut_pending()
+        if not (self._chunks or self._acks or self._deletes):
+            return None
+        batch = _Batch(self._batch_no)
+        self._batch_no += 1
+        batch.chunks, self._chunks = self._chunks, []
+        for seg, buf in self._acks.items():
+            off = self._ack_size.get(seg, 0)
+            batch.acks.append((seg, off, bytes(buf)))
+            self._ack_size[seg] = off + len(buf)
+        self._acks = {}
+        # Only delete a segment nothing in this batch still writes to.
+        keep = {seg for seg, _, _ in batch.chunks} | {seg for seg, _, _ in batch.acks}
+        batch.delete = sorted(
+            set(s for s in self._deletes if s not in keep and not self.live.get(s))
+        )
+        self._deletes = [s for s in self._deletes if s in keep]
+        batch.new_files = self._new_files
+        self._new_files = False
+        return batch
+
+    def _write_batch(self, batch: _Batch) -> None:
+        """Runs on the writer thread."""
+        touched: set[int] = set()
+        for seg, off, data in batch.chunks:
+            fd = self._fds[seg]
+            _pwrite_all(fd, data, off)
+            touched.add(fd)
+        for seg, off, data in batch.acks:
+            afd = self._ack_fds.get(seg)
+            if afd is None:
+                afd = os.open(self.dir / _acks_name(seg), os.O_RDWR | os.O_CREAT, 0o600)
+                self._ack_fds[seg] = afd
+                batch.new_files = True
+            _pwrite_all(afd, data, off)
+            touched.add(afd)
+        for fd in touched:
+            os.fdatasync(fd)
+        if batch.new_files:
+            _fsync_dir(self.dir)
+        for seg in batch.delete:
+            self._unlink(seg)
+
+    def _run(self, batch: _Batch, done: Callable[[Future[None]], None]) -> None:
+        self._inflight = batch
+        fut = self._executor.submit(self._write_batch, batch)
+        self._inflight_future = fut
+        fut.add_done_callback(done)
+
+    def _done_threadsafe(self, fut: Future[None]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._done, fut)
+
+    def _done(self, fut: Future[None]) -> None:
+        if fut is not self._inflight_future:
+            return  # already settled by flush_sync()
+        batch = self._inflight
+        self._inflight = None
+        self._inflight_future = None
+        assert batch is not None
+        exc = fut.exception()
+        if exc is not None:
+            log.error("message store write failed: %s; retrying", exc)
+            self._failed = batch
+            if self.on_error is not None:
+                self.on_error(True)
+            assert self._loop is not None
+            self._loop.call_later(RETRY_DELAY, self._retry)
+            return
+        self._committed(batch)
+        self._schedule()
+
+    def _committed(self, batch: _Batch) -> None:
+        for seg in batch.delete:
+            self._close_segment(seg)
+        self._durable = batch.number
+        ready = [b for b in self._waiters if b <= batch.number]
+        for b in sorted(ready):
+            for cb in self._waiters.pop(b):
+                cb()
+
+    def _retry(self) -> None:
+        batch = self._failed
+        if batch is None or self.closed:
+            return
+        self._failed = None
+        self._run(batch, self._retried_threadsafe)
+
+    def _retried_threadsafe(self, fut: Future[None]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._retried, fut)
+
+    def _retried(self, fut: Future[None]) -> None:
+        if fut is not self._inflight_future:
+            return
+        ok = fut.exception() is None
+        self._done(fut)
+        if ok and self.on_error is not None:
+            log.info("message store writes succeed again")
+            self.on_error(False)
+
+    def run_in_writer(self, fn: Callable[..., None], *args: object) -> Future[None]:
+        """Run ``fn`` on the writer thread, in order with message batches."""
+        return self._executor.submit(fn, *args)
+
+    @property
+    def failing(self) -> bool:
+        return self._failed is not None
+
+    # -- shutdown -------------------------------------------------------
+
+    def flush_sync(self) -> None:
+        """Write and fsync everything pending, on the calling thread."""
+        batch, fut = self._inflight, self._inflight_future
+        self._inflight = self._inflight_future = None
+        if batch is not None and fut is not None:
+            try:
+                fut.result()
+            except OSError:
+                self._write_batch(batch)
+            self._committed(batch)
+        failed, self._failed = self._failed, None
+        for b in (failed, self._take_batch()):
+            if b is not None:
+                self._write_batch(b)
+                self._committed(b)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.flush_sync()
+        finally:
+            self.closed = True
+            self._executor.shutdown(wait=True)
+            for fd in list(self._fds.values()) + list(self._ack_fds.values()):
+                os.close(fd)
+            self._fds.clear()
+            self._ack_fds.clear()
+
+    def _close_segment(self, seg: int) -> None:
+        for fds in (self._fds, self._ack_fds):
+            fd = fds.pop(seg, None)
+            if fd is not None:
+                os.close(fd)
+        self._ack_size.pop(seg, None)
+        if self._read_cache is not None and self._read_cache[0] == seg:
+            self._read_cache = None
+
+    def _unlink(self, seg: int) -> None:
+        for name in (_seg_name(seg), _acks_name(seg)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.dir / name)
+
+    # -- inspection -----------------------------------------------------
+
+    def disk_usage(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
+
+
+def _cut(data: bytes, start: int) -> bytes:
+    (length, crc) = HEADER.unpack_from(data, start)
+    payload = data[start + HEADER_SIZE : start + HEADER_SIZE + length]
+    if len(payload) != length or not records.check(payload, crc):
+        raise StoreError(f"record at {start} failed its check")
+    return payload
+
+
+def _valid_record_at(data: bytes, pos: int) -> bool:
+    if len(data) - pos < HEADER_SIZE:
+        return False
+    length, crc = HEADER.unpack_from(data, pos)
+    end = pos + HEADER_SIZE + length
+    return length >= 2 and end <= len(data) and records.check(data[pos + HEADER_SIZE : end], crc)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
