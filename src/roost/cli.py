@@ -13,6 +13,7 @@ from dataclasses import fields
 from roost import __version__
 from roost.config import HELP, Config, ConfigError, load_config
 from roost.server import Server
+from roost.store import definitions_cli
 from roost.store.datadir import DataDirInUse
 from roost.store.definitions import DefinitionsError
 
@@ -53,12 +54,15 @@ def _build_parser() -> argparse.ArgumentParser:
                 metavar=f.name.upper(),
                 help=text,
             )
+    definitions_cli.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.command == "definitions":
+        return definitions_cli.run(args)
     if args.command != "serve":
         parser.print_help()
         return 2
@@ -104,11 +108,13 @@ async def _serve(config: Config) -> int:
         verb = "cannot use" if exc.filename else "cannot listen on"
         print(f"roost: {verb} {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    print(f"roost {__version__}: listening on amqp://{config.host}:{server.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Announced only once SIGTERM is handled: whoever waits for this line
+    # (a supervisor, RoostProcess) may stop the broker right away.
+    print(f"roost {__version__}: listening on amqp://{config.host}:{server.port}", flush=True)
     await stop.wait()
     log.info("shutting down")
     await server.stop()

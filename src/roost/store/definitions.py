@@ -200,6 +200,16 @@ def apply(broker: Broker, data: dict[str, Any]) -> list[str]:
     return problems
 
 
+def restore(broker: Broker, saved: dict[str, Any]) -> list[str]:
+    """Load a data directory's own definitions into a fresh broker.
+
+    The saved users and permissions replace the defaults, so a deleted
+    default user stays deleted."""
+    broker.users.users.clear()
+    broker.permissions.clear()
+    return apply(broker, saved)
+
+
 def _restore_id(queue: Queue, qid: int | None, existed: bool) -> None:
     if qid is not None and not existed and queue.store_id != qid:
         queue.store_id = qid

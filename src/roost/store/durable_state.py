@@ -39,11 +39,7 @@ class DurableState:
         self.store.on_error = self._store_error
         saved = definitions.load(self.data_dir / definitions.FILENAME)
         if saved is not None:
-            # The saved users and permissions replace the defaults, so a
-            # deleted default user stays deleted.
-            broker.users.users.clear()
-            broker.permissions.clear()
-            for problem in definitions.apply(broker, saved):
+            for problem in definitions.restore(broker, saved):
                 log.error("recovering definitions: %s", problem)
         by_id = {
             q.store_id: q for vh in broker.vhosts.values() for q in vh.queues.values() if q.store_id
@@ -63,6 +59,9 @@ class DurableState:
             time.monotonic() - started,
         )
         broker.on_definitions_changed = self.schedule_save
+        self.store.queue_ids = lambda: {
+            q.store_id for vh in broker.vhosts.values() for q in vh.queues.values() if q.store_id
+        }
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

@@ -10,7 +10,11 @@ written goes out in the next one, so under load each fsync covers many
 publishes and the event loop never waits for the disk.
 
 A segment whose records no queue needs any more is deleted whole, with its
-``.acks`` file, so disk use follows what is actually queued.
+``.acks`` file. A segment kept alive by a few messages is compacted in
+place: each long run of settled records becomes one padding record (a
+header over zeros) whose blocks are given back to the filesystem by hole
+punching, so live records keep their locations and disk use follows what
+is actually queued.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 from roost import properties
 from roost.broker.message import Message
-from roost.store import records
+from roost.store import holes, records
 from roost.store.records import ACK, ACK_ENTRY, ACK_ENTRY_SIZE, DELIVERED, HEADER, HEADER_SIZE
 
 log = logging.getLogger("roost.store")
@@ -34,6 +38,10 @@ log = logging.getLogger("roost.store")
 DEFAULT_SEGMENT_SIZE = 32 * 1024 * 1024
 READ_BLOCK = 256 * 1024
 RETRY_DELAY = 1.0
+# Compact a segment once fewer than this share of its references are live,
+# and only runs of settled records at least this long.
+COMPACT_RATIO = 0.5
+COMPACT_MIN_RUN = 64 * 1024
 
 
 def make_ref(segment: int, offset: int) -> int:
@@ -106,6 +114,13 @@ class MessageStore:
         self._ack_fds: dict[int, int] = {}
         self._ack_size: dict[int, int] = {}
         self.live: dict[int, int] = {}
+        # References each segment was written with, and its live count when
+        # last compacted: compaction runs again once half of those are gone.
+        self.total: dict[int, int] = {}
+        self._compacted_at: dict[int, int] = {}
+        self._compacting = False
+        # Durable queue ids that exist (set by the broker side, for compaction).
+        self.queue_ids: Callable[[], set[int]] = set
         self._seg = 0
         self._seg_size = 0
         self._pending = bytearray()
@@ -230,6 +245,7 @@ class MessageStore:
                 continue
             if kind != records.PAGED:
                 ref = make_ref(n, pos)
+                self.total[n] = self.total.get(n, 0) + len(qids)
                 for qid in qids:
                     if qid in known:
                         queues.setdefault(qid, RecoveredQueue()).refs.append(ref)
@@ -264,6 +280,7 @@ class MessageStore:
         if persistent:
             seg = ref_segment(ref)
             self.live[seg] = self.live.get(seg, 0) + len(queue_ids)
+            self.total[seg] = self.total.get(seg, 0) + len(queue_ids)
         return ref
 
     def _append_record(self, record: bytes) -> int:
@@ -303,12 +320,15 @@ class MessageStore:
     def page_out(self, message: Message) -> int:
         ref = message.ref
         seg = ref_segment(ref)
-        if not ref or (seg != self._seg and not self.live.get(seg)):
-            # No record yet, or its segment is already on its way out.
+        if not ref or message.persistent or (seg != self._seg and not self.live.get(seg)):
+            # No paging record yet, or its segment is on its way out. A
+            # persistent record is never shared for paging: compaction
+            # frees it once its durable queues settle it.
             ref = self.append(message, [], persistent=False)
             message.ref = ref
             seg = ref_segment(ref)
         self.live[seg] = self.live.get(seg, 0) + 1
+        self.total[seg] = self.total.get(seg, 0) + 1
         return ref
 
     def release(self, ref: int) -> None:
@@ -486,10 +506,13 @@ class MessageStore:
             return
         self._committed(batch)
         self._schedule()
+        self._maybe_compact()
 
     def _committed(self, batch: _Batch) -> None:
         for seg in batch.delete:
             self._close_segment(seg)
+            self.total.pop(seg, None)
+            self._compacted_at.pop(seg, None)
         self._durable = batch.number
         ready = [b for b in self._waiters if b <= batch.number]
         for b in sorted(ready):
@@ -516,6 +539,78 @@ class MessageStore:
         if ok and self.on_error is not None:
             log.info("message store writes succeed again")
             self.on_error(False)
+
+    # -- compaction -----------------------------------------------------
+
+    def _maybe_compact(self) -> None:
+        """Compact at most one sparse segment at a time, on the writer thread."""
+        if self._compacting or self.closed or self._failed is not None:
+            return
+        for seg, live in self.live.items():
+            if seg == self._seg or seg in self._acks:
+                continue
+            base = self._compacted_at.get(seg) or self.total.get(seg, 0)
+            if base and live < base * COMPACT_RATIO:
+                self._compacting = True
+                self._compacted_at[seg] = live
+                fut = self._executor.submit(self._compact_segment, seg, self.queue_ids())
+                fut.add_done_callback(self._compacted_threadsafe)
+                return
+
+    def _compacted_threadsafe(self, fut: Future[int]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._compacted, fut)
+
+    def _compacted(self, fut: Future[int]) -> None:
+        self._compacting = False
+        exc = fut.exception()
+        if exc is not None:
+            log.warning("compacting a segment failed: %s", exc)
+
+    def _compact_segment(self, seg: int, queue_ids: set[int]) -> int:
+        """Runs on the writer thread, after every batch that wrote to the
+        segment's .acks file. Returns the bytes given back."""
+        fd = self._fds.get(seg)
+        if fd is None:
+            return 0
+        settled: set[tuple[int, int]] = set()
+        try:
+            raw = (self.dir / _acks_name(seg)).read_bytes()
+        except FileNotFoundError:
+            raw = b""
+        for off in range(0, len(raw) - len(raw) % ACK_ENTRY_SIZE, ACK_ENTRY_SIZE):
+            kind, qid, roff = ACK_ENTRY.unpack_from(raw, off)
+            if kind == ACK:
+                settled.add((qid, roff))
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+        freed = 0
+        min_run = max(2 * holes.BLOCK, min(COMPACT_MIN_RUN, self.segment_size // 8))
+        run_start = -1
+        pos = 0
+        size = len(data)
+        while pos + HEADER_SIZE <= size:
+            length, _ = HEADER.unpack_from(data, pos)
+            end = pos + HEADER_SIZE + length
+            if length < 2 or end > size:
+                break
+            kind, qids, _ = records.peek_queue_ids(data[pos + HEADER_SIZE : end])
+            dead = kind == records.PADDING or (
+                kind in (records.PERSISTENT, records.MOVED)
+                and all(q not in queue_ids or (q, pos) in settled for q in qids)
+            )
+            if dead:
+                if run_start < 0:
+                    run_start = pos
+            elif run_start >= 0:
+                freed += _pad(fd, data, run_start, pos, min_run)
+                run_start = -1
+            pos = end
+        if run_start >= 0:
+            freed += _pad(fd, data, run_start, pos, min_run)
+        if freed:
+            os.fdatasync(fd)
+        return freed
 
     def run_in_writer(self, fn: Callable[..., None], *args: object) -> Future[None]:
         """Run ``fn`` on the writer thread, in order with message batches."""
@@ -582,6 +677,31 @@ def _cut(data: bytes, start: int) -> bytes:
     if len(payload) != length or not records.check(payload, crc):
         raise StoreError(f"record at {start} failed its check")
     return payload
+
+
+def _pad(fd: int, data: bytes, start: int, end: int, min_run: int) -> int:
+    """Turn the settled records in ``[start, end)`` into one padding record
+    and give its blocks back. Returns the bytes freed."""
+    span = end - start
+    if span < min_run:
+        return 0
+    header = HEADER.pack(span - HEADER_SIZE, records.padding_crc(span - HEADER_SIZE))
+    if data[start : start + HEADER_SIZE] == header:
+        return 0  # already padding
+    # Zero what the hole punch cannot reach (the partial blocks at both
+    # ends) before the header goes in: until then the old records still
+    # parse; after, the padding checks out. A crash in between leaves a
+    # record with a bad CRC, which recovery skips.
+    first = min(end, -(-(start + HEADER_SIZE) // holes.BLOCK) * holes.BLOCK)
+    last = max(first, end // holes.BLOCK * holes.BLOCK)
+    if first > start + HEADER_SIZE:
+        _pwrite_all(fd, bytes(first - start - HEADER_SIZE), start + HEADER_SIZE)
+    if end > last:
+        _pwrite_all(fd, bytes(end - last), last)
+    if not holes.punch_hole(fd, first, last - first):
+        _pwrite_all(fd, bytes(last - first), first)
+    _pwrite_all(fd, header, start)
+    return span
 
 
 def _valid_record_at(data: bytes, pos: int) -> bool:

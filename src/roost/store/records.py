@@ -9,8 +9,9 @@ counts the payload only. A message payload is::
 
 ``kind`` says whether the message survives a restart (``PERSISTENT``) or
 was only written to keep a long queue out of memory (``PAGED``); a
-``MOVED`` record is a persistent message copied forward by compaction and
-carries the location of the copy it replaces.
+``MOVED`` record is a persistent message copied forward, carrying the
+location of the copy it replaces. A ``PADDING`` record (all zeros) stands
+where compaction freed a run of settled records.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import struct
 
 from crc32c import crc32c
 
+PADDING = 0
 PERSISTENT = 1
 PAGED = 2
 MOVED = 3
@@ -135,6 +137,19 @@ def peek_queue_ids(
     queue_ids = struct.unpack_from(f">{n}I", payload, 2)
     moved_from = _moved.unpack_from(payload, 2 + 4 * n) if kind == MOVED else None
     return kind, queue_ids, moved_from
+
+
+_ZEROS = bytes(64 * 1024)
+
+
+def padding_crc(length: int) -> int:
+    """CRC-32C of ``length`` zero bytes, without allocating them all."""
+    crc = 0
+    while length > 0:
+        n = min(length, len(_ZEROS))
+        crc = crc32c(_ZEROS[:n] if n < len(_ZEROS) else _ZEROS, crc)
+        length -= n
+    return crc
 
 
 def check(payload: bytes | memoryview, crc: int) -> bool:

@@ -1,0 +1,332 @@
+"""``roost definitions export|import``: a stopped broker's definitions as
+RabbitMQ definitions JSON.
+
+Both commands work on the data directory itself, under its lock, so they
+refuse to run while a broker uses it. They read and rewrite only
+``definitions.json``; the message log is never opened, because nothing in
+it changes: every durable queue keeps its id in the log (the file's
+internal ``roost`` section), so its stored messages are recovered at the
+next start, and a queue new in an import gets a fresh id that the log has
+never used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from roost.broker.broker import Broker
+from roost.broker.users import MD5, SHA256, SHA512
+from roost.config import Config, ConfigError, load_config
+from roost.store import definitions
+from roost.store.datadir import DataDirInUse, DataDirLock
+
+SECTIONS = ("users", "vhosts", "permissions", "exchanges", "queues", "bindings")
+# RabbitMQ sections roost has no equivalent for. ``global_parameters`` is
+# left out: every RabbitMQ export carries its cluster name and id there.
+UNSUPPORTED = ("topic_permissions", "parameters", "policies")
+_ALGORITHMS = (SHA256, SHA512, MD5)
+_STR_FIELDS = {
+    "users": ("name",),
+    "vhosts": ("name",),
+    "permissions": ("user", "vhost", "configure", "write", "read"),
+    "exchanges": ("name",),
+    "queues": ("name",),
+    "bindings": ("source", "destination"),
+}
+_OPTIONAL_STR = ("vhost", "type", "routing_key", "destination_type", "password_hash")
+_OPTIONAL_BOOL = ("durable", "auto_delete", "internal")
+_MAX_SHAPE_ERRORS = 10
+
+USAGE = """\
+examples:
+  roost definitions export --data-dir /var/lib/roost defs.json
+  rabbitmqctl export_definitions rabbit.json && roost definitions import rabbit.json
+  roost definitions export --data-dir old/ - | roost definitions import --data-dir new/ -
+
+Both commands need the broker using the data directory to be stopped.
+"""
+
+
+class _Failed(Exception):
+    """Ends a command with a message for the user and an exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``definitions`` to the ``roost`` command's sub-parsers."""
+    parser = sub.add_parser(
+        "definitions",
+        help="export or import users, vhosts, permissions, exchanges, queues and bindings",
+        description=(
+            "Export or import definitions (users, vhosts, permissions, exchanges,\n"
+            "queues, bindings) in RabbitMQ's definitions JSON format, on the data\n"
+            "directory of a stopped broker."
+        ),
+        epilog=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = parser.add_subparsers(dest="definitions_action", metavar="ACTION")
+    export = actions.add_parser(
+        "export",
+        help="write the data directory's definitions to FILE",
+        description=(
+            "Write the data directory's definitions to FILE as RabbitMQ definitions "
+            "JSON (the format of 'rabbitmqctl export_definitions')."
+        ),
+    )
+    export.add_argument("file", metavar="FILE", help="output file, or - for standard output")
+    imported = actions.add_parser(
+        "import",
+        help="merge the definitions in FILE into the data directory",
+        description=(
+            "Merge the definitions in FILE (RabbitMQ definitions JSON, e.g. from "
+            "'rabbitmqctl export_definitions' or 'roost definitions export') into the "
+            "data directory, creating it if needed. Existing queues keep their stored "
+            "messages. Prints a summary and any problems on standard error; exits 1 "
+            "if there were problems, 2 if FILE cannot be read or is not definitions."
+        ),
+    )
+    imported.add_argument("file", metavar="FILE", help="input file, or - for standard input")
+    for p in (export, imported):
+        p.add_argument("--data-dir", metavar="DIR", help="the broker's data directory")
+        p.add_argument(
+            "--config", metavar="FILE", help="TOML configuration file, as for 'roost serve'"
+        )
+    parser.set_defaults(definitions_parser=parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.definitions_action is None:
+        args.definitions_parser.print_help(sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config, overrides={"data_dir": args.data_dir})
+        if args.definitions_action == "export":
+            export_definitions(config, args.file)
+        else:
+            import_definitions(config, args.file)
+    except ConfigError as exc:
+        _say(str(exc))
+        return 2
+    except _Failed as exc:
+        _say(str(exc))
+        return exc.code
+    return 0
+
+
+def export_definitions(config: Config, target: str) -> None:
+    data_dir = config.resolved_data_dir()
+    if data_dir.is_dir():
+        lock = _lock(data_dir)
+        try:
+            broker = _open(config, data_dir)
+        finally:
+            lock.release()
+    else:
+        # Nothing stored yet: what the first ``roost serve`` would start with.
+        broker = _new_broker(config)
+    data = definitions.export(broker)
+    content = definitions.encode(data)
+    if target == "-":
+        sys.stdout.write(content.decode("utf-8"))
+        sys.stdout.flush()
+    else:
+        try:
+            # Owner-only: the file holds password hashes.
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(content)
+        except OSError as exc:
+            raise _Failed(f"cannot write {target}: {exc.strerror}", 1) from exc
+    _say(f"exported {_summary(data)} from {data_dir}")
+
+
+def import_definitions(config: Config, source: str) -> None:
+    data = _read(source)
+    label = "standard input" if source == "-" else source
+    shape = _shape_errors(data)
+    if shape:
+        raise _Failed(
+            f"{label} is not a definitions file: " + "; ".join(shape[:_MAX_SHAPE_ERRORS]), 2
+        )
+    # An exported data directory's queue ids mean nothing here: new queues
+    # get ids from this directory's counter.
+    data.pop("roost", None)
+    data_dir = config.resolved_data_dir()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _Failed(f"cannot create data directory {data_dir}: {exc.strerror}", 1) from exc
+    lock = _lock(data_dir)
+    try:
+        broker = _open(config, data_dir)
+        problems = _unusable_users(data) + definitions.apply(broker, data)
+        _assign_queue_ids(broker)
+        content = definitions.encode(definitions.export(broker, include_internal=True))
+        try:
+            definitions.write_atomic(data_dir / definitions.FILENAME, content)
+        except OSError as exc:
+            raise _Failed(f"cannot write {data_dir / definitions.FILENAME}: {exc}", 1) from exc
+    finally:
+        lock.release()
+    _say(f"imported {_summary(data)} from {label} into {data_dir}")
+    for warning in _warnings(data):
+        _say(f"warning: {warning}")
+    for problem in problems:
+        _say(f"problem: {problem}")
+    if problems:
+        raise _Failed(f"{_count(len(problems), 'problems')} in {label}", 1)
+
+
+# -- helpers ------------------------------------------------------------
+
+
+def _say(text: str) -> None:
+    print(f"roost: {text}", file=sys.stderr)
+
+
+def _lock(data_dir: Path) -> DataDirLock:
+    lock = DataDirLock(data_dir)
+    try:
+        lock.acquire()
+    except DataDirInUse as exc:
+        raise _Failed(f"{exc}; stop it first", 1) from exc
+    except OSError as exc:
+        raise _Failed(f"cannot use data directory {data_dir}: {exc.strerror}", 1) from exc
+    return lock
+
+
+def _new_broker(config: Config) -> Broker:
+    # No journal: the message log stays closed (see the module docstring).
+    return Broker(default_user=config.default_user, default_password=config.default_password)
+
+
+def _open(config: Config, data_dir: Path) -> Broker:
+    """The data directory's definitions, loaded as ``roost serve`` would."""
+    broker = _new_broker(config)
+    path = data_dir / definitions.FILENAME
+    try:
+        saved = definitions.load(path)
+    except definitions.DefinitionsError as exc:
+        raise _Failed(str(exc), 1) from exc
+    except OSError as exc:
+        raise _Failed(f"cannot read {path}: {exc.strerror}", 1) from exc
+    if saved is not None:
+        for problem in definitions.restore(broker, saved):
+            _say(f"warning: {path}: {problem}")
+    return broker
+
+
+def _assign_queue_ids(broker: Broker) -> None:
+    # Without a journal the vhost leaves new durable queues without a log
+    # id; give them one as it would, from the counter saved in the file.
+    for vh in broker.vhosts.values():
+        for q in vh.queues.values():
+            if q.durable and not q.store_id:
+                q.store_id = broker.allocate_queue_id()
+
+
+def _read(source: str) -> dict[str, Any]:
+    label = "standard input" if source == "-" else source
+    try:
+        raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as exc:
+        raise _Failed(f"cannot read {label}: {exc.strerror}", 2) from exc
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise _Failed(f"{label} is not valid JSON: {exc}", 2) from exc
+    if not isinstance(data, dict):
+        raise _Failed(
+            f"{label} is not a definitions file: expected a JSON object, got {type(data).__name__}",
+            2,
+        )
+    return data
+
+
+def _shape_errors(data: dict[str, Any]) -> list[str]:
+    """What would stop ``definitions.apply`` from reading ``data`` at all."""
+    if not any(key in data for key in SECTIONS):
+        return ["it has none of " + ", ".join(repr(s) for s in SECTIONS)]
+    errors: list[str] = []
+    for section in (*SECTIONS, *UNSUPPORTED):
+        entries = data.get(section)
+        if entries is None:
+            continue
+        if not isinstance(entries, list):
+            errors.append(f"{section!r} must be a list")
+            continue
+        if section in UNSUPPORTED:
+            continue
+        for i, entry in enumerate(entries):
+            where = f"{section}[{i}]"
+            if not isinstance(entry, dict):
+                errors.append(f"{where} must be an object")
+                continue
+            for key in _STR_FIELDS[section]:
+                if not isinstance(entry.get(key), str):
+                    errors.append(f"{where} needs a string {key!r}")
+            for key in _OPTIONAL_STR:
+                if key in entry and not isinstance(entry[key], str):
+                    errors.append(f"{where}: {key!r} must be a string")
+            for key in _OPTIONAL_BOOL:
+                if key in entry and not isinstance(entry[key], bool):
+                    errors.append(f"{where}: {key!r} must be true or false")
+            if entry.get("arguments") is not None and not isinstance(entry["arguments"], dict):
+                errors.append(f"{where}: 'arguments' must be an object")
+            tags = entry.get("tags")
+            if section == "users" and tags is not None and not isinstance(tags, str | list):
+                errors.append(f"{where}: 'tags' must be a list or a string")
+    return errors
+
+
+def _unusable_users(data: dict[str, Any]) -> list[str]:
+    problems = []
+    for u in data.get("users") or []:
+        algorithm = u.get("hashing_algorithm", SHA256)
+        if "password_hash" in u and algorithm not in _ALGORITHMS:
+            problems.append(
+                f"user {u['name']!r}: unsupported hashing_algorithm {algorithm!r}; "
+                "the user cannot log in until its password is set again"
+            )
+    return problems
+
+
+def _warnings(data: dict[str, Any]) -> list[str]:
+    out = []
+    for section in UNSUPPORTED:
+        n = len(data.get(section) or [])
+        if n:
+            out.append(f"ignored {_count(n, section)} (not supported by roost)")
+    for section in ("exchanges", "queues"):
+        names = [e["name"] for e in data.get(section) or [] if e.get("durable") is False]
+        if names:
+            shown = ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+            out.append(
+                f"skipped {_count(len(names), 'non-durable ' + section)} "
+                f"(only durable ones are stored): {shown}"
+            )
+    return out
+
+
+def _summary(data: dict[str, Any]) -> str:
+    return ", ".join(_count(len(data.get(s) or []), s) for s in SECTIONS)
+
+
+_SINGULAR = {"policies": "policy", "parameters": "parameter"}
+
+
+def _count(n: int, plural: str) -> str:
+    """``_count(1, "queues")`` is "1 queue"; names are given in the plural."""
+    plural = plural.replace("_", " ")
+    if n != 1:
+        return f"{n} {plural}"
+    return f"1 {_SINGULAR.get(plural, plural.removesuffix('s'))}"
