@@ -54,7 +54,7 @@ class DurableState:
         log.info(
             "recovered %d messages in %d queues from %d segments in %.2fs",
             report.messages,
-            len(recovered),
+            sum(1 for rq in recovered.values() if rq.refs),
             report.segments,
             time.monotonic() - started,
         )
