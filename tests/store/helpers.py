@@ -93,10 +93,12 @@ class ConfirmingPublisher:
         count: int,
         window: int = 200,
         deadline: float = 10.0,
+        pad: int = 0,
     ) -> None:
         """Publish ``count`` persistent messages (ids ``prefix-N``) to each
         (exchange, routing key) in turn until done or the broker dies;
-        returns once everything sent is settled or the connection is gone."""
+        returns once everything sent is settled or the connection is gone.
+        ``pad`` pads bodies with dots to that many bytes."""
         dests = list(targets)
         end = time.monotonic() + deadline
         try:
@@ -108,7 +110,7 @@ class ConfirmingPublisher:
                     for _ in range(min(50, count - i)):
                         mid = f"{prefix}-{i}"
                         ex, rk = dests[i % len(dests)]
-                        chunk += publish_frames(ex, rk, mid.encode(), mid)
+                        chunk += publish_frames(ex, rk, mid.encode().ljust(pad, b"."), mid)
                         self.sent.append(mid)
                         i += 1
                     self.client.send(chunk)

@@ -113,7 +113,9 @@ def test_confirmed_messages_survive_sigkill_mixed_routes(proc: RoostProcess) -> 
         _check(pub, drain(proc.port, qc), to_fan)
 
 
-def _confirmed_publish(ch: pika.adapters.blocking_connection.BlockingChannel, q: str, body: str) -> None:
+def _confirmed_publish(
+    ch: pika.adapters.blocking_connection.BlockingChannel, q: str, body: str
+) -> None:
     ch.basic_publish("", q, body.encode(), pika.BasicProperties(delivery_mode=2), mandatory=True)
 
 
@@ -139,7 +141,9 @@ def test_acks_and_deliveries_survive_sigkill(proc: RoostProcess) -> None:
     proc.kill()
     proc.start()
     got = drain(proc.port, "acks")
-    expected = [(f"m{i}", True) for i in range(1, 20, 2)] + [(f"m{i}", False) for i in range(20, 30)]
+    expected = [(f"m{i}", True) for i in range(1, 20, 2)] + [
+        (f"m{i}", False) for i in range(20, 30)
+    ]
     assert got == expected
     assert drain(proc.port, "barrier") == [("barrier", False)]
 

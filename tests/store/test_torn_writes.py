@@ -188,7 +188,7 @@ def test_torn_acks_entry_is_ignored(tmp_path: Path) -> None:
     assert acks.stat().st_size == 3 * ACK_ENTRY_SIZE
     # Later entries go after the whole ones and are read back.
     store = MessageStore(d)
-    queues, _ = store.recover({QID})
+    store.recover({QID})
     store.ack(QID, refs[4])
     store.delivered(QID, refs[5])
     store.close()
