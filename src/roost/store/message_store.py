@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -275,6 +276,7 @@ class MessageStore:
             message.routing_key,
             message.properties,
             message.body,
+            timestamp=int(time.time() * 1000),
         )
         ref = self._append_record(record)
         if persistent:

@@ -4,6 +4,7 @@ Every record is ``u32 length | u32 CRC-32C(payload) | payload``; the length
 counts the payload only. A message payload is::
 
     u8 kind | u8 nqueues | nqueues * u32 queue id
+    | u64 time written (ms since the epoch)
     | u8 len | exchange | u8 len | routing key
     | u32 len | raw property bytes | body
 
@@ -29,6 +30,7 @@ HEADER = struct.Struct(">II")
 HEADER_SIZE = HEADER.size
 _u32 = struct.Struct(">I")
 _moved = struct.Struct(">II")
+_u64 = struct.Struct(">Q")
 
 
 class RecordError(ValueError):
@@ -46,6 +48,7 @@ class StoredMessage:
         "properties",
         "queue_ids",
         "routing_key",
+        "timestamp",
     )
 
     def __init__(
@@ -57,8 +60,10 @@ class StoredMessage:
         properties: bytes,
         body: bytes,
         moved_from: tuple[int, int] | None = None,
+        timestamp: int = 0,
     ) -> None:
         self.kind = kind
+        self.timestamp = timestamp
         self.queue_ids = queue_ids
         self.exchange = exchange
         self.routing_key = routing_key
@@ -75,6 +80,7 @@ def encode_message(
     properties: bytes,
     body: bytes,
     moved_from: tuple[int, int] | None = None,
+    timestamp: int = 0,
 ) -> bytes:
     ex = exchange.encode("utf-8")
     rk = routing_key.encode("utf-8")
@@ -86,6 +92,7 @@ def encode_message(
         assert moved_from is not None
         parts.append(_moved.pack(*moved_from))
     parts += [
+        _u64.pack(timestamp),
         bytes((len(ex),)),
         ex,
         bytes((len(rk),)),
@@ -109,6 +116,8 @@ def decode_message(payload: bytes | memoryview) -> StoredMessage:
         if kind == MOVED:
             moved_from = _moved.unpack_from(payload, pos)
             pos += 8
+        (timestamp,) = _u64.unpack_from(payload, pos)
+        pos += 8
         ln = payload[pos]
         exchange = bytes(payload[pos + 1 : pos + 1 + ln]).decode("utf-8")
         pos += 1 + ln
@@ -125,7 +134,9 @@ def decode_message(payload: bytes | memoryview) -> StoredMessage:
         raise RecordError(f"malformed message record: {exc}") from exc
     if kind not in (PERSISTENT, PAGED, MOVED):
         raise RecordError(f"unknown record kind {kind}")
-    return StoredMessage(kind, queue_ids, exchange, routing_key, properties, body, moved_from)
+    return StoredMessage(
+        kind, queue_ids, exchange, routing_key, properties, body, moved_from, timestamp
+    )
 
 
 def peek_queue_ids(
