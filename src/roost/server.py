@@ -47,6 +47,7 @@ class Server:
             )
             state.recover(broker)
             state.start(loop)
+            broker.set_scheduler(loop.call_later)
             self._server = await loop.create_server(
                 lambda: AMQPConnection(broker, self.settings, self.connections),
                 host=self.config.host,

@@ -23,6 +23,7 @@ from roost.broker.errors import BrokerError, precondition
 from roost.broker.exchange import Exchange
 from roost.broker.message import Message, QueueEntry
 from roost.broker.queue import Queue
+from roost.broker.queue_args import parse_expiration
 from roost.broker.vhost import REPLY_TO_QUEUE, generate_name
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class Channel:
         self.publish_seq = 0
         self._confirmed_upto = 0
         # Publishes waiting for the message store's fsync: (seq, batch).
-        self._unconfirmed: deque[tuple[int, int]] = deque()
+        self._unconfirmed: deque[tuple[int, int, bool]] = deque()
         self._awaited_batch = 0
         self._confirm_sent = 0
         self.tx = False
@@ -195,6 +196,8 @@ class Channel:
                     raise BrokerError(
                         errors.FRAME_ERROR, f"malformed content header: {exc}"
                     ) from exc
+                if scanned.expiration is not None:
+                    parse_expiration(scanned.expiration)  # 406 for a bad value
                 # Publishers tend to repeat the same few property lists.
                 if len(props) <= 64:
                     if len(_scan_cache) >= 1024:
@@ -213,20 +216,20 @@ class Channel:
         if self.tx:
             self._tx_publishes.append((ex, msg, ev.mandatory, ev.routing_key))
             return
-        logged = self._route(ex, msg, ev.mandatory)
+        logged, refused = self._route(ex, msg, ev.mandatory)
         if self.confirm:
             if logged or self._unconfirmed:
-                self._await_durable(self.publish_seq, logged)
+                self._await_durable(self.publish_seq, logged, not refused)
             else:
-                self._confirm_upto(self.publish_seq)
+                self._resolve(self.publish_seq, not refused)
 
-    def _await_durable(self, seq: int, logged: bool) -> None:
+    def _await_durable(self, seq: int, logged: bool, ok: bool) -> None:
         """Confirm ``seq`` once the message store has fsync'd it; confirms
         stay in publish order, so later transient ones wait behind it."""
         journal = self.vhost.journal
         assert journal is not None or not logged
         batch = journal.batch if logged and journal is not None else 0
-        self._unconfirmed.append((seq, batch))
+        self._unconfirmed.append((seq, batch, ok))
         if batch > self._awaited_batch and journal is not None:
             self._awaited_batch = batch
             journal.wait_durable(batch, self._durable_reached)
@@ -236,19 +239,28 @@ class Channel:
         assert journal is not None
         durable = journal.durable_batch
         pending = self._unconfirmed
-        upto = 0
         while pending and pending[0][1] <= durable:
-            upto = pending.popleft()[0]
-        if upto:
-            self._confirm_upto(upto)
+            seq, _, ok = pending.popleft()
+            self._resolve(seq, ok)
 
-    def _route(self, ex: Exchange, msg: Message, mandatory: bool) -> bool:
+    def _resolve(self, seq: int, ok: bool) -> None:
+        """Publish ``seq`` (every earlier one being resolved) is confirmed or,
+        when a queue refused it, nacked."""
+        if ok:
+            self._confirm_upto(seq)
+            return
+        self.flush_confirms()  # acks for earlier publishes go first
+        if not self.closing:
+            self.conn.write(encoder.basic_nack(self.number, seq, False))
+        self._confirmed_upto = self._confirm_sent = seq
+
+    def _route(self, ex: Exchange, msg: Message, mandatory: bool) -> tuple[bool, bool]:
         vhost = self.vhost
         if ex is vhost.default_exchange and msg.routing_key.startswith(REPLY_TO_PREFIX):
             target = vhost.reply_targets.get(msg.routing_key[len(REPLY_TO_PREFIX) :])
             if target is not None:
                 target(msg)
-                return False
+                return False, False
             queues: list[Queue] = []
         else:
             queues = vhost.route(ex, msg)
@@ -261,7 +273,7 @@ class Channel:
                 )
                 + encoder.content(self.number, msg.properties, msg.body, self.conn.frame_max)
             )
-        return False
+        return False, False
 
     def _confirm_upto(self, seq: int) -> None:
         if self._confirmed_upto == self._confirm_sent:
@@ -530,8 +542,10 @@ class Channel:
         for q, entries in per_queue.items():
             if requeueing:
                 q.requeue(entries)
-            else:
+            elif ack:
                 q.settle(entries)
+            else:
+                q.reject(entries)
         if self.global_prefetch:
             # Channel-wide credit freed up: any of this channel's queues may
             # now deliver, not only the ones these deliveries came from.

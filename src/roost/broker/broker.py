@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from roost.broker.journal import Journal
 from roost.broker.users import UserStore
@@ -21,6 +22,7 @@ class Broker:
         journal: Journal | None = None,
     ) -> None:
         self.journal = journal
+        self.scheduler: Callable[[float, Callable[[], None]], Any] | None = None
         self.max_message_size = max_message_size
         # Called whenever a durable definition changes (set by the store).
         self.on_definitions_changed: Callable[[], None] | None = None
@@ -36,6 +38,15 @@ class Broker:
         self.alarms: set[str] = set()
         self._alarm_listeners: list[Callable[[bool, str], None]] = []
 
+    def set_scheduler(self, scheduler: Callable[[float, Callable[[], None]], Any]) -> None:
+        """Give every vhost (now and later) a timer source and start the
+        timers of queues that already exist (after recovery)."""
+        self.scheduler = scheduler
+        for vh in self.vhosts.values():
+            vh.scheduler = scheduler
+            for q in list(vh.queues.values()):
+                q.start_timers()
+
     def vhost(self, name: str) -> VirtualHost | None:
         return self.vhosts.get(name)
 
@@ -48,6 +59,7 @@ class Broker:
                 on_definitions_changed=self.definitions_changed,
                 allocate_queue_id=self.allocate_queue_id,
             )
+            vh.scheduler = self.scheduler
             self.definitions_changed()
         return vh
 

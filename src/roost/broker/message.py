@@ -24,6 +24,7 @@ class Message:
         "properties",
         "ref",
         "routing_key",
+        "written_ms",
     )
 
     def __init__(
@@ -44,6 +45,8 @@ class Message:
         self._headers: dict[str, Any] | None = None
         # Location of this message's record in the message log (0: none).
         self.ref = 0
+        # When the record was written (ms since the epoch; 0: not from the log).
+        self.written_ms = 0
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -62,9 +65,19 @@ class Message:
 class QueueEntry:
     """One message's place in one queue."""
 
-    __slots__ = ("message", "redelivered", "seq")
+    __slots__ = ("deliveries", "expires", "message", "priority", "redelivered", "seq")
 
-    def __init__(self, seq: int, message: Message, redelivered: bool = False) -> None:
+    def __init__(
+        self,
+        seq: int,
+        message: Message,
+        redelivered: bool = False,
+        expires: int = 0,
+        priority: int = 0,
+    ) -> None:
         self.seq = seq
         self.message = message
         self.redelivered = redelivered
+        self.expires = expires  # wall-clock ms after which it is dead (0: never)
+        self.priority = priority
+        self.deliveries = 0  # times handed to a consumer

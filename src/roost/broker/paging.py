@@ -1,8 +1,9 @@
 """A compact FIFO of paged-out queue entries.
 
-A paged entry is two machine words in an ``array`` chunk: its sequence
-number (with flag bits) and its location in the message log. A million
-entries cost 16 MB instead of several hundred as Python objects.
+A paged entry is three machine words in ``array`` chunks: its sequence
+number (with flag bits), its location in the message log and its expiry
+time. A million entries cost 24 MB instead of several hundred as Python
+objects.
 """
 
 from __future__ import annotations
@@ -21,28 +22,29 @@ class PagedEntries:
     __slots__ = ("_chunks", "_head", "_len")
 
     def __init__(self) -> None:
-        self._chunks: deque[tuple[array[int], array[int]]] = deque()
+        self._chunks: deque[tuple[array[int], array[int], array[int]]] = deque()
         self._head = 0  # index of the first live entry in the first chunk
         self._len = 0
 
     def __len__(self) -> int:
         return self._len
 
-    def append(self, word: int, ref: int) -> None:
+    def append(self, word: int, ref: int, expires: int = 0) -> None:
         chunks = self._chunks
         if not chunks or len(chunks[-1][0]) >= CHUNK:
-            chunks.append((array("Q"), array("Q")))
-        words, refs = chunks[-1]
+            chunks.append((array("Q"), array("Q"), array("q")))
+        words, refs, exps = chunks[-1]
         words.append(word)
         refs.append(ref)
+        exps.append(expires)
         self._len += 1
 
-    def popleft(self) -> tuple[int, int]:
+    def popleft(self) -> tuple[int, int, int]:
         if not self._len:
             raise IndexError("pop from empty PagedEntries")
-        words, refs = self._chunks[0]
+        words, refs, exps = self._chunks[0]
         i = self._head
-        item = (words[i], refs[i])
+        item = (words[i], refs[i], exps[i])
         self._len -= 1
         if i + 1 >= len(words):
             self._chunks.popleft()
@@ -52,12 +54,12 @@ class PagedEntries:
         return item
 
     def first_seq(self) -> int:
-        words, _ = self._chunks[0]
+        words = self._chunks[0][0]
         return words[self._head] & SEQ_MASK
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         head = self._head
-        for words, refs in self._chunks:
+        for words, refs, _ in self._chunks:
             for i in range(head, len(words)):
                 yield words[i], refs[i]
             head = 0

@@ -2,25 +2,37 @@
 
 The interface is the narrow one of RabbitMQ's ``rabbit_queue_type``:
 enqueue, consume, cancel, settle, requeue, get, purge, delete. Ready
-messages are kept in publish order (``QueueEntry.seq``); a requeued message
-goes back to its original position, as in RabbitMQ's classic queues.
+messages are kept in publish order (``QueueEntry.seq``, per priority in a
+priority queue); a requeued message goes back to its original position, as
+in RabbitMQ's classic queues.
+
+Queue arguments (:mod:`queue_args`) add TTL (expired messages never reach a
+consumer and are dead-lettered), length limits with RabbitMQ's overflow
+modes, a delivery limit for poison messages, roost's retry back-off, single
+active consumer, and queue expiry.
 
 With a journal (message store) attached, a queue longer than
 ``ready_limit`` keeps only its head in memory: later messages are *paged*,
-held as (sequence, log location) pairs and read back from the log as the
-head drains. A durable queue also tells the journal which persistent
+held as (sequence, log location, expiry) words and read back from the log
+as the head drains. A durable queue also tells the journal which persistent
 messages it delivered and settled, so a restart brings back exactly the
 unsettled ones.
 """
 
 from __future__ import annotations
 
+import heapq
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from roost import properties
+from roost.broker import deadletter
 from roost.broker.message import Message, QueueEntry
 from roost.broker.paging import PAGING_REF, REDELIVERED, SEQ_MASK, PagedEntries
+from roost.broker.queue_args import QueueOptions, parse_expiration
+from roost.broker.ready import ReadyByPriority, ReadyFifo
 
 if TYPE_CHECKING:
     from roost.broker.binding import Binding
@@ -28,11 +40,14 @@ if TYPE_CHECKING:
     from roost.broker.journal import Journal
     from roost.broker.vhost import VirtualHost
 
-
 # Most messages one dispatch() call hands out (see Queue.dispatch).
 DISPATCH_BATCH = 1000
 # Messages a queue keeps in memory before paging the rest to the log.
 READY_LIMIT = 8192
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class Queue:
@@ -46,6 +61,7 @@ class Queue:
         exclusive_owner: object | None = None,
         auto_delete: bool = False,
         arguments: dict[str, Any] | None = None,
+        options: QueueOptions | None = None,
     ) -> None:
         self.vhost = vhost
         self.name = name
@@ -53,7 +69,12 @@ class Queue:
         self.exclusive_owner = exclusive_owner
         self.auto_delete = auto_delete
         self.arguments: dict[str, Any] = dict(arguments or {})
-        self.ready: deque[QueueEntry] = deque()
+        self.options = options or QueueOptions()
+        opts = self.options
+        self.ready: ReadyFifo | ReadyByPriority = (
+            ReadyByPriority(opts.max_priority) if opts.max_priority else ReadyFifo()
+        )
+        self.ready_bytes = 0  # body bytes of ready + paged messages
         self.unacked = 0
         self.bindings: set[Binding] = set()
         # Consumers grouped by priority, highest first; each group rotates
@@ -61,6 +82,8 @@ class Queue:
         self._groups: list[tuple[int, deque[Consumer]]] = []
         self._consumer_count = 0
         self._had_consumers = False
+        # Single active consumer: registration order, the first one active.
+        self._sac_order: list[Consumer] = []
         self._seq = 0
         self._dispatching = False
         # Set when the last dispatch() left messages because no consumer had
@@ -72,16 +95,27 @@ class Queue:
         # Identity of a durable queue in the message log (0: not logged).
         self.store_id = 0
         self.paged = PagedEntries()
-        self.ready_limit = READY_LIMIT
+        # A priority queue keeps everything in memory: paging is FIFO.
+        self.ready_limit = 1 << 62 if opts.max_priority else READY_LIMIT
+        # Requeued entries waiting out a retry delay: (due ms, seq, entry).
+        self._waiting: list[tuple[int, int, QueueEntry]] = []
+        self._ttl_timer: Any = None
+        self._ttl_due = 0
+        self._retry_timer: Any = None
+        self._expiry_timer: Any = None
+        self._last_used = now_ms()
         self.published = 0
         self.delivered = 0
         self.acked = 0
+        self.dead_lettered = 0
+        if opts.expires is not None:
+            self._arm_expiry()
 
     # -- inspection -----------------------------------------------------
 
     @property
     def message_count(self) -> int:
-        return len(self.ready) + len(self.paged)
+        return len(self.ready) + len(self.paged) + len(self._waiting)
 
     @property
     def consumer_count(self) -> int:
@@ -97,28 +131,123 @@ class Queue:
     def has_exclusive_consumer(self) -> bool:
         return any(c.exclusive for c in self.consumers())
 
+    @property
+    def active_consumer(self) -> Consumer | None:
+        """With single active consumer, the one that gets messages."""
+        return self._sac_order[0] if self._sac_order else None
+
     # -- messages in ----------------------------------------------------
 
-    def enqueue(self, message: Message) -> None:
+    def enqueue(self, message: Message) -> bool:
+        """Add a routed message; False when the queue refuses it
+        (``x-overflow: reject-publish``), so the publisher gets a nack."""
+        opts = self.options
+        if (opts.max_length is not None or opts.max_length_bytes is not None) and not (
+            self._make_room(message)
+        ):
+            return False
         self._seq += 1
         self.published += 1
+        expires = self._expiry_for(message, now_ms()) if self._has_ttl(message) else 0
+        priority = 0
+        if opts.max_priority and message.priority:
+            priority = min(message.priority, opts.max_priority)
+        self.ready_bytes += len(message.body)
         journal = self.journal
         if journal is not None and (self.paged or len(self.ready) >= self.ready_limit):
-            self._page_out(journal, self._seq, message)
+            self._page_out(journal, self._seq, message, expires)
         else:
-            self.ready.append(QueueEntry(self._seq, message))
+            self.ready.append(QueueEntry(self._seq, message, False, expires, priority))
+            if expires:
+                self._arm_ttl(expires)
         if self._groups and not self._stalled:
             self.dispatch()
+        return True
+
+    def _has_ttl(self, message: Message) -> bool:
+        return self.options.message_ttl is not None or bool(
+            message.properties[0] & 0x01 if message.properties else 0
+        )
+
+    def _expiry_for(self, message: Message, base_ms: int) -> int:
+        """Absolute expiry (ms) from the queue TTL and the message's expiration."""
+        ttl = self.options.message_ttl
+        raw = message.properties
+        if len(raw) >= 2 and raw[0] & 0x01:  # FLAG_EXPIRATION is 0x0100
+            exp = properties.scan(raw).expiration
+            if exp is not None:
+                try:
+                    mttl = parse_expiration(exp)
+                except ValueError:
+                    mttl = None
+                if mttl is not None:
+                    ttl = mttl if ttl is None else min(ttl, mttl)
+        if ttl is None:
+            return 0
+        return base_ms + ttl if ttl else base_ms  # ttl 0: due at once
+
+    def refuses(self, message: Message) -> bool:
+        """Whether ``x-overflow: reject-publish(-dlx)`` turns ``message`` away."""
+        opts = self.options
+        if opts.overflow == "drop-head":
+            return False
+        n = len(self.ready) + len(self.paged)
+        return (opts.max_length is not None and n + 1 > opts.max_length) or (
+            opts.max_length_bytes is not None
+            and self.ready_bytes + len(message.body) > opts.max_length_bytes
+        )
+
+    def refuse(self, message: Message) -> None:
+        if self.options.overflow == "reject-publish-dlx":
+            self.dead_lettered += 1
+            deadletter.dead_letter(self, message, deadletter.MAXLEN)
+
+    def _make_room(self, message: Message) -> bool:
+        """Apply x-max-length / x-max-length-bytes before adding ``message``."""
+        opts = self.options
+        size = len(message.body)
+
+        def over() -> bool:
+            n = len(self.ready) + len(self.paged)
+            return (opts.max_length is not None and n + 1 > opts.max_length) or (
+                opts.max_length_bytes is not None
+                and self.ready_bytes + size > opts.max_length_bytes
+            )
+
+        if not over():
+            return True
+        if opts.overflow != "drop-head":
+            self.refuse(message)
+            return False
+        while over() and (self.ready or self.paged):
+            if not self.ready:
+                self._page_in()
+            entry = self.ready.popleft()
+            self._drop(entry, deadletter.MAXLEN)
+        if opts.max_length == 0 or (
+            opts.max_length_bytes is not None and size > opts.max_length_bytes
+        ):
+            # Nothing could make room: the new message itself goes.
+            deadletter.dead_letter(self, message, deadletter.MAXLEN)
+            return False
+        return True
+
+    def _drop(self, entry: QueueEntry, reason: str) -> None:
+        """A ready entry leaves without being delivered (expiry, overflow)."""
+        self.ready_bytes -= len(entry.message.body)
+        self.dead_lettered += 1
+        deadletter.dead_letter(self, entry.message, reason)
+        self._forget([entry])
+
+    def _page_out(self, journal: Journal, seq: int, message: Message, expires: int) -> None:
+        if self._holds_durable_ref(message):
+            self.paged.append(seq, message.ref, expires)
+        else:
+            self.paged.append(seq | PAGING_REF, journal.page_out(message), expires)
 
     def _holds_durable_ref(self, message: Message) -> bool:
         """Whether this queue's id is in the message's persistent log record."""
         return bool(self.store_id and message.persistent and message.ref)
-
-    def _page_out(self, journal: Journal, seq: int, message: Message) -> None:
-        if self._holds_durable_ref(message):
-            self.paged.append(seq, message.ref)
-        else:
-            self.paged.append(seq | PAGING_REF, journal.page_out(message))
 
     def _page_in(self) -> None:
         """Refill the in-memory head from the log."""
@@ -128,54 +257,170 @@ class Queue:
             return
         ready = self.ready
         n = min(len(paged), max(self.ready_limit // 2, self.ready_limit - len(ready)))
+        opts = self.options
         for _ in range(n):
-            word, ref = paged.popleft()
+            word, ref, expires = paged.popleft()
             msg = journal.read(ref)
             if word & PAGING_REF:
                 journal.release(ref)
-            ready.append(QueueEntry(word & SEQ_MASK, msg, bool(word & REDELIVERED)))
+            if not expires and msg.written_ms and self._has_ttl(msg):
+                expires = self._expiry_for(msg, msg.written_ms)
+            priority = min(msg.priority or 0, opts.max_priority) if opts.max_priority else 0
+            ready.append(
+                QueueEntry(word & SEQ_MASK, msg, bool(word & REDELIVERED), expires, priority)
+            )
+            if expires:
+                self._arm_ttl(expires)
 
     def restore(self, refs: list[int], delivered: set[int]) -> None:
-        """Refill a durable queue from the log after a restart (all paged)."""
+        """Refill a durable queue from the log after a restart."""
         for ref in refs:
             self._seq += 1
             self.paged.append(self._seq | (REDELIVERED if ref in delivered else 0), ref)
+        if self.options.max_priority:
+            self._page_in()  # priority order needs every message in memory
 
     def requeue(self, entries: Iterable[QueueEntry]) -> None:
-        """Put delivered-but-unsettled entries back at their original position."""
+        """Put delivered-but-unsettled entries back at their original position
+        (or dead-letter them past the delivery limit, or hold them for the
+        retry delay)."""
+        entries = list(entries)
         if self.deleted:
-            self.settle(list(entries))
+            self.settle(entries)
             return
+        opts = self.options
+        self.unacked -= len(entries)
+        now = now_ms()
+        back = False
+        for entry in sorted(entries, key=_seq_of, reverse=True):
+            if opts.delivery_limit is not None and entry.deliveries > opts.delivery_limit:
+                self.acked += 1
+                self.dead_lettered += 1
+                deadletter.dead_letter(self, entry.message, deadletter.DELIVERY_LIMIT)
+                self._forget([entry])
+                continue
+            entry.redelivered = True
+            self.ready_bytes += len(entry.message.body)
+            if opts.retry_delay and self.vhost.scheduler is not None:
+                delay = opts.retry_delay
+                if opts.retry_backoff == "exponential":
+                    delay *= 2 ** max(0, entry.deliveries - 1)
+                if opts.retry_max_delay is not None:
+                    delay = min(delay, opts.retry_max_delay)
+                heapq.heappush(self._waiting, (now + delay, entry.seq, entry))
+                continue
+            self.ready.requeue(entry)
+            back = True
+        if self._waiting:
+            self._arm_retry()
+        if back and self._groups:
+            self.dispatch()
+
+    def _arm_retry(self) -> None:
+        sched = self.vhost.scheduler
+        if sched is None or not self._waiting or self._retry_timer is not None:
+            return
+        delay = max(0, self._waiting[0][0] - now_ms()) / 1000
+        self._retry_timer = sched(delay, self._retry_due)
+
+    def _retry_due(self) -> None:
+        self._retry_timer = None
+        if self.deleted:
+            return
+        now = now_ms()
+        moved = False
+        while self._waiting and self._waiting[0][0] <= now:
+            _, _, entry = heapq.heappop(self._waiting)
+            self.ready.requeue(entry)
+            moved = True
+        self._arm_retry()
+        if moved and self._groups:
+            self.dispatch()
+
+    # -- TTL ------------------------------------------------------------
+
+    def _arm_ttl(self, due: int) -> None:
+        sched = self.vhost.scheduler
+        if sched is None or (self._ttl_timer is not None and self._ttl_due <= due):
+            return
+        if self._ttl_timer is not None:
+            self._ttl_timer.cancel()
+        self._ttl_due = due
+        self._ttl_timer = sched(max(0, due - now_ms()) / 1000, self._ttl_fired)
+
+    def _ttl_fired(self) -> None:
+        self._ttl_timer = None
+        if self.deleted:
+            return
+        self.expire()
+        if self.ready:
+            head = self.ready.peek()
+            if head.expires:
+                self._arm_ttl(head.expires)
+
+    def expire(self) -> int:
+        """Dead-letter expired messages at the head (RabbitMQ expires only
+        from the head, so a long-TTL message can shelter short ones)."""
         ready = self.ready
         n = 0
-        for entry in sorted(entries, key=_seq_of, reverse=True):
+        now = now_ms()
+        while True:
+            if not ready:
+                if not self.paged:
+                    break
+                self._page_in()
+            head = ready.peek()
+            if not head.expires or head.expires > now:
+                break
+            self._drop(ready.popleft(), deadletter.EXPIRED)
             n += 1
-            entry.redelivered = True
-            if not ready or entry.seq < ready[0].seq:
-                ready.appendleft(entry)
-            elif entry.seq > ready[-1].seq:
-                ready.append(entry)
-            else:
-                ready.insert(_bisect(ready, entry.seq), entry)
-        self.unacked -= n
-        if n and self._groups:
-            self.dispatch()
+        return n
+
+    # -- queue expiry (x-expires) ----------------------------------------
+
+    def touch(self) -> None:
+        """The queue was used (declared, consumed from, read): restart x-expires."""
+        self._last_used = now_ms()
+
+    def _arm_expiry(self) -> None:
+        sched = self.vhost.scheduler
+        expires = self.options.expires
+        if sched is None or expires is None or self._expiry_timer is not None:
+            return
+        due = self._last_used + expires
+        self._expiry_timer = sched(max(0, due - now_ms()) / 1000 + 0.001, self._expiry_fired)
+
+    def _expiry_fired(self) -> None:
+        self._expiry_timer = None
+        expires = self.options.expires
+        if self.deleted or expires is None:
+            return
+        if not self._consumer_count and now_ms() >= self._last_used + expires:
+            self.vhost.remove_queue(self)
+            return
+        self._arm_expiry()
+
+    def start_timers(self) -> None:
+        """Arm timers once a scheduler exists (after recovery)."""
+        if self.options.expires is not None:
+            self._arm_expiry()
+        if self.ready:
+            head = self.ready.peek()
+            if head.expires:
+                self._arm_ttl(head.expires)
 
     # -- messages out ---------------------------------------------------
 
     def get(self, no_ack: bool) -> QueueEntry | None:
+        self.touch()
+        if self.ready or self.paged:
+            self.expire()
         if not self.ready:
             self._page_in()
             if not self.ready:
                 return None
         entry = self.ready.popleft()
-        self.delivered += 1
-        if no_ack:
-            self.acked += 1
-            self._forget([entry])
-        else:
-            self.unacked += 1
-            self._mark_delivered([entry])
+        self._count_out(None, [entry], no_ack)
         return entry
 
     def settle(self, entries: list[QueueEntry]) -> None:
@@ -183,6 +428,14 @@ class Queue:
         self.unacked -= len(entries)
         self.acked += len(entries)
         self._forget(entries)
+
+    def reject(self, entries: list[QueueEntry]) -> None:
+        """Delivered entries were rejected without requeue: dead-letter them."""
+        if self.options.dead_letter_exchange is not None and not self.deleted:
+            for e in entries:
+                deadletter.dead_letter(self, e.message, deadletter.REJECTED)
+            self.dead_lettered += len(entries)
+        self.settle(entries)
 
     def _forget(self, entries: list[QueueEntry]) -> None:
         """These entries leave the queue for good: record it in the log."""
@@ -227,9 +480,16 @@ class Queue:
             return
         self._dispatching = True
         ready = self.ready
+        check_ttl = self._ttl_timer is not None or self.options.message_ttl is not None
         budget = DISPATCH_BATCH
+        groups = self._groups
+        if self.options.single_active_consumer:
+            active = self.active_consumer
+            groups = [(0, deque([active]))] if active is not None else []
         try:
-            for _, group in self._groups:
+            if check_ttl:
+                self.expire()
+            for _, group in groups:
                 if len(group) == 1:
                     c = group[0]
                     k = min(len(ready), budget, c.sink.credit())
@@ -237,8 +497,8 @@ class Queue:
                         k = min(k, c.prefetch - c.unacked)
                     if k <= 0:
                         continue
-                    entries = [ready.popleft() for _ in range(k)]
-                    self._count_out(c, entries)
+                    entries = ready.take(k)
+                    self._count_out(c, entries, c.no_ack)
                     budget -= k
                     c.sink.deliver(c, entries)
                 else:
@@ -251,7 +511,7 @@ class Queue:
                             c.no_ack or not c.prefetch or c.unacked < c.prefetch
                         ) and c.sink.credit() > 0:
                             entries = [ready.popleft()]
-                            self._count_out(c, entries)
+                            self._count_out(c, entries, c.no_ack)
                             budget -= 1
                             c.sink.deliver(c, entries)
                             misses = 0
@@ -263,21 +523,30 @@ class Queue:
             self._dispatching = False
         if ready:
             if not budget:
-                for _, group in self._groups:
+                for _, group in groups:
                     group[0].sink.dispatch_soon(self)
                     break
             else:
                 self._stalled = True
 
-    def _count_out(self, c: Consumer, entries: list[QueueEntry]) -> None:
+    def _count_out(self, c: Consumer | None, entries: list[QueueEntry], no_ack: bool) -> None:
         k = len(entries)
         self.delivered += k
-        if c.no_ack:
+        counted = self.options.delivery_limit is not None
+        size = 0
+        for e in entries:
+            size += len(e.message.body)
+            if counted and e.deliveries:
+                e.message = _with_delivery_count(e.message, e.deliveries)
+            e.deliveries += 1
+        self.ready_bytes -= size
+        if no_ack:
             self.acked += k
             self._forget(entries)
         else:
             self.unacked += k
-            c.unacked += k
+            if c is not None:
+                c.unacked += k
             self._mark_delivered(entries)
 
     # -- consumers ------------------------------------------------------
@@ -292,6 +561,8 @@ class Queue:
             self._groups.sort(key=lambda g: -g[0])
         self._consumer_count += 1
         self._had_consumers = True
+        self._sac_order.append(consumer)
+        self.touch()
         self.dispatch()
 
     def remove_consumer(self, consumer: Consumer) -> bool:
@@ -303,6 +574,14 @@ class Queue:
                 if not group:
                     del self._groups[i]
                 break
+        was_active = bool(self._sac_order) and self._sac_order[0] is consumer
+        if consumer in self._sac_order:
+            self._sac_order.remove(consumer)
+        self.touch()
+        if self.options.expires is not None:
+            self._arm_expiry()
+        if was_active and self._sac_order and not self.deleted:
+            self.dispatch()  # fail over to the next consumer
         return self.auto_delete and self._had_consumers and not self._consumer_count
 
     # -- whole-queue operations -----------------------------------------
@@ -310,8 +589,10 @@ class Queue:
     def purge(self) -> int:
         """Drop every ready message (delivered ones stay until settled)."""
         n = self.message_count
-        ready = list(self.ready)
-        self.ready.clear()
+        ready = self.ready.clear()
+        ready += [e for _, _, e in self._waiting]
+        self._waiting.clear()
+        self.ready_bytes = 0
         self._forget(ready)
         journal = self.journal
         if journal is not None and self.paged:
@@ -327,20 +608,35 @@ class Queue:
     def detach_all_consumers(self) -> list[Consumer]:
         consumers = self.consumers()
         self._groups.clear()
+        self._sac_order.clear()
         self._consumer_count = 0
         return consumers
+
+    def stop_timers(self) -> None:
+        for t in (self._ttl_timer, self._retry_timer, self._expiry_timer):
+            if t is not None:
+                t.cancel()
+        self._ttl_timer = self._retry_timer = self._expiry_timer = None
 
 
 def _seq_of(entry: QueueEntry) -> int:
     return entry.seq
 
 
-def _bisect(ready: deque[QueueEntry], seq: int) -> int:
-    lo, hi = 0, len(ready)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ready[mid].seq < seq:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+def _with_delivery_count(message: Message, count: int) -> Message:
+    """A copy of ``message`` whose headers carry ``x-delivery-count``."""
+    props = properties.decode_properties(message.properties)
+    headers = dict(props.headers or {})
+    headers["x-delivery-count"] = count
+    props.headers = headers
+    m = Message(
+        message.exchange,
+        message.routing_key,
+        properties.encode_properties(props),
+        message.body,
+        message.persistent,
+        message.priority,
+    )
+    m.ref = message.ref
+    m.written_ms = message.written_ms
+    return m

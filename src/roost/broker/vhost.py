@@ -12,6 +12,7 @@ from roost.broker.binding import Binding
 from roost.broker.errors import BrokerError, not_found, precondition
 from roost.broker.exchange import EXCHANGE_TYPES, DirectExchange, Exchange
 from roost.broker.queue import Queue
+from roost.broker.queue_args import parse_queue_args
 
 if TYPE_CHECKING:
     from roost.broker.binding import Destination
@@ -78,6 +79,9 @@ class VirtualHost:
             self.exchanges[name_] = EXCHANGE_TYPES[type_](name_, durable=True)
         # Direct reply-to: routing key suffix -> delivery callback.
         self.reply_targets: dict[str, Callable[[Message], None]] = {}
+        # call_later(seconds, fn) for TTL, retry and expiry timers; None in a
+        # broker model running without an event loop (timers then do nothing).
+        self.scheduler: Callable[[float, Callable[[], None]], Any] | None = None
         self.on_queue_deleted: list[Callable[[Queue], None]] = []
 
     # -- lookup ---------------------------------------------------------
@@ -232,7 +236,9 @@ class VirtualHost:
             self._check_queue_equivalent(
                 existing, owner if exclusive else None, durable, auto_delete, args
             )
+            existing.touch()
             return existing
+        options = parse_queue_args(name, self.name, args, durable=durable, exclusive=exclusive)
         q = Queue(
             self,
             name,
@@ -240,6 +246,7 @@ class VirtualHost:
             exclusive_owner=owner if exclusive else None,
             auto_delete=auto_delete,
             arguments=args,
+            options=options,
         )
         self.queues[name] = q
         self.default_exchange.add_binding(Binding(self.default_exchange, q, name, None))
@@ -312,6 +319,7 @@ class VirtualHost:
         for c in q.detach_all_consumers():
             c.sink.cancelled_by_server(c)
         q.purge()
+        q.stop_timers()
         for hook in self.on_queue_deleted:
             hook(q)
         if q.durable:
@@ -392,20 +400,34 @@ class VirtualHost:
 
     # -- routing --------------------------------------------------------
 
-    def enqueue(self, message: Message, queues: list[Queue]) -> bool:
+    def enqueue(self, message: Message, queues: list[Queue]) -> tuple[bool, bool]:
         """Put a routed message on its queues; a persistent one is written to
-        the log once for all the durable queues among them. Returns whether
-        it was (a publisher confirm must then wait for the fsync)."""
+        the log once for all the durable queues that accept it.
+
+        Returns (logged, refused): whether it was written (a publisher
+        confirm must then wait for the fsync) and whether some queue refused
+        it (``x-overflow: reject-publish``; the publisher gets a nack).
+        """
+        refused = False
+        accepting = queues
+        if any(q.refuses(message) for q in queues):
+            refused = True
+            accepting = []
+            for q in queues:
+                if q.refuses(message):
+                    q.refuse(message)
+                else:
+                    accepting.append(q)
         journal = self.journal
         logged = False
         if message.persistent and journal is not None:
-            ids = [q.store_id for q in queues if q.store_id]
+            ids = [q.store_id for q in accepting if q.store_id]
             if ids:
                 message.ref = journal.append(message, ids, True)
                 logged = True
-        for q in queues:
+        for q in accepting:
             q.enqueue(message)
-        return logged
+        return logged, refused
 
     def route(self, exchange: Exchange, message: Message) -> list[Queue]:
         """Queues ``message`` goes to: through exchange-to-exchange bindings

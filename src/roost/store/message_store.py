@@ -384,6 +384,7 @@ class MessageStore:
             scanned.priority,
         )
         msg.ref = ref
+        msg.written_ms = stored.timestamp
         return msg
 
     def _payload(self, seg: int, offset: int) -> bytes:
@@ -458,11 +459,17 @@ class MessageStore:
 
     def _write_batch(self, batch: _Batch) -> None:
         """Runs on the writer thread."""
+        # Records are made durable before the .acks entries of the same
+        # batch: a dead-lettered copy must never be lost while the ack of
+        # its original survives.
         touched: set[int] = set()
         for seg, off, data in batch.chunks:
             fd = self._fds[seg]
             _pwrite_all(fd, data, off)
             touched.add(fd)
+        for fd in touched:
+            os.fdatasync(fd)
+        touched = set()
         for seg, off, data in batch.acks:
             afd = self._ack_fds.get(seg)
             if afd is None:

@@ -1,0 +1,133 @@
+"""Dead-lettering, as RabbitMQ's ``rabbit_dead_letter`` does it.
+
+A dead-lettered message is republished to the queue's dead-letter exchange
+with an ``x-death`` header recording why (``rejected``, ``expired``,
+``maxlen``, ``delivery_limit``), from which queue, exchange and routing
+keys, and how often; ``x-first-death-*`` are set once and
+``x-last-death-*`` every time (as RabbitMQ 3.13+ writes them). A message
+that would go round a cycle of queues with no explicit rejection in it is
+dropped, as RabbitMQ drops it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import TYPE_CHECKING, Any
+
+from roost import properties
+from roost.broker.message import Message
+
+if TYPE_CHECKING:
+    from roost.broker.queue import Queue
+
+REJECTED = "rejected"
+EXPIRED = "expired"
+MAXLEN = "maxlen"
+DELIVERY_LIMIT = "delivery_limit"
+
+
+def routing_keys(message: Message) -> list[str]:
+    """The routing key plus any CC keys (what RabbitMQ records in x-death)."""
+    keys = [message.routing_key]
+    if properties.FLAG_HEADERS & _flags(message.properties):
+        cc = message.headers.get("CC")
+        if isinstance(cc, list):
+            keys += [k if isinstance(k, str) else bytes(k).decode() for k in cc]
+    return keys
+
+
+def _flags(raw: bytes) -> int:
+    return (raw[0] << 8) | raw[1] if len(raw) >= 2 else 0
+
+
+def dead_letter(queue: Queue, message: Message, reason: str) -> None:
+    """Republish ``message`` from ``queue`` to the queue's dead-letter exchange."""
+    opts = queue.options
+    if opts.dead_letter_exchange is None:
+        return
+    vhost = queue.vhost
+    dlx = vhost.exchanges.get(opts.dead_letter_exchange)
+    if dlx is None:
+        return  # as RabbitMQ: a missing DLX drops the message
+    keys = routing_keys(message)
+    new = _dead_lettered(message, queue, reason, keys, dlx.name, opts.dead_letter_routing_key)
+    targets: list[Queue] = []
+    for key in [opts.dead_letter_routing_key] if opts.dead_letter_routing_key else keys:
+        probe = new if key == new.routing_key else _with_key(new, key)
+        for q in vhost.route(dlx, probe):
+            if q not in targets:
+                targets.append(q)
+    if reason != REJECTED:
+        deaths = new.headers.get("x-death")
+        if isinstance(deaths, list):
+            targets = [q for q in targets if not _is_cycle(q.name, deaths)]
+    if targets:
+        vhost.enqueue(new, targets)
+
+
+def _with_key(message: Message, key: str) -> Message:
+    m = Message(message.exchange, key, message.properties, message.body)
+    return m
+
+
+def _is_cycle(queue_name: str, deaths: list[Any]) -> bool:
+    # rabbit_dead_letter:is_cycle/2: the queue appears in the deaths, and no
+    # death from the newest back to that one was an explicit rejection.
+    for d in deaths:
+        if not isinstance(d, dict):
+            return False
+        if d.get("reason") == REJECTED:
+            return False
+        if d.get("queue") == queue_name:
+            return True
+    return False
+
+
+def _dead_lettered(
+    message: Message,
+    queue: Queue,
+    reason: str,
+    keys: list[str],
+    dlx: str,
+    dlrk: str | None,
+) -> Message:
+    props = properties.decode_properties(message.properties)
+    headers: dict[str, Any] = dict(props.headers or {})
+    death: dict[str, Any] = {
+        "count": 1,
+        "reason": reason,
+        "queue": queue.name,
+        "time": datetime.datetime.now(datetime.UTC).replace(microsecond=0),
+        "exchange": message.exchange,
+        "routing-keys": keys,
+    }
+    if reason == EXPIRED and props.expiration:
+        death["original-expiration"] = props.expiration
+        props.expiration = None
+    old = headers.get("x-death")
+    deaths: list[Any] = list(old) if isinstance(old, list) else []
+    for i, d in enumerate(deaths):
+        if isinstance(d, dict) and d.get("queue") == queue.name and d.get("reason") == reason:
+            death = dict(d)
+            death["count"] = int(d.get("count", 0)) + 1
+            death["time"] = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+            del deaths[i]
+            break
+    deaths.insert(0, death)
+    headers["x-death"] = deaths
+    headers.setdefault("x-first-death-reason", reason)
+    headers.setdefault("x-first-death-queue", queue.name)
+    headers.setdefault("x-first-death-exchange", message.exchange)
+    headers["x-last-death-reason"] = reason
+    headers["x-last-death-queue"] = queue.name
+    headers["x-last-death-exchange"] = message.exchange
+    props.headers = headers
+    raw = properties.encode_properties(props)
+    return Message(
+        dlx,
+        dlrk if dlrk else message.routing_key,
+        raw,
+        message.body,
+        message.persistent,
+        message.priority,
+    )

@@ -1,0 +1,115 @@
+"""Containers for a queue's ready (in-memory, not yet delivered) entries.
+
+Both keep entries in publish order (``seq``) and put a requeued entry back
+at its original position. :class:`ReadyByPriority` serves higher priorities
+first, FIFO within one priority, as RabbitMQ's priority queues do.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+from roost.broker.message import QueueEntry
+
+
+class ReadyFifo:
+    __slots__ = ("_q",)
+
+    def __init__(self) -> None:
+        self._q: deque[QueueEntry] = deque()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __bool__(self) -> bool:
+        return bool(self._q)
+
+    def __iter__(self) -> Iterator[QueueEntry]:
+        return iter(self._q)
+
+    def append(self, entry: QueueEntry) -> None:
+        self._q.append(entry)
+
+    def popleft(self) -> QueueEntry:
+        return self._q.popleft()
+
+    def peek(self) -> QueueEntry:
+        return self._q[0]
+
+    def take(self, k: int) -> list[QueueEntry]:
+        q = self._q
+        return [q.popleft() for _ in range(k)]
+
+    def requeue(self, entry: QueueEntry) -> None:
+        q = self._q
+        if not q or entry.seq < q[0].seq:
+            q.appendleft(entry)
+        elif entry.seq > q[-1].seq:
+            q.append(entry)
+        else:
+            lo, hi = 0, len(q)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if q[mid].seq < entry.seq:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            q.insert(lo, entry)
+
+    def clear(self) -> list[QueueEntry]:
+        out = list(self._q)
+        self._q.clear()
+        return out
+
+
+class ReadyByPriority:
+    """One FIFO per priority level 0..max_priority."""
+
+    __slots__ = ("_len", "_levels")
+
+    def __init__(self, max_priority: int) -> None:
+        self._levels = [ReadyFifo() for _ in range(max_priority + 1)]
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def __iter__(self) -> Iterator[QueueEntry]:
+        for level in reversed(self._levels):
+            yield from level
+
+    def _top(self) -> ReadyFifo:
+        for level in reversed(self._levels):
+            if level:
+                return level
+        raise IndexError("no ready entries")
+
+    def append(self, entry: QueueEntry) -> None:
+        self._levels[entry.priority].append(entry)
+        self._len += 1
+
+    def popleft(self) -> QueueEntry:
+        entry = self._top().popleft()
+        self._len -= 1
+        return entry
+
+    def peek(self) -> QueueEntry:
+        return self._top().peek()
+
+    def take(self, k: int) -> list[QueueEntry]:
+        return [self.popleft() for _ in range(k)]
+
+    def requeue(self, entry: QueueEntry) -> None:
+        self._levels[entry.priority].requeue(entry)
+        self._len += 1
+
+    def clear(self) -> list[QueueEntry]:
+        out = list(self)
+        for level in self._levels:
+            level.clear()
+        self._len = 0
+        return out
