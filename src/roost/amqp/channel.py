@@ -32,6 +32,18 @@ if TYPE_CHECKING:
 
 REPLY_TO_PREFIX = REPLY_TO_QUEUE + "."
 _UNLIMITED = 1 << 30
+_DEFINITION_METHODS = frozenset(
+    {
+        C.Exchange.Declare,
+        C.Exchange.Delete,
+        C.Exchange.Bind,
+        C.Exchange.Unbind,
+        C.Queue.Declare,
+        C.Queue.Bind,
+        C.Queue.Unbind,
+        C.Queue.Delete,
+    }
+)
 _scan_cache: dict[bytes, properties.Scanned] = {}
 _NO_PROPERTIES = properties.EMPTY
 
@@ -80,6 +92,7 @@ class Channel:
         self._tx_publishes: list[tuple[Exchange, Message, bool, str]] = []
         self._tx_settles: list[tuple[Delivery, bool, bool]] = []  # (delivery, ack, requeue)
         self._reply_key: str | None = None
+        self._held: list[bytes] | None = None
         self.last_queue: str | None = None
         self._handlers: dict[type[MethodFrame], Callable[[Any], None]] = {
             C.Channel.Flow: self._flow,
@@ -116,7 +129,13 @@ class Channel:
         return self.conn
 
     def send(self, frame: MethodFrame) -> None:
-        self.conn.write(encoder.method(self.number, frame))
+        self._reply(encoder.method(self.number, frame))
+
+    def _reply(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            self.conn.write(data)
 
     def handle_method(self, method: MethodFrame) -> None:
         handler = self._handlers.get(type(method))
@@ -124,7 +143,30 @@ class Channel:
             raise BrokerError(
                 errors.COMMAND_INVALID, f"method {method.name} is not allowed on a channel"
             )
-        handler(method)
+        if type(method) not in _DEFINITION_METHODS:
+            handler(method)
+            return
+        # declare-ok, delete-ok, bind-ok ... for a durable change go out only
+        # once definitions.json holds it, as RabbitMQ's mean it is persisted.
+        broker = self.conn.broker
+        before = broker.definitions_generation
+        held: list[bytes] = []
+        self._held = held
+        try:
+            handler(method)
+        finally:
+            self._held = None
+        if not held:
+            return
+        data = b"".join(held)
+        if broker.definitions_generation == before:
+            self.conn.write(data)
+        else:
+            broker.when_definitions_saved(lambda: self._late_reply(data))
+
+    def _late_reply(self, data: bytes) -> None:
+        if not self.closing and self.conn.state == "open":
+            self.conn.write(data)
 
     # -- DeliverySink ---------------------------------------------------
 
@@ -346,7 +388,7 @@ class Channel:
     def _queue_declare(self, m: C.Queue.Declare) -> None:
         if m.queue == REPLY_TO_QUEUE:
             if not m.nowait:
-                self.conn.write(encoder.queue_declare_ok(self.number, REPLY_TO_QUEUE, 0, 0))
+                self._reply(encoder.queue_declare_ok(self.number, REPLY_TO_QUEUE, 0, 0))
             return
         q = self.vhost.declare_queue(
             m.queue,
@@ -361,7 +403,7 @@ class Channel:
             self.conn.exclusive_queues.add(q)
         self.last_queue = q.name
         if not m.nowait:
-            self.conn.write(
+            self._reply(
                 encoder.queue_declare_ok(self.number, q.name, q.message_count, q.consumer_count)
             )
 

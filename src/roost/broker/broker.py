@@ -26,6 +26,10 @@ class Broker:
         self.max_message_size = max_message_size
         # Called whenever a durable definition changes (set by the store).
         self.on_definitions_changed: Callable[[], None] | None = None
+        # Bumped on every durable change; the store calls back once a save
+        # covering a given generation is written.
+        self.definitions_generation = 0
+        self.definitions_saved_hook: Callable[[int, Callable[[], None]], None] | None = None
         self.next_queue_id = 1
         self.vhosts: dict[str, VirtualHost] = {}
         self.users = UserStore()
@@ -69,8 +73,16 @@ class Broker:
         return qid
 
     def definitions_changed(self) -> None:
+        self.definitions_generation += 1
         if self.on_definitions_changed is not None:
             self.on_definitions_changed()
+
+    def when_definitions_saved(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every change so far is on disk."""
+        if self.definitions_saved_hook is None:
+            callback()
+        else:
+            self.definitions_saved_hook(self.definitions_generation, callback)
 
     # -- resource alarms --------------------------------------------------
 

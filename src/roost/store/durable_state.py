@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from roost.broker.broker import Broker
@@ -31,6 +32,8 @@ class DurableState:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._save_scheduled = False
         self._defs_failed = False
+        self._saved_generation = 0
+        self._save_waiters: list[tuple[int, Callable[[], None]]] = []
 
     def recover(self, broker: Broker) -> None:
         """Load definitions and queue contents into a fresh broker."""
@@ -59,6 +62,7 @@ class DurableState:
             time.monotonic() - started,
         )
         broker.on_definitions_changed = self.schedule_save
+        broker.definitions_saved_hook = self._when_saved
         self.store.queue_ids = lambda: {
             q.store_id for vh in broker.vhosts.values() for q in vh.queues.values() if q.store_id
         }
@@ -75,23 +79,35 @@ class DurableState:
             self._save_scheduled = True
             self._loop.call_soon(self._save)
 
+    def _when_saved(self, generation: int, callback: Callable[[], None]) -> None:
+        if generation <= self._saved_generation:
+            callback()
+        else:
+            self._save_waiters.append((generation, callback))
+
     def _save(self) -> None:
         self._save_scheduled = False
         assert self.broker is not None
+        generation = self.broker.definitions_generation
         content = definitions.encode(definitions.export(self.broker, include_internal=True))
         path = self.data_dir / definitions.FILENAME
         # Through the store's writer thread: written before any message
         # batch submitted after it, so a confirmed message's queue exists.
         fut = self.store.run_in_writer(definitions.write_atomic, path, content)
-        fut.add_done_callback(self._saved_threadsafe)
+        fut.add_done_callback(lambda f: self._saved_threadsafe(f, generation))
 
-    def _saved_threadsafe(self, fut: object) -> None:
+    def _saved_threadsafe(self, fut: object, generation: int) -> None:
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._saved, fut)
+            self._loop.call_soon_threadsafe(self._saved, fut, generation)
 
-    def _saved(self, fut: object) -> None:
+    def _saved(self, fut: object, generation: int) -> None:
         exc = fut.exception()  # type: ignore[attr-defined]
         if exc is None:
+            self._saved_generation = max(self._saved_generation, generation)
+            ready = [w for w in self._save_waiters if w[0] <= self._saved_generation]
+            self._save_waiters = [w for w in self._save_waiters if w[0] > self._saved_generation]
+            for _, cb in ready:
+                cb()
             if self._defs_failed:
                 self._defs_failed = False
                 self._store_error(False)
@@ -105,6 +121,7 @@ class DurableState:
 
     def save_now(self) -> None:
         assert self.broker is not None
+        self._saved_generation = self.broker.definitions_generation
         content = definitions.encode(definitions.export(self.broker, include_internal=True))
         definitions.write_atomic(self.data_dir / definitions.FILENAME, content)
 
