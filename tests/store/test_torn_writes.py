@@ -273,3 +273,19 @@ def test_zero_filled_tail_is_dropped(pristine: tuple[Path, list[int]], tmp_path:
     bodies, report, _ = _recover(d)
     assert bodies == [f"body-{i}" for i in range(N - 1)]
     assert len(report.truncated) == 1 and f"offset {start}" in report.truncated[0]
+
+
+@pytest.mark.parametrize("value", [0, 1, 0xFFFFFFFF, 12345])
+def test_corrupt_length_field_in_the_middle_loses_only_that_record(
+    pristine: tuple[Path, list[int]], tmp_path: Path, value: int
+) -> None:
+    src, refs = pristine
+    d = _copy(src, tmp_path / f"len-{value}")
+    start, _ = _record_bounds(d, refs)[2]
+    path = _seg_path(d, refs[0])
+    data = bytearray(path.read_bytes())
+    data[start : start + 4] = value.to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    bodies, report, _ = _recover(d)
+    assert bodies == [f"body-{i}" for i in range(N) if i != 2]
+    assert report.skipped and not report.truncated

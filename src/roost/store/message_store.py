@@ -222,21 +222,25 @@ class MessageStore:
                 return pos
             length, crc = HEADER.unpack_from(data, pos)
             end = pos + HEADER_SIZE + length
-            if length < 2 or end > size:
+            intact = (
+                length >= 2 and end <= size and records.check(view[pos + HEADER_SIZE : end], crc)
+            )
+            if not intact:
+                # A bad length or CRC: skip to the next intact record if there
+                # is one (media corruption mid-file); otherwise this is a torn
+                # tail, cut off.
+                nxt = end if length >= 2 and _valid_record_at(data, end) else _resync(data, pos + 1)
+                if nxt >= 0:
+                    report.skipped.append(
+                        f"{name}: corrupt data at offset {pos} ({nxt - pos} bytes) skipped"
+                    )
+                    pos = nxt
+                    continue
                 report.truncated.append(
                     f"{name}: torn or corrupt record at offset {pos}, dropping {size - pos} bytes"
                 )
                 return pos
             payload = view[pos + HEADER_SIZE : end]
-            if not records.check(payload, crc):
-                if _valid_record_at(data, end):
-                    report.skipped.append(f"{name}: corrupt record at offset {pos} skipped")
-                    pos = end
-                    continue
-                report.truncated.append(
-                    f"{name}: corrupt record at offset {pos}, dropping {size - pos} bytes"
-                )
-                return pos
             report.records += 1
             try:
                 kind, qids, moved_from = records.peek_queue_ids(payload)
@@ -711,6 +715,22 @@ def _pad(fd: int, data: bytes, start: int, end: int, min_run: int) -> int:
         _pwrite_all(fd, bytes(last - first), first)
     _pwrite_all(fd, header, start)
     return span
+
+
+def _resync(data: bytes, start: int) -> int:
+    """Offset of the next intact record at or after ``start``, or -1.
+
+    Candidates are filtered on a plausible header (the kind byte, the queue
+    count) before their CRC is computed, so scanning garbage stays cheap.
+    """
+    size = len(data)
+    for p in range(start, size - HEADER_SIZE - 2):
+        kind = data[p + HEADER_SIZE]
+        if kind > records.MOVED or data[p + HEADER_SIZE + 1] > 64:
+            continue
+        if _valid_record_at(data, p):
+            return p
+    return -1
 
 
 def _valid_record_at(data: bytes, pos: int) -> bool:
