@@ -32,6 +32,7 @@ class Config:
     log_level: str = "info"
     uvloop: bool = True
     segment_size: int = 32 * 1024 * 1024
+    consumer_timeout: int = 1800000
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
@@ -50,6 +51,9 @@ HELP = {
     "log_level": "debug, info, warning or error",
     "uvloop": "use uvloop when it is installed",
     "segment_size": "size of each message log segment file, in bytes",
+    "consumer_timeout": "ms a consumer may hold an unacknowledged delivery before its "
+    "channel is closed with 406, as in RabbitMQ (0 disables; queues override it "
+    "with x-consumer-timeout)",
 }
 
 
@@ -127,4 +131,6 @@ def load_config(
         raise ConfigError("segment_size: must be between 65536 and 1073741824")
     if cfg.max_message_size < 1:
         raise ConfigError("max_message_size: must be positive")
+    if cfg.consumer_timeout < 0:
+        raise ConfigError("consumer_timeout: must not be negative (0 disables it)")
     return cfg

@@ -181,3 +181,113 @@ def headers_of(raw: bytes) -> dict[str, Any] | None:
     except (struct.error, ValueError, IndexError) as exc:
         raise PropertyError(str(exc)) from exc
     return dict(table)
+
+
+def message_id_of(raw: bytes) -> str | None:
+    """The message-id property, or None when the message has none."""
+    flags, pos = _skip_flags(raw)
+    if not flags & FLAG_MESSAGE_ID:
+        return None
+    try:
+        if flags & FLAG_CONTENT_TYPE:
+            pos += 1 + raw[pos]
+        if flags & FLAG_CONTENT_ENCODING:
+            pos += 1 + raw[pos]
+        if flags & FLAG_HEADERS:
+            pos += 4 + _unpack_long(raw, pos)[0]
+        if flags & FLAG_DELIVERY_MODE:
+            pos += 1
+        if flags & FLAG_PRIORITY:
+            pos += 1
+        if flags & FLAG_CORRELATION_ID:
+            pos += 1 + raw[pos]
+        if flags & FLAG_REPLY_TO:
+            pos += 1 + raw[pos]
+        if flags & FLAG_EXPIRATION:
+            pos += 1 + raw[pos]
+        n = raw[pos]
+    except (IndexError, struct.error) as exc:
+        raise PropertyError("property list truncated") from exc
+    return raw[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
+
+
+def remove_header(raw: bytes, name: str) -> bytes:
+    """``raw`` without the header ``name`` (unchanged when it has none).
+
+    Only that entry's bytes go and the table length shrinks by as much; the
+    other entries and properties keep their exact encoding (see
+    :func:`replace_reply_to`). A table left empty stays, as in RabbitMQ.
+    """
+    flags, pos = _skip_flags(raw)
+    if not flags & FLAG_HEADERS:
+        return raw
+    key = name.encode("utf-8")
+    try:
+        if flags & FLAG_CONTENT_TYPE:
+            pos += 1 + raw[pos]
+        if flags & FLAG_CONTENT_ENCODING:
+            pos += 1 + raw[pos]
+        length = _unpack_long(raw, pos)[0]
+        end = pos + 4 + length
+        entry = pos + 4
+        while entry < end:
+            n = raw[entry]
+            value = entry + 1 + n
+            consumed, _ = decode.embedded_value(raw[value:end])
+            if not consumed:
+                raise PropertyError("header table truncated")
+            after = value + consumed
+            if raw[entry + 1 : value] == key:
+                return (
+                    raw[:pos]
+                    + struct.pack(">I", length - (after - entry))
+                    + raw[pos + 4 : entry]
+                    + raw[after:]
+                )
+            entry = after
+    except (IndexError, struct.error, ValueError) as exc:
+        raise PropertyError(str(exc)) from exc
+    return raw
+
+
+def replace_header_int(raw: bytes, name: str, value: int) -> bytes:
+    """``raw`` with the value of the existing header ``name`` replaced by the
+    integer ``value`` (a signed 32-bit ``I``, or a 64-bit ``l`` when it does
+    not fit); unchanged when there is no such header. Every other byte keeps
+    its encoding, as in :func:`remove_header`."""
+    flags, pos = _skip_flags(raw)
+    if not flags & FLAG_HEADERS:
+        return raw
+    key = name.encode("utf-8")
+    new = (
+        b"I" + struct.pack(">i", value)
+        if -(2**31) <= value < 2**31
+        else b"l" + struct.pack(">q", value)
+    )
+    try:
+        if flags & FLAG_CONTENT_TYPE:
+            pos += 1 + raw[pos]
+        if flags & FLAG_CONTENT_ENCODING:
+            pos += 1 + raw[pos]
+        length = _unpack_long(raw, pos)[0]
+        end = pos + 4 + length
+        entry = pos + 4
+        while entry < end:
+            n = raw[entry]
+            start = entry + 1 + n
+            consumed, _ = decode.embedded_value(raw[start:end])
+            if not consumed:
+                raise PropertyError("header table truncated")
+            after = start + consumed
+            if raw[entry + 1 : start] == key:
+                return (
+                    raw[:pos]
+                    + struct.pack(">I", length - consumed + len(new))
+                    + raw[pos + 4 : start]
+                    + new
+                    + raw[after:]
+                )
+            entry = after
+    except (IndexError, struct.error, ValueError) as exc:
+        raise PropertyError(str(exc)) from exc
+    return raw

@@ -21,6 +21,7 @@ class Server:
             channel_max=config.channel_max,
             frame_max=config.frame_max,
             heartbeat=config.heartbeat,
+            consumer_timeout=config.consumer_timeout,
         )
         self.connections: set[AMQPConnection] = set()
         self.state: DurableState | None = None

@@ -25,6 +25,7 @@ def proc(tmp_path: Path) -> Iterator[RoostProcess]:
         yield p.start()
     finally:
         p.close()
+        print("".join(p.output))  # shown when a test fails
 
 
 def _declare(port: int, queues: list[str], fanout: str | None = None) -> None:

@@ -6,6 +6,7 @@ Implements :class:`roost.broker.consumer.DeliverySink` for its consumers.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 from collections import deque
@@ -17,7 +18,7 @@ from pamqp.base import Frame as MethodFrame
 
 from roost import properties
 from roost.amqp import encoder
-from roost.broker import errors
+from roost.broker import errors, sender_selected
 from roost.broker.consumer import Consumer
 from roost.broker.errors import BrokerError, precondition
 from roost.broker.exchange import Exchange
@@ -51,15 +52,22 @@ _NO_PROPERTIES = properties.EMPTY
 class Delivery:
     """A message delivered on this channel and not yet settled."""
 
-    __slots__ = ("consumer", "entry", "queue", "tag")
+    __slots__ = ("consumer", "due", "entry", "queue", "tag")
 
     def __init__(
-        self, tag: int, queue: Queue, entry: QueueEntry, consumer: Consumer | None
+        self,
+        tag: int,
+        queue: Queue,
+        entry: QueueEntry,
+        consumer: Consumer | None,
+        due: float = 0.0,
     ) -> None:
         self.tag = tag
         self.queue = queue
         self.entry = entry
         self.consumer = consumer
+        # Loop time by which it must be settled (consumer timeout; 0: never).
+        self.due = due
 
 
 def _table(value: Any) -> dict[str, Any]:
@@ -94,6 +102,11 @@ class Channel:
         self._reply_key: str | None = None
         self._held: list[bytes] | None = None
         self.last_queue: str | None = None
+        # Consumer timeout: the default in ms (0: none), and one timer for
+        # the channel, armed for the earliest due delivery.
+        self._default_timeout = conn.settings.consumer_timeout
+        self._timeout_timer: asyncio.TimerHandle | None = None
+        self._timeout_due = 0.0
         self._handlers: dict[type[MethodFrame], Callable[[Any], None]] = {
             C.Channel.Flow: self._flow,
             C.Channel.FlowOk: lambda m: None,
@@ -186,10 +199,11 @@ class Channel:
         queue = consumer.queue
         unacked = self.unacked
         order = self._unacked_order
+        due = self._due(queue) if track else 0.0
         frames = []
         for entry in entries:
             if track:
-                d = Delivery(tag, queue, entry, consumer)
+                d = Delivery(tag, queue, entry, consumer, due)
                 unacked[tag] = d
                 order.append(d)
             frames.append(
@@ -229,6 +243,7 @@ class Channel:
         props = cast(bytes, ev.properties)  # always set once the event is emitted
         persistent = False
         priority = None
+        cc: tuple[str, ...] = ()
         if props != _NO_PROPERTIES:
             scanned = _scan_cache.get(props)
             if scanned is None:
@@ -254,7 +269,16 @@ class Channel:
                 )
             if scanned.reply_to == REPLY_TO_QUEUE:
                 props = self._rewrite_reply_to(props)
+            if sender_selected.maybe_present(props):
+                try:
+                    props, cc = sender_selected.extract(props)
+                except properties.PropertyError as exc:
+                    raise BrokerError(
+                        errors.FRAME_ERROR, f"malformed content header: {exc}"
+                    ) from exc
         msg = Message(ev.exchange, ev.routing_key, props, ev.body, persistent, priority)
+        if cc:
+            msg.cc = cc
         if self.tx:
             self._tx_publishes.append((ex, msg, ev.mandatory, ev.routing_key))
             return
@@ -306,16 +330,22 @@ class Channel:
             queues: list[Queue] = []
         else:
             queues = vhost.route(ex, msg)
+        # A delayed exchange that held the message wrote it to the log (its
+        # ref is set): the confirm must wait for that write to be on disk.
+        held = msg.ref != 0
         if queues:
-            return vhost.enqueue(msg, queues)
+            logged, refused = vhost.enqueue(msg, queues)
+            return logged or held, refused
         if mandatory:
+            # Also for a held message, as the delayed-message plugin does:
+            # its route is empty now, whatever happens when it is due.
             self.conn.write(
                 encoder.basic_return(
                     self.number, errors.NO_ROUTE, "NO_ROUTE", msg.exchange, msg.routing_key
                 )
                 + encoder.content(self.number, msg.properties, msg.body, self.conn.frame_max)
             )
-        return False, False
+        return held, False
 
     def _confirm_upto(self, seq: int) -> None:
         if self._confirmed_upto == self._confirm_sent:
@@ -440,6 +470,17 @@ class Channel:
             self.global_prefetch = m.prefetch_count
         else:
             self.prefetch_count = m.prefetch_count
+            # RabbitMQ applies a per-consumer limit only to consumers created
+            # after it. roost also moves the channel's already *limited*
+            # consumers to the new limit (unlimited ones stay unlimited, as
+            # there): kombu sees a non-RabbitMQ server, so it sends
+            # global=false where on RabbitMQ 3.x it sends global=true, and
+            # Celery raises the prefetch by one for every ETA/countdown task
+            # it holds; without this a worker holding prefetch-many such
+            # tasks receives nothing else until their time comes.
+            for consumer in self.consumers.values():
+                if consumer.prefetch:
+                    consumer.prefetch = m.prefetch_count
         self.send(C.Basic.QosOk())
         self._dispatch_all()
 
@@ -515,7 +556,7 @@ class Channel:
         tag = self.next_tag
         self.next_tag = tag + 1
         if not m.no_ack:
-            d = Delivery(tag, q, entry, None)
+            d = Delivery(tag, q, entry, None, self._due(q))
             self.unacked[tag] = d
             self._unacked_order.append(d)
         msg = entry.message
@@ -621,6 +662,64 @@ class Channel:
         self._unacked_order.clear()
         self._apply_settle(deliveries, False, True)
 
+    # -- consumer timeout ----------------------------------------------
+
+    def _due(self, queue: Queue) -> float:
+        """When a delivery from ``queue`` made now times out (0: never);
+        arms the channel's timer if it is the earliest."""
+        limit = queue.options.consumer_timeout
+        if limit is None:
+            limit = self._default_timeout
+        if not limit:
+            return 0.0
+        due = self.conn.loop.time() + limit / 1000
+        if self._timeout_timer is None or due < self._timeout_due:
+            self._arm_timeout(due)
+        return due
+
+    def _arm_timeout(self, due: float) -> None:
+        if self._timeout_timer is not None:
+            self._timeout_timer.cancel()
+        self._timeout_due = due
+        self._timeout_timer = self.conn.loop.call_at(due, self._check_timeouts)
+
+    def _check_timeouts(self) -> None:
+        """Close the channel when a delivery is overdue, as RabbitMQ does
+        (406, class and method 0); otherwise wait for the next due one.
+
+        Runs only when the timer fires, so walking every outstanding
+        delivery costs nothing per message; it finds the earliest even when
+        queues with different ``x-consumer-timeout`` share the channel.
+        """
+        if self._timeout_timer is not None:
+            self._timeout_timer.cancel()
+            self._timeout_timer = None
+        if self.closing:
+            return
+        now = self.conn.loop.time()
+        earliest = 0.0
+        for d in self._outstanding():
+            due = d.due
+            if not due:
+                continue
+            if due <= now:
+                limit = d.queue.options.consumer_timeout
+                if limit is None:
+                    limit = self._default_timeout
+                self.conn.channel_error(
+                    self,
+                    precondition(
+                        f"delivery acknowledgement on channel {self.number} timed out. "
+                        f"Timeout value used: {limit} ms. This timeout value can be "
+                        "configured, see consumers doc guide to learn more"
+                    ),
+                )
+                return
+            if not earliest or due < earliest:
+                earliest = due
+        if earliest:
+            self._arm_timeout(earliest)
+
     # -- confirms and transactions -------------------------------------
 
     def _confirm_select(self, m: C.Confirm.Select) -> None:
@@ -666,6 +765,7 @@ class Channel:
             for d, _, _ in settles:
                 self.unacked[d.tag] = d
             self._unacked_order = deque(sorted(self.unacked.values(), key=lambda d: d.tag))
+            self._check_timeouts()
         self.send(C.Tx.RollbackOk())
 
     # -- flow and teardown ---------------------------------------------
@@ -689,6 +789,9 @@ class Channel:
     def teardown(self) -> None:
         """The channel or its connection closed: cancel consumers, requeue unacked."""
         self.closing = True
+        if self._timeout_timer is not None:
+            self._timeout_timer.cancel()
+            self._timeout_timer = None
         for tag in list(self.consumers):
             self._cancel(tag)
         deliveries = self._outstanding()

@@ -65,6 +65,7 @@ class ConnectionSettings:
     frame_max: int = 131072
     heartbeat: int = 60
     handshake_timeout: float = 10.0
+    consumer_timeout: int = 1800000  # ms an unacked delivery may take (0: no limit)
 
 
 class AMQPConnection(asyncio.Protocol):
@@ -494,6 +495,12 @@ class AMQPConnection(asyncio.Protocol):
         self.decoder.abandon_content(number)
 
     # -- errors ---------------------------------------------------------
+
+    def channel_error(self, ch: Channel, exc: BrokerError) -> None:
+        """Close ``ch`` for a reason not tied to a method (consumer timeout):
+        RabbitMQ then sends class and method id 0."""
+        if self.state == "open" and not ch.closing:
+            self._broker_error(ch, exc, (0, 0))
 
     def _broker_error(self, ch: Channel, exc: BrokerError, ids: tuple[int, int]) -> None:
         if exc.closes_connection:

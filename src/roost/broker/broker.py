@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from roost.broker.delayed import DelayedExchange
 from roost.broker.journal import Journal
 from roost.broker.users import UserStore
 from roost.broker.vhost import VirtualHost
@@ -50,6 +51,9 @@ class Broker:
             vh.scheduler = scheduler
             for q in list(vh.queues.values()):
                 q.start_timers()
+            for ex in list(vh.exchanges.values()):
+                if isinstance(ex, DelayedExchange):
+                    ex.start_timer()
 
     def vhost(self, name: str) -> VirtualHost | None:
         return self.vhosts.get(name)

@@ -115,6 +115,9 @@ def _dead_lettered(
             break
     deaths.insert(0, death)
     headers["x-death"] = deaths
+    # The queue adds x-delivery-count per delivery; RabbitMQ dead-letters
+    # the message without it.
+    headers.pop("x-delivery-count", None)
     headers.setdefault("x-first-death-reason", reason)
     headers.setdefault("x-first-death-queue", queue.name)
     headers.setdefault("x-first-death-exchange", message.exchange)

@@ -10,6 +10,7 @@ from roost.broker.errors import precondition
 
 if TYPE_CHECKING:
     from roost.broker.binding import Destination
+    from roost.broker.dedup import Deduplicator
     from roost.broker.message import Message
 
 _ROUTE_CACHE_LIMIT = 10_000
@@ -38,6 +39,8 @@ class Exchange:
         self.bindings: dict[tuple[str, str, str, str], Binding] = {}
         # Bindings where this exchange is the destination (exchange-to-exchange).
         self.inbound: set[Binding] = set()
+        # x-message-deduplication (set by the vhost from the arguments).
+        self.deduper: Deduplicator | None = None
 
     @property
     def destination_key(self) -> tuple[str, str]:

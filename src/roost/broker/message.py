@@ -18,6 +18,7 @@ class Message:
     __slots__ = (
         "_headers",
         "body",
+        "cc",
         "exchange",
         "persistent",
         "priority",
@@ -40,6 +41,9 @@ class Message:
         self.routing_key = routing_key
         self.properties = properties  # raw property flags + list, as received
         self.body = body
+        # Extra routing keys from the CC and BCC headers (sender-selected
+        # distribution), set by the publishing channel; used only to route.
+        self.cc: tuple[str, ...] = ()
         self.persistent = persistent
         self.priority = priority
         self._headers: dict[str, Any] | None = None

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from roost import properties
 from roost.broker import deadletter
+from roost.broker.dedup import Deduplicator
 from roost.broker.message import Message, QueueEntry
 from roost.broker.paging import PAGING_REF, REDELIVERED, SEQ_MASK, PagedEntries
 from roost.broker.queue_args import QueueOptions, parse_expiration
@@ -104,10 +105,16 @@ class Queue:
         self._retry_timer: Any = None
         self._expiry_timer: Any = None
         self._last_used = now_ms()
+        # Seq of the entry being enqueued while dispatch() runs: a TTL-0
+        # message may still go to a consumer waiting right now (RabbitMQ's
+        # attempt_delivery before the TTL applies), so expire() spares it.
+        self._fresh = 0
         self.published = 0
         self.delivered = 0
         self.acked = 0
         self.dead_lettered = 0
+        # x-message-deduplication: enforced by VirtualHost.enqueue.
+        self.deduper = Deduplicator.for_queue(opts)
         if opts.expires is not None:
             self._arm_expiry()
 
@@ -161,7 +168,9 @@ class Queue:
             if expires:
                 self._arm_ttl(expires)
         if self._groups and not self._stalled:
+            self._fresh = self._seq
             self.dispatch()
+            self._fresh = 0
         return True
 
     def _has_ttl(self, message: Message) -> bool:
@@ -311,10 +320,29 @@ class Queue:
                 continue
             self.ready.requeue(entry)
             back = True
+        if back and opts.overflow == "drop-head":
+            self._trim_head()
         if self._waiting:
             self._arm_retry()
         if back and self._groups:
             self.dispatch()
+
+    def _trim_head(self) -> None:
+        """Requeued messages may take the queue over its limits: drop from
+        the head, as rabbit_amqqueue_process:requeue_and_run does."""
+        opts = self.options
+        if opts.max_length is None and opts.max_length_bytes is None:
+            return
+        while self.ready or self.paged:
+            n = len(self.ready) + len(self.paged)
+            if not (
+                (opts.max_length is not None and n > opts.max_length)
+                or (opts.max_length_bytes is not None and self.ready_bytes > opts.max_length_bytes)
+            ):
+                break
+            if not self.ready:
+                self._page_in()
+            self._drop(self.ready.popleft(), deadletter.MAXLEN)
 
     def _arm_retry(self) -> None:
         sched = self.vhost.scheduler
@@ -370,7 +398,7 @@ class Queue:
                     break
                 self._page_in()
             head = ready.peek()
-            if not head.expires or head.expires > now:
+            if not head.expires or head.expires > now or head.seq == self._fresh:
                 break
             self._drop(ready.popleft(), deadletter.EXPIRED)
             n += 1
@@ -404,6 +432,10 @@ class Queue:
         """Arm timers once a scheduler exists (after recovery)."""
         if self.options.expires is not None:
             self._arm_expiry()
+        if not self.ready and self.paged and self.options.message_ttl is not None:
+            # Restored messages are paged with no expiry yet: read the head
+            # back so the queue TTL runs without waiting for a consumer.
+            self._page_in()
         if self.ready:
             head = self.ready.peek()
             if head.expires:

@@ -86,8 +86,18 @@ class _Checker:
             )
         return v
 
+    def text(self, key: str) -> str | None:
+        """A string argument checked inside ``declare_args`` (RabbitMQ reports
+        a wrong type there as ``{unacceptable_type,T}``)."""
+        v = self.args.get(key)
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, bytes):
+            return v.decode("utf-8", "replace")
+        raise self.fail(key, f"{{unacceptable_type,{fields.type_name(v)}}}")
+
     def choice(self, key: str, allowed: tuple[str, ...], detail: str) -> str | None:
-        v = self.string(key)
+        v = self.text(key)
         if v is not None and v not in allowed:
             raise self.fail(key, detail.format(v))
         return v
@@ -107,11 +117,29 @@ def parse_queue_args(
     """Validate ``args`` for a new queue; raises BrokerError (406) as RabbitMQ does."""
     c = _Checker(queue, vhost, args)
     o = QueueOptions()
+    # RabbitMQ's order: rabbit_channel reads the DLX name and the queue type
+    # first, then rabbit_amqqueue:declare_args/0 checks the rest in its
+    # fixed order, then the queue type checks the durable/exclusive flags.
+    o.dead_letter_exchange = c.string("x-dead-letter-exchange")
     qtype = c.choice("x-queue-type", QUEUE_TYPES, "\"unsupported queue type '{}'\"")
     o.queue_type = qtype or "classic"
+    o.expires = c.integer("x-expires", positive=True)
+    o.message_ttl = c.integer("x-message-ttl")
+    o.dead_letter_routing_key = c.text("x-dead-letter-routing-key")
+    if o.dead_letter_routing_key is not None and o.dead_letter_exchange is None:
+        raise c.fail("x-dead-letter-routing-key", "routing_key_but_no_dlx_defined")
+    o.max_length = c.integer("x-max-length")
+    o.max_length_bytes = c.integer("x-max-length-bytes")
+    o.max_priority = c.integer("x-max-priority", limit=255) or 0
+    o.overflow = c.choice("x-overflow", OVERFLOWS, "invalid_overflow") or "drop-head"
+    c.choice("x-queue-mode", QUEUE_MODES, "\"unsupported queue mode '{}'\"")
+    version = c.integer("x-queue-version")
+    if version is not None and version not in (1, 2):
+        raise c.fail("x-queue-version", f"\"unsupported queue version '{version}'\"")
+    o.single_active_consumer = bool(c.boolean("x-single-active-consumer"))
     if o.queue_type != "classic" and (not durable or exclusive):
         raise precondition(
-            f"invalid property '{'exclusive' if exclusive else 'non-durable'}' for queue "
+            f"invalid property '{'exclusive-owner' if exclusive else 'non-durable'}' for queue "
             f"'{queue}' in vhost '{vhost}'"
         )
     if o.queue_type == "stream":
@@ -119,18 +147,6 @@ def parse_queue_args(
             f"invalid arg 'x-queue-type' for queue '{queue}' in vhost '{vhost}': "
             '"stream queues are not supported by roost"'
         )
-    c.choice("x-queue-mode", QUEUE_MODES, "\"unsupported queue mode '{}'\"")
-    o.max_priority = c.integer("x-max-priority", limit=255) or 0
-    o.message_ttl = c.integer("x-message-ttl")
-    o.expires = c.integer("x-expires", positive=True)
-    o.max_length = c.integer("x-max-length")
-    o.max_length_bytes = c.integer("x-max-length-bytes")
-    o.overflow = c.choice("x-overflow", OVERFLOWS, "invalid_overflow") or "drop-head"
-    o.dead_letter_exchange = c.string("x-dead-letter-exchange")
-    o.dead_letter_routing_key = c.string("x-dead-letter-routing-key")
-    if o.dead_letter_routing_key is not None and o.dead_letter_exchange is None:
-        raise c.fail("x-dead-letter-routing-key", "routing_key_but_no_dlx_defined")
-    o.single_active_consumer = bool(c.boolean("x-single-active-consumer"))
     o.consumer_timeout = c.integer("x-consumer-timeout", positive=True)
     limit = args.get("x-delivery-limit")
     if isinstance(limit, int) and not isinstance(limit, bool) and limit < 0:
@@ -153,14 +169,15 @@ def parse_queue_args(
 
 def parse_expiration(value: str) -> int:
     """A message's ``expiration`` property in ms; raises 406 as RabbitMQ does."""
+    # Erlang's string:to_integer/1: an optional sign, then ASCII digits.
     text = value
     digits = ""
     for ch in text:
-        if ch.isdigit() or (ch == "-" and not digits):
+        if ch in "0123456789" or (ch in "+-" and not digits):
             digits += ch
         else:
             break
-    if not digits or digits == "-":
+    if not digits or digits in "+-":
         raise precondition(f"invalid expiration '{value}': no_integer")
     if len(digits) < len(text):
         raise precondition(

@@ -9,8 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 from roost.broker import errors, fields
 from roost.broker.binding import Binding
+from roost.broker.dedup import exchange_deduplicator
+from roost.broker.delayed import DelayedExchange
 from roost.broker.errors import BrokerError, not_found, precondition
 from roost.broker.exchange import EXCHANGE_TYPES, DirectExchange, Exchange
+from roost.broker.message import Message
 from roost.broker.queue import Queue
 from roost.broker.queue_args import parse_queue_args
 
@@ -18,7 +21,6 @@ if TYPE_CHECKING:
     from roost.broker.binding import Destination
     from roost.broker.consumer import Consumer
     from roost.broker.journal import Journal
-    from roost.broker.message import Message
 
 DEFAULT_EXCHANGE = ""
 PREDECLARED = (
@@ -147,7 +149,14 @@ class VirtualHost:
                 f"invalid type '{fields.type_name(ae)}' for arg 'alternate-exchange' in "
                 f"exchange '{name}' in vhost '{self.name}'"
             )
+        deduper = exchange_deduplicator(name, self.name, args)
         ex = cls(name, durable=durable, auto_delete=auto_delete, internal=internal, arguments=args)
+        ex.deduper = deduper
+        if isinstance(ex, DelayedExchange):
+            # Its persistent held messages are logged under an id of its own.
+            alloc = self._allocate_queue_id
+            logged = durable and self.journal is not None and alloc is not None
+            ex.attach(self, alloc() if logged and alloc is not None else 0)
         self.exchanges[name] = ex
         if durable:
             self._changed()
@@ -203,6 +212,8 @@ class VirtualHost:
         for b in list(ex.inbound):
             self._drop_binding(b, cascade=True)
         self.exchanges.pop(ex.name, None)
+        if isinstance(ex, DelayedExchange):
+            ex.discard()
         if ex.durable:
             self._changed()
 
@@ -408,6 +419,16 @@ class VirtualHost:
         confirm must then wait for the fsync) and whether some queue refused
         it (``x-overflow: reject-publish``; the publisher gets a nack).
         """
+        for q in queues:
+            if q.deduper is not None:
+                # Queues with x-message-deduplication drop a duplicate (the
+                # publisher's confirm is still an ack).
+                queues = [
+                    q for q in queues if q.deduper is None or not q.deduper.check_and_add(message)
+                ]
+                if not queues:
+                    return False, False
+                break
         refused = False
         accepting = queues
         if any(q.refuses(message) for q in queues):
@@ -416,6 +437,8 @@ class VirtualHost:
             for q in queues:
                 if q.refuses(message):
                     q.refuse(message)
+                    if q.deduper is not None:
+                        q.deduper.forget(message)  # a resend may still get in
                 else:
                     accepting.append(q)
         journal = self.journal
@@ -431,7 +454,64 @@ class VirtualHost:
 
     def route(self, exchange: Exchange, message: Message) -> list[Queue]:
         """Queues ``message`` goes to: through exchange-to-exchange bindings
-        and alternate exchanges, each queue once."""
+        and alternate exchanges, each queue once.
+
+        An exchange with x-message-deduplication routes a duplicate nowhere
+        (as LavinMQ and the deduplication plugin do, so a mandatory one is
+        returned); a message with CC/BCC keys is routed with all its keys.
+        """
+        deduper = exchange.deduper
+        if deduper is not None and deduper.check_and_add(message):
+            return []
+        if message.cc:
+            return self._route_keys(exchange, message)
+        return self._route(exchange, message)
+
+    def _route_keys(self, exchange: Exchange, message: Message) -> list[Queue]:
+        """Sender-selected distribution: every exchange on the way matches
+        the routing key and each CC/BCC key, and its alternate exchange is
+        used only when none matched, as RabbitMQ routes a message's list of
+        routing keys."""
+        probes = [message]
+        for key in message.cc:
+            probe = Message(message.exchange, key, message.properties, message.body)
+            probes.append(probe)
+
+        def hop(ex: Exchange) -> list[Destination]:
+            out = list(ex.route(message))
+            if ex in out:
+                # The exchange kept the message (a delayed exchange holds it
+                # and routes it, CC keys included, when it is due): the
+                # other keys must not make it hold copies.
+                return out
+            for p in probes[1:]:
+                for d in ex.route(p):
+                    if d not in out:
+                        out.append(d)
+            return out
+
+        queues: list[Queue] = []
+        seen_q: set[int] = set()
+        seen_x: set[int] = {id(exchange)}
+        work: list[tuple[Exchange, list[Destination]]] = [(exchange, hop(exchange))]
+        while work:
+            ex, ds = work.pop()
+            for d in ds:
+                if isinstance(d, Queue):
+                    if id(d) not in seen_q:
+                        seen_q.add(id(d))
+                        queues.append(d)
+                elif id(d) not in seen_x:
+                    seen_x.add(id(d))
+                    work.append((d, hop(d)))
+            if not ds and ex.alternate_exchange is not None:
+                ae = self.exchanges.get(ex.alternate_exchange)
+                if ae is not None and id(ae) not in seen_x:
+                    seen_x.add(id(ae))
+                    work.append((ae, hop(ae)))
+        return queues
+
+    def _route(self, exchange: Exchange, message: Message) -> list[Queue]:
         dests = exchange.route(message)
         if not dests and exchange.alternate_exchange is None:
             return []

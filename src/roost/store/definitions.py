@@ -18,6 +18,7 @@ from typing import Any
 
 from roost import __version__
 from roost.broker.broker import Broker
+from roost.broker.delayed import DelayedExchange
 from roost.broker.errors import BrokerError
 from roost.broker.queue import Queue
 from roost.broker.users import SHA256, User, hash_password
@@ -50,6 +51,7 @@ def export(broker: Broker, include_internal: bool = False) -> dict[str, Any]:
     exchanges: list[dict[str, Any]] = []
     bindings: list[dict[str, Any]] = []
     queue_ids: list[list[Any]] = []
+    exchange_ids: list[list[Any]] = []
     for vname, vh in broker.vhosts.items():
         for q in vh.queues.values():
             if not q.durable:
@@ -68,6 +70,8 @@ def export(broker: Broker, include_internal: bool = False) -> dict[str, Any]:
         for ex in vh.exchanges.values():
             if not ex.durable or not ex.name or ex.name.startswith("amq."):
                 continue
+            if isinstance(ex, DelayedExchange) and ex.store_id:
+                exchange_ids.append([vname, ex.name, ex.store_id])
             exchanges.append(
                 {
                     "name": ex.name,
@@ -112,7 +116,11 @@ def export(broker: Broker, include_internal: bool = False) -> dict[str, Any]:
         "bindings": bindings,
     }
     if include_internal:
-        out["roost"] = {"next_queue_id": broker.next_queue_id, "queue_ids": queue_ids}
+        out["roost"] = {
+            "next_queue_id": broker.next_queue_id,
+            "queue_ids": queue_ids,
+            "exchange_ids": exchange_ids,
+        }
     return out
 
 
@@ -124,6 +132,7 @@ def apply(broker: Broker, data: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     internal = data.get("roost") or {}
     ids = {(v, n): i for v, n, i in internal.get("queue_ids", [])}
+    exchange_ids = {(v, n): i for v, n, i in internal.get("exchange_ids", [])}
     broker.next_queue_id = max(broker.next_queue_id, int(internal.get("next_queue_id", 1)))
     for u in data.get("users", []):
         try:
@@ -153,8 +162,9 @@ def apply(broker: Broker, data: dict[str, Any]) -> list[str]:
             continue
         if not x.get("name") or x["name"].startswith("amq."):
             continue
+        existed = x["name"] in vh.exchanges
         try:
-            vh.declare_exchange(
+            ex = vh.declare_exchange(
                 x["name"],
                 x.get("type", "direct"),
                 durable=bool(x.get("durable", True)),
@@ -164,6 +174,11 @@ def apply(broker: Broker, data: dict[str, Any]) -> list[str]:
             )
         except BrokerError as exc:
             problems.append(f"exchange {x['name']!r} in vhost {vh.name!r}: {exc}")
+            continue
+        # A delayed exchange's held messages are logged under its saved id.
+        xid = exchange_ids.get((vh.name, x["name"]))
+        if isinstance(ex, DelayedExchange) and xid is not None and not existed and ex.store_id:
+            ex.store_id = xid
     for q in data.get("queues", []):
         vh = broker.vhosts.get(q.get("vhost", "/"))
         if vh is None:

@@ -10,12 +10,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 from roost.broker.broker import Broker
+from roost.broker.delayed import DelayedExchange
 from roost.store import definitions
 from roost.store.datadir import MESSAGES_DIR, DataDirLock
 from roost.store.message_store import DEFAULT_SEGMENT_SIZE, MessageStore
 
 log = logging.getLogger("roost.store")
 DISK_ALARM = "disk"
+
+
+def _delayed_exchanges(broker: Broker) -> dict[int, DelayedExchange]:
+    """Delayed exchanges holding persistent messages, by their store id."""
+    return {
+        ex.store_id: ex
+        for vh in broker.vhosts.values()
+        for ex in vh.exchanges.values()
+        if isinstance(ex, DelayedExchange) and ex.store_id
+    }
 
 
 class DurableState:
@@ -47,9 +58,13 @@ class DurableState:
         by_id = {
             q.store_id: q for vh in broker.vhosts.values() for q in vh.queues.values() if q.store_id
         }
-        recovered, report = self.store.recover(set(by_id))
+        delayed = _delayed_exchanges(broker)
+        recovered, report = self.store.recover(set(by_id) | set(delayed))
         for qid, rq in recovered.items():
-            by_id[qid].restore(rq.refs, rq.delivered)
+            if qid in delayed:
+                delayed[qid].restore(rq.refs)
+            else:
+                by_id[qid].restore(rq.refs, rq.delivered)
         for line in report.truncated:
             log.warning("recovery: %s", line)
         for line in report.skipped:
@@ -63,9 +78,11 @@ class DurableState:
         )
         broker.on_definitions_changed = self.schedule_save
         broker.definitions_saved_hook = self._when_saved
-        self.store.queue_ids = lambda: {
-            q.store_id for vh in broker.vhosts.values() for q in vh.queues.values() if q.store_id
-        }
+        # Delayed exchanges' ids too: compaction must keep their records.
+        self.store.queue_ids = lambda: (
+            {q.store_id for vh in broker.vhosts.values() for q in vh.queues.values() if q.store_id}
+            | set(_delayed_exchanges(broker))
+        )
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
