@@ -1,0 +1,1 @@
+"""Celery, unchanged except for its broker URL, against roost."""
