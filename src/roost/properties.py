@@ -119,6 +119,49 @@ def scan(raw: bytes) -> Scanned:
     return out
 
 
+# Property fields in wire order, with how to skip each: a short string,
+# the headers table (long length), or a fixed number of bytes.
+_FIELDS = (
+    (FLAG_CONTENT_TYPE, "s"),
+    (FLAG_CONTENT_ENCODING, "s"),
+    (FLAG_HEADERS, "t"),
+    (FLAG_DELIVERY_MODE, 1),
+    (FLAG_PRIORITY, 1),
+    (FLAG_CORRELATION_ID, "s"),
+    (FLAG_REPLY_TO, "s"),
+    (FLAG_EXPIRATION, "s"),
+    (FLAG_MESSAGE_ID, "s"),
+    (FLAG_TIMESTAMP, 8),
+    (FLAG_TYPE, "s"),
+    (FLAG_USER_ID, "s"),
+    (FLAG_APP_ID, "s"),
+    (FLAG_CLUSTER_ID, "s"),
+)
+
+
+def _field_at(raw: bytes, target: int) -> tuple[int, int]:
+    """Flags, and the offset where property ``target`` starts (skipping the
+    fields before it); raises PropertyError on a truncated list."""
+    flags, pos = _skip_flags(raw)
+    try:
+        for flag, how in _FIELDS:
+            if flag == target:
+                break
+            if flags & flag:
+                if how == "s":
+                    pos += 1 + raw[pos]
+                elif how == "t":
+                    pos += 4 + _unpack_long(raw, pos)[0]
+                else:
+                    assert isinstance(how, int)
+                    pos += how
+    except (IndexError, struct.error) as exc:
+        raise PropertyError("property list truncated") from exc
+    if pos >= len(raw) and flags & target:
+        raise PropertyError("property list truncated")
+    return flags, pos
+
+
 def replace_reply_to(raw: bytes, reply_to: str) -> bytes:
     """``raw`` with its reply-to property replaced and every other byte kept.
 
@@ -126,25 +169,10 @@ def replace_reply_to(raw: bytes, reply_to: str) -> bytes:
     lose their value types (a double comes back as a float, key order
     changes), whereas RabbitMQ keeps them exactly as sent.
     """
-    flags, pos = _skip_flags(raw)
+    flags, pos = _field_at(raw, FLAG_REPLY_TO)
     if not flags & FLAG_REPLY_TO:
         raise PropertyError("no reply-to property to replace")
-    try:
-        if flags & FLAG_CONTENT_TYPE:
-            pos += 1 + raw[pos]
-        if flags & FLAG_CONTENT_ENCODING:
-            pos += 1 + raw[pos]
-        if flags & FLAG_HEADERS:
-            pos += 4 + _unpack_long(raw, pos)[0]
-        if flags & FLAG_DELIVERY_MODE:
-            pos += 1
-        if flags & FLAG_PRIORITY:
-            pos += 1
-        if flags & FLAG_CORRELATION_ID:
-            pos += 1 + raw[pos]
-        end = pos + 1 + raw[pos]
-    except (IndexError, struct.error) as exc:
-        raise PropertyError("property list truncated") from exc
+    end = pos + 1 + raw[pos]
     if end > len(raw):
         raise PropertyError("property list truncated")
     value = reply_to.encode("utf-8")
@@ -169,14 +197,10 @@ def encode_properties(props: commands.Basic.Properties) -> bytes:
 
 def headers_of(raw: bytes) -> dict[str, Any] | None:
     """The headers table, or None when the message has none."""
-    flags, pos = _skip_flags(raw)
+    flags, pos = _field_at(raw, FLAG_HEADERS)
     if not flags & FLAG_HEADERS:
         return None
     try:
-        if flags & FLAG_CONTENT_TYPE:
-            pos += 1 + raw[pos]
-        if flags & FLAG_CONTENT_ENCODING:
-            pos += 1 + raw[pos]
         _, table = decode.field_table(raw[pos:])
     except (struct.error, ValueError, IndexError) as exc:
         raise PropertyError(str(exc)) from exc
@@ -185,30 +209,35 @@ def headers_of(raw: bytes) -> dict[str, Any] | None:
 
 def message_id_of(raw: bytes) -> str | None:
     """The message-id property, or None when the message has none."""
-    flags, pos = _skip_flags(raw)
+    flags, pos = _field_at(raw, FLAG_MESSAGE_ID)
     if not flags & FLAG_MESSAGE_ID:
         return None
-    try:
-        if flags & FLAG_CONTENT_TYPE:
-            pos += 1 + raw[pos]
-        if flags & FLAG_CONTENT_ENCODING:
-            pos += 1 + raw[pos]
-        if flags & FLAG_HEADERS:
-            pos += 4 + _unpack_long(raw, pos)[0]
-        if flags & FLAG_DELIVERY_MODE:
-            pos += 1
-        if flags & FLAG_PRIORITY:
-            pos += 1
-        if flags & FLAG_CORRELATION_ID:
-            pos += 1 + raw[pos]
-        if flags & FLAG_REPLY_TO:
-            pos += 1 + raw[pos]
-        if flags & FLAG_EXPIRATION:
-            pos += 1 + raw[pos]
-        n = raw[pos]
-    except (IndexError, struct.error) as exc:
-        raise PropertyError("property list truncated") from exc
+    n = raw[pos]
     return raw[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
+
+
+def _find_header(raw: bytes, name: str) -> tuple[int, int, int, int, int] | None:
+    """Where header ``name`` sits: (table offset, table length, entry start,
+    value start, entry end), or None when there is no such header."""
+    flags, pos = _field_at(raw, FLAG_HEADERS)
+    if not flags & FLAG_HEADERS:
+        return None
+    key = name.encode("utf-8")
+    try:
+        length = _unpack_long(raw, pos)[0]
+        end = pos + 4 + length
+        entry = pos + 4
+        while entry < end:
+            value = entry + 1 + raw[entry]
+            consumed, _ = decode.embedded_value(raw[value:end])
+            if not consumed:
+                raise PropertyError("header table truncated")
+            if raw[entry + 1 : value] == key:
+                return pos, length, entry, value, value + consumed
+            entry = value + consumed
+    except (IndexError, struct.error, ValueError) as exc:
+        raise PropertyError(str(exc)) from exc
+    return None
 
 
 def remove_header(raw: bytes, name: str) -> bytes:
@@ -218,36 +247,13 @@ def remove_header(raw: bytes, name: str) -> bytes:
     other entries and properties keep their exact encoding (see
     :func:`replace_reply_to`). A table left empty stays, as in RabbitMQ.
     """
-    flags, pos = _skip_flags(raw)
-    if not flags & FLAG_HEADERS:
+    found = _find_header(raw, name)
+    if found is None:
         return raw
-    key = name.encode("utf-8")
-    try:
-        if flags & FLAG_CONTENT_TYPE:
-            pos += 1 + raw[pos]
-        if flags & FLAG_CONTENT_ENCODING:
-            pos += 1 + raw[pos]
-        length = _unpack_long(raw, pos)[0]
-        end = pos + 4 + length
-        entry = pos + 4
-        while entry < end:
-            n = raw[entry]
-            value = entry + 1 + n
-            consumed, _ = decode.embedded_value(raw[value:end])
-            if not consumed:
-                raise PropertyError("header table truncated")
-            after = value + consumed
-            if raw[entry + 1 : value] == key:
-                return (
-                    raw[:pos]
-                    + struct.pack(">I", length - (after - entry))
-                    + raw[pos + 4 : entry]
-                    + raw[after:]
-                )
-            entry = after
-    except (IndexError, struct.error, ValueError) as exc:
-        raise PropertyError(str(exc)) from exc
-    return raw
+    pos, length, entry, _, after = found
+    return (
+        raw[:pos] + struct.pack(">I", length - (after - entry)) + raw[pos + 4 : entry] + raw[after:]
+    )
 
 
 def replace_header_int(raw: bytes, name: str, value: int) -> bytes:
@@ -255,39 +261,19 @@ def replace_header_int(raw: bytes, name: str, value: int) -> bytes:
     integer ``value`` (a signed 32-bit ``I``, or a 64-bit ``l`` when it does
     not fit); unchanged when there is no such header. Every other byte keeps
     its encoding, as in :func:`remove_header`."""
-    flags, pos = _skip_flags(raw)
-    if not flags & FLAG_HEADERS:
+    found = _find_header(raw, name)
+    if found is None:
         return raw
-    key = name.encode("utf-8")
+    pos, length, _, start, after = found
     new = (
         b"I" + struct.pack(">i", value)
         if -(2**31) <= value < 2**31
         else b"l" + struct.pack(">q", value)
     )
-    try:
-        if flags & FLAG_CONTENT_TYPE:
-            pos += 1 + raw[pos]
-        if flags & FLAG_CONTENT_ENCODING:
-            pos += 1 + raw[pos]
-        length = _unpack_long(raw, pos)[0]
-        end = pos + 4 + length
-        entry = pos + 4
-        while entry < end:
-            n = raw[entry]
-            start = entry + 1 + n
-            consumed, _ = decode.embedded_value(raw[start:end])
-            if not consumed:
-                raise PropertyError("header table truncated")
-            after = start + consumed
-            if raw[entry + 1 : start] == key:
-                return (
-                    raw[:pos]
-                    + struct.pack(">I", length - consumed + len(new))
-                    + raw[pos + 4 : start]
-                    + new
-                    + raw[after:]
-                )
-            entry = after
-    except (IndexError, struct.error, ValueError) as exc:
-        raise PropertyError(str(exc)) from exc
-    return raw
+    return (
+        raw[:pos]
+        + struct.pack(">I", length - (after - start) + len(new))
+        + raw[pos + 4 : start]
+        + new
+        + raw[after:]
+    )
