@@ -9,13 +9,18 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 
 from roost import __version__
+from roost.broker.access import is_loopback
 from roost.config import HELP, Config, ConfigError, load_config
+from roost.control import cli as control_cli
 from roost.server import Server
 from roost.store import definitions_cli
 from roost.store.datadir import DataDirInUse
 from roost.store.definitions import DefinitionsError
+from roost.store.encryption import EncryptionError, generate_key_file
+from roost.tls import TLSError
 
 log = logging.getLogger("roost")
 
@@ -55,7 +60,29 @@ def _build_parser() -> argparse.ArgumentParser:
                 help=text,
             )
     definitions_cli.add_parser(sub)
+    control_cli.add_parser(sub)
+    keygen = sub.add_parser(
+        "keygen",
+        help="create an encryption key file for encryption at rest",
+        description=(
+            "Write 32 random bytes, base64-encoded, to FILE (created with mode 0600; "
+            "an existing file is never overwritten), for `roost serve "
+            "--encryption-key-file FILE`."
+        ),
+    )
+    keygen.add_argument("file", metavar="FILE", help="key file to create")
     return parser
+
+
+def _keygen(path: str) -> int:
+    try:
+        kid = generate_key_file(Path(path))
+    except EncryptionError as exc:
+        print(f"roost: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote a new encryption key to {path} (key id {kid.hex()}); keep a copy safe:")
+    print("without it, messages stored under it cannot be read")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "definitions":
         return definitions_cli.run(args)
+    if args.command == "ctl":
+        return control_cli.run(args)
+    if args.command == "keygen":
+        return _keygen(args.file)
     if args.command != "serve":
         parser.print_help()
         return 2
@@ -89,6 +120,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _warn_if_only_guest(config: Config, server: Server) -> None:
+    """Listening beyond loopback with guest as the only user is either
+    unreachable (guest is loopback-only) or open to anyone who knows the
+    well-known default password: say so at start."""
+    host = config.host
+    loopback = host == "localhost" or (bool(host) and is_loopback(host))
+    if loopback or list(server.broker.users.users) != ["guest"]:
+        return
+    if "guest" in server.broker.loopback_users:
+        why = "guest may only connect from localhost, so remote clients cannot log in"
+    else:
+        why = "anyone on the network who knows its password can log in"
+    print(
+        f"roost: warning: listening on {host or 'all interfaces'} and the only user is "
+        f"'guest': {why}; create a user of your own (roost ctl) and delete guest",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 async def _serve(config: Config) -> int:
     data_dir = config.resolved_data_dir()
     try:
@@ -100,7 +151,7 @@ async def _serve(config: Config) -> int:
     server = Server(config)
     try:
         await server.start()
-    except (DataDirInUse, DefinitionsError) as exc:
+    except (DataDirInUse, DefinitionsError, TLSError, EncryptionError) as exc:
         print(f"roost: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -108,13 +159,16 @@ async def _serve(config: Config) -> int:
         verb = "cannot use" if exc.filename else "cannot listen on"
         print(f"roost: {verb} {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    _warn_if_only_guest(config, server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # Announced only once SIGTERM is handled: whoever waits for this line
     # (a supervisor, RoostProcess) may stop the broker right away.
-    print(f"roost {__version__}: listening on amqp://{config.host}:{server.port}", flush=True)
+    # One line, so that whoever parses it learns both ports at once.
+    tls = f" and amqps://{config.host}:{server.tls_port}" if server.tls_port else ""
+    print(f"roost {__version__}: listening on amqp://{config.host}:{server.port}{tls}", flush=True)
     await stop.wait()
     log.info("shutting down")
     await server.stop()

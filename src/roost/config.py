@@ -33,6 +33,19 @@ class Config:
     uvloop: bool = True
     segment_size: int = 32 * 1024 * 1024
     consumer_timeout: int = 1800000
+    loopback_users: str = "guest"
+    max_connections: int = 0
+    max_connections_per_vhost: int = 0
+    max_connections_per_user: int = 0
+    max_queues_per_vhost: int = 0
+    tls_port: int = 5671
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_verify_peer: bool = False
+    tls_min_version: str = "1.2"
+    encryption_key_file: str = ""
+    old_encryption_key_file: str = ""
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
@@ -54,6 +67,27 @@ HELP = {
     "consumer_timeout": "ms a consumer may hold an unacknowledged delivery before its "
     "channel is closed with 406, as in RabbitMQ (0 disables; queues override it "
     "with x-consumer-timeout)",
+    "loopback_users": "comma-separated users that may only connect from a loopback address, "
+    "as RabbitMQ's loopback_users (empty: no such restriction)",
+    "max_connections": "most client connections open at once (0: no limit)",
+    "max_connections_per_vhost": "most client connections open at once to any one virtual "
+    "host (0: no limit)",
+    "max_connections_per_user": "most client connections open at once by any one user "
+    "(0: no limit)",
+    "max_queues_per_vhost": "most queues in any one virtual host; declaring one more is "
+    "refused with 406 (0: no limit)",
+    "tls_port": "amqps (AMQP over TLS) port, used only when tls_cert is set (0 picks a free one)",
+    "tls_cert": "PEM certificate chain of the TLS listener; setting it enables amqps",
+    "tls_key": "PEM private key of tls_cert (empty: the key is in the tls_cert file)",
+    "tls_ca": "PEM CA bundle that client certificates must be signed by",
+    "tls_verify_peer": "require a client certificate signed by tls_ca; also offers SASL "
+    "EXTERNAL (login as the user named by the certificate's CN)",
+    "tls_min_version": "lowest TLS version accepted: 1.2 or 1.3",
+    "encryption_key_file": "file holding a base64 AES-256 key (make one with `roost keygen "
+    "FILE`): message bodies, properties, exchange and routing key are then encrypted in "
+    "the message store; alternatively put the key itself in ROOST_ENCRYPTION_KEY",
+    "old_encryption_key_file": "comma-separated key files of earlier keys: messages "
+    "stored under them stay readable while new ones use the current key (key rotation)",
 }
 
 
@@ -78,6 +112,9 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
             return int(value)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{name}: expected an integer, got {value!r}") from exc
+    if isinstance(value, list):
+        # A TOML list for a comma-separated option (loopback_users = []).
+        return ",".join(str(v) for v in value)
     return str(value)
 
 
@@ -133,4 +170,22 @@ def load_config(
         raise ConfigError("max_message_size: must be positive")
     if cfg.consumer_timeout < 0:
         raise ConfigError("consumer_timeout: must not be negative (0 disables it)")
+    for limit in (
+        "max_connections",
+        "max_connections_per_vhost",
+        "max_connections_per_user",
+        "max_queues_per_vhost",
+    ):
+        if getattr(cfg, limit) < 0:
+            raise ConfigError(f"{limit}: must not be negative (0 means no limit)")
+    if not 0 <= cfg.tls_port <= 65535:
+        raise ConfigError(f"tls_port: {cfg.tls_port} is not between 0 and 65535")
+    if cfg.tls_min_version not in ("1.2", "1.3"):
+        raise ConfigError(f"tls_min_version: expected 1.2 or 1.3, got {cfg.tls_min_version!r}")
+    if not cfg.tls_cert and (cfg.tls_key or cfg.tls_ca or cfg.tls_verify_peer):
+        raise ConfigError("tls_key, tls_ca and tls_verify_peer need tls_cert")
+    if cfg.tls_verify_peer and not cfg.tls_ca:
+        raise ConfigError(
+            "tls_verify_peer: needs tls_ca (the CA client certificates must be signed by)"
+        )
     return cfg

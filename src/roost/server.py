@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import ssl
 
 from roost.amqp.connection import AMQPConnection, ConnectionSettings
 from roost.broker.broker import Broker
 from roost.broker.errors import CONNECTION_FORCED
 from roost.config import Config
+from roost.control.server import ControlServer
+from roost.control.socket_path import control_socket
 from roost.store.durable_state import DurableState
+from roost.store.encryption import load_keyring
+from roost.tls import TLSError, server_context
 
 log = logging.getLogger("roost")
 
@@ -27,7 +33,10 @@ class Server:
         self.state: DurableState | None = None
         self._broker: Broker | None = None
         self._server: asyncio.Server | None = None
+        self._tls_server: asyncio.Server | None = None
+        self.control: ControlServer | None = None
         self.port = 0
+        self.tls_port = 0  # 0 while there is no amqps listener
 
     @property
     def broker(self) -> Broker:
@@ -36,15 +45,38 @@ class Server:
 
     async def start(self) -> None:
         """Lock the data directory, recover, then listen. Raises
-        ``DataDirInUse`` or ``OSError`` with a message fit for a user."""
+        ``DataDirInUse``, ``TLSError`` or ``OSError`` with a message fit
+        for a user."""
         loop = asyncio.get_running_loop()
-        state = DurableState(self.config.resolved_data_dir(), self.config.segment_size)
+        tls: ssl.SSLContext | None = None
+        if self.config.tls_cert:
+            # Before touching the data directory: a bad certificate is a
+            # configuration mistake and should fail fast.
+            tls = server_context(
+                self.config.tls_cert,
+                self.config.tls_key,
+                self.config.tls_ca,
+                self.config.tls_verify_peer,
+                self.config.tls_min_version,
+            )
+        # Also before the data directory: a key file that cannot be read.
+        keyring = load_keyring(
+            self.config.encryption_key_file, self.config.old_encryption_key_file, os.environ
+        )
+        state = DurableState(self.config.resolved_data_dir(), self.config.segment_size, keyring)
         try:
             broker = Broker(
                 default_user=self.config.default_user,
                 default_password=self.config.default_password,
                 max_message_size=self.config.max_message_size,
                 journal=state.store,
+                max_connections=self.config.max_connections,
+                max_connections_per_vhost=self.config.max_connections_per_vhost,
+                max_connections_per_user=self.config.max_connections_per_user,
+                max_queues_per_vhost=self.config.max_queues_per_vhost,
+                loopback_users=[
+                    u.strip() for u in self.config.loopback_users.split(",") if u.strip()
+                ],
             )
             state.recover(broker)
             state.start(loop)
@@ -56,19 +88,55 @@ class Server:
                 reuse_address=True,
                 backlog=1024,
             )
+            if tls is not None:
+                try:
+                    self._tls_server = await loop.create_server(
+                        lambda: AMQPConnection(broker, self.settings, self.connections),
+                        host=self.config.host,
+                        port=self.config.tls_port,
+                        reuse_address=True,
+                        backlog=1024,
+                        ssl=tls,
+                        # The AMQP handshake timer starts only after TLS is up.
+                        ssl_handshake_timeout=self.settings.handshake_timeout,
+                    )
+                except OSError as exc:
+                    raise TLSError(
+                        f"cannot listen on {self.config.host}:{self.config.tls_port}: "
+                        f"{exc.strerror or exc}"
+                    ) from exc
         except BaseException:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
             state.close()
             raise
         self.state = state
         self._broker = broker
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("roost listening for AMQP on %s:%d", self.config.host, self.port)
+        if self._tls_server is not None:
+            self.tls_port = self._tls_server.sockets[0].getsockname()[1]
+            log.info("roost listening for AMQP over TLS on %s:%d", self.config.host, self.tls_port)
+        # For ``roost ctl``; without it the broker still serves, and ctl
+        # reports that the data directory is in use.
+        control = ControlServer(broker, control_socket(self.config.resolved_data_dir()))
+        try:
+            await control.start()
+            self.control = control
+        except OSError as exc:
+            log.error("cannot create the control socket %s: %s", control.path, exc)
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop accepting, close every connection with 320, wait for them to
         go, then flush and fsync the store."""
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
         if self._server is not None:
             self._server.close()
+        if self._tls_server is not None:
+            self._tls_server.close()
         for conn in list(self.connections):
             conn.close(CONNECTION_FORCED, "broker forced connection closure with reason 'shutdown'")
         deadline = asyncio.get_running_loop().time() + grace
@@ -80,6 +148,9 @@ class Server:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        if self._tls_server is not None:
+            await self._tls_server.wait_closed()
+            self._tls_server = None
         if self.state is not None:
             self.state.close()
             self.state = None

@@ -46,6 +46,9 @@ class RoostBroker:
     def __init__(self, **config: Any) -> None:
         config.setdefault("host", "127.0.0.1")
         config.setdefault("port", 0)
+        # The amqps listener runs only when tls_cert is given; then on an
+        # ephemeral port too.
+        config.setdefault("tls_port", 0)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if not config.get("data_dir"):
             self._tmp = tempfile.TemporaryDirectory(prefix="roost-")
@@ -67,6 +70,17 @@ class RoostBroker:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@{self.host}:{self.port}/"
+
+    @property
+    def tls_port(self) -> int:
+        """The amqps port; 0 when the broker has no TLS listener."""
+        assert self.server is not None, "broker not started"
+        return self.server.tls_port
+
+    @property
+    def tls_url(self) -> str:
+        assert self.tls_port, "broker has no TLS listener (pass tls_cert=...)"
+        return f"amqps://guest:guest@{self.host}:{self.tls_port}/"
 
     def start(self) -> RoostBroker:
         started: Future[None] = Future()
@@ -130,6 +144,7 @@ class RoostBroker:
 
 
 _LISTENING = re.compile(r"listening on amqp://([^:\s]+):(\d+)")
+_LISTENING_TLS = re.compile(r"and amqps://[^:\s]+:(\d+)")
 
 
 class RoostProcess:
@@ -151,11 +166,17 @@ class RoostProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.host = "127.0.0.1"
         self.port = 0
+        self.tls_port = 0  # the amqps port once started, when --tls-cert is given
         self.output: list[str] = []
 
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@{self.host}:{self.port}/"
+
+    @property
+    def tls_url(self) -> str:
+        assert self.tls_port, "roost has no TLS listener (pass --tls-cert ... --tls-port 0)"
+        return f"amqps://guest:guest@{self.host}:{self.tls_port}/"
 
     def start(self, timeout: float = 30.0) -> RoostProcess:
         cmd = [
@@ -171,12 +192,15 @@ class RoostProcess:
             str(self.data_dir),
             *self.extra_args,
         ]
+        if self.tls_port:
+            # A restart keeps the amqps port too (the last --tls-port wins).
+            cmd += ["--tls-port", str(self.tls_port)]
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
-        found: Future[tuple[str, int]] = Future()
+        found: Future[tuple[str, int, int]] = Future()
 
         def pump() -> None:
             assert self.proc is not None and self.proc.stdout is not None
@@ -184,14 +208,15 @@ class RoostProcess:
                 self.output.append(line)
                 m = _LISTENING.search(line)
                 if m and not found.done():
-                    found.set_result((m.group(1), int(m.group(2))))
+                    tls = _LISTENING_TLS.search(line)
+                    found.set_result((m.group(1), int(m.group(2)), int(tls.group(1)) if tls else 0))
             if not found.done():
                 found.set_exception(
                     RuntimeError("roost exited before listening:\n" + "".join(self.output))
                 )
 
         threading.Thread(target=pump, name="roost-output", daemon=True).start()
-        self.host, self.port = found.result(timeout)
+        self.host, self.port, self.tls_port = found.result(timeout)
         return self
 
     def kill(self) -> None:

@@ -201,6 +201,8 @@ def test_added_vhost_is_usable(roost_broker: RoostBroker) -> None:
     assert roost_broker.server is not None
     b = roost_broker.server.broker
     roost_broker.call(lambda: b.add_vhost("tenant-a"))
+    # As in RabbitMQ, a new vhost grants nobody access until permissions are set.
+    roost_broker.call(lambda: b.permissions.update({("guest", "tenant-a"): (".*", ".*", ".*")}))
     conn = pika.BlockingConnection(pika_params(roost_broker, virtual_host="tenant-a"))
     try:
         assert round_trip(conn) == b"ping"

@@ -269,7 +269,7 @@ def test_users_from_definitions_file_are_loaded(proc: RoostProcess) -> None:
         }
     )
     data["permissions"].append(
-        {"user": "alice", "vhost": "/", "configure": "", "write": ".*", "read": ".*"}
+        {"user": "alice", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
     )
     path.write_text(json.dumps(data))
     proc.start()

@@ -18,10 +18,11 @@ from pamqp.base import Frame as MethodFrame
 
 from roost import properties
 from roost.amqp import encoder
-from roost.broker import errors, sender_selected
+from roost.broker import access, errors, sender_selected
+from roost.broker.access import CONFIGURE, READ, WRITE
 from roost.broker.consumer import Consumer
 from roost.broker.errors import BrokerError, precondition
-from roost.broker.exchange import Exchange
+from roost.broker.exchange import EXCHANGE_TYPES, Exchange
 from roost.broker.message import Message, QueueEntry
 from roost.broker.queue import Queue
 from roost.broker.queue_args import parse_expiration
@@ -46,6 +47,8 @@ _DEFINITION_METHODS = frozenset(
     }
 )
 _scan_cache: dict[bytes, properties.Scanned] = {}
+# Exchanges a channel remembers it may publish to (see _may_publish).
+_WRITE_CACHE_SIZE = 64
 _NO_PROPERTIES = properties.EMPTY
 
 
@@ -80,6 +83,13 @@ class Channel:
         self.number = number
         assert conn.vhost is not None
         self.vhost = conn.vhost
+        # Permission checks read the broker's table on every operation, so a
+        # change applies at once; publishes skip the regex through a cache
+        # of exchanges found writable, valid while the entry is the same.
+        self._permissions = conn.broker.permissions
+        self._perm_key = (conn.username, conn.vhost.name)
+        self._perms_seen: access.Permissions | None = None
+        self._writable: set[str] = set()
         self.consumers: dict[str, Consumer] = {}
         self._tag_bytes: dict[str, bytes] = {}
         self.next_tag = 1
@@ -177,6 +187,36 @@ class Channel:
         else:
             broker.when_definitions_saved(lambda: self._late_reply(data))
 
+    # -- permissions (where rabbit_channel checks them) ------------------
+
+    def _check(self, which: int, kind: str, name: str) -> None:
+        access.check(
+            self._permissions.get(self._perm_key),
+            which,
+            kind,
+            name,
+            self.vhost.name,
+            self.conn.username,
+        )
+
+    def _may_publish(self, exchange: str) -> None:
+        perms = self._permissions.get(self._perm_key)
+        if perms is not self._perms_seen:
+            self._perms_seen = perms
+            self._writable.clear()
+        access.check(perms, WRITE, "exchange", exchange, self.vhost.name, self.conn.username)
+        if len(self._writable) >= _WRITE_CACHE_SIZE:
+            self._writable.clear()
+        self._writable.add(exchange)
+
+    def _check_binding(self, kind: str, destination: str, source: str) -> None:
+        # rabbit_channel:binding_action_with_checks: write on the
+        # destination, the default exchange refused, read on the source.
+        self._check(WRITE, kind, destination)
+        if not source or (kind == "exchange" and not destination):
+            raise errors.access_refused("operation not permitted on the default exchange")
+        self._check(READ, "exchange", source)
+
     def _late_reply(self, data: bytes) -> None:
         if not self.closing and self.conn.state == "open":
             self.conn.write(data)
@@ -233,6 +273,11 @@ class Channel:
         if ev.immediate:
             raise BrokerError(errors.NOT_IMPLEMENTED, "immediate=true")
         vhost = self.vhost
+        # Write permission comes before the lookup (403 before 404).
+        if ev.exchange not in self._writable or (
+            self._permissions.get(self._perm_key) is not self._perms_seen
+        ):
+            self._may_publish(ev.exchange)
         ex = vhost.exchanges.get(ev.exchange)
         if ex is None:
             raise errors.not_found("exchange", ev.exchange, vhost.name)
@@ -376,30 +421,48 @@ class Channel:
     # -- exchanges ------------------------------------------------------
 
     def _exchange_declare(self, m: C.Exchange.Declare) -> None:
+        args = _table(m.arguments)
+        name = m.exchange
+        # A passive declare checks nothing. Otherwise configure, after the
+        # type and default-exchange checks (which declare_exchange makes);
+        # a new exchange with an alternate exchange also needs read on
+        # itself and write on the alternate, as in rabbit_channel.
+        if not m.passive and name and m.exchange_type in EXCHANGE_TYPES:
+            self._check(CONFIGURE, "exchange", name)
+            ae = args.get("alternate-exchange")
+            new = name not in self.vhost.exchanges and not name.startswith("amq.")
+            if new and isinstance(ae, str):
+                self._check(READ, "exchange", name)
+                self._check(WRITE, "exchange", ae)
         self.vhost.declare_exchange(
-            m.exchange,
+            name,
             m.exchange_type,
             passive=m.passive,
             durable=m.durable,
             auto_delete=m.auto_delete,
             internal=m.internal,
-            arguments=_table(m.arguments),
+            arguments=args,
         )
         if not m.nowait:
             self.send(C.Exchange.DeclareOk())
 
     def _exchange_delete(self, m: C.Exchange.Delete) -> None:
+        # Configure, after the default and amq.* refusals.
+        if m.exchange and not m.exchange.startswith("amq."):
+            self._check(CONFIGURE, "exchange", m.exchange)
         self.vhost.delete_exchange(m.exchange, if_unused=m.if_unused)
         if not m.nowait:
             self.send(C.Exchange.DeleteOk())
 
     def _exchange_bind(self, m: C.Exchange.Bind) -> None:
+        self._check_binding("exchange", m.destination, m.source)
         dest = self.vhost.exchange(m.destination)
         self.vhost.bind(m.source, dest, m.routing_key, _table(m.arguments))
         if not m.nowait:
             self.send(C.Exchange.BindOk())
 
     def _exchange_unbind(self, m: C.Exchange.Unbind) -> None:
+        self._check_binding("exchange", m.destination, m.source)
         dest = self.vhost.exchanges.get(m.destination)
         self.vhost.unbind(m.source, dest, m.routing_key, _table(m.arguments))
         if not m.nowait:
@@ -420,6 +483,7 @@ class Channel:
             if not m.nowait:
                 self._reply(encoder.queue_declare_ok(self.number, REPLY_TO_QUEUE, 0, 0))
             return
+        args = _table(m.arguments)
         q = self.vhost.declare_queue(
             m.queue,
             owner=self.owner,
@@ -427,7 +491,9 @@ class Channel:
             durable=m.durable,
             exclusive=m.exclusive,
             auto_delete=m.auto_delete,
-            arguments=_table(m.arguments),
+            arguments=args,
+            max_queues=self.conn.broker.max_queues_per_vhost,
+            authorize=lambda name, new: self._authorize_queue(name, new, args),
         )
         if q.exclusive:
             self.conn.exclusive_queues.add(q)
@@ -437,25 +503,43 @@ class Channel:
                 encoder.queue_declare_ok(self.number, q.name, q.message_count, q.consumer_count)
             )
 
+    def _authorize_queue(self, name: str, new: bool, args: dict[str, Any]) -> None:
+        # Configure on the queue (its generated name for a server-named
+        # one); a new queue with a dead-letter exchange also needs read on
+        # itself and write on that exchange, as in rabbit_channel.
+        self._check(CONFIGURE, "queue", name)
+        dlx = args.get("x-dead-letter-exchange")
+        if new and isinstance(dlx, str):
+            self._check(READ, "queue", name)
+            self._check(WRITE, "exchange", dlx)
+
     def _queue_bind(self, m: C.Queue.Bind) -> None:
-        q = self.vhost.queue(self._queue_name(m.queue), self.owner)
+        name = self._queue_name(m.queue)
+        self._check_binding("queue", name, m.exchange)
+        q = self.vhost.queue(name, self.owner)
         self.vhost.bind(m.exchange, q, m.routing_key, _table(m.arguments))
         if not m.nowait:
             self.send(C.Queue.BindOk())
 
     def _queue_unbind(self, m: C.Queue.Unbind) -> None:
-        q = self.vhost.queues.get(self._queue_name(m.queue))
+        name = self._queue_name(m.queue)
+        self._check_binding("queue", name, m.exchange)
+        q = self.vhost.queues.get(name)
         self.vhost.unbind(m.exchange, q, m.routing_key, _table(m.arguments), self.owner)
         self.send(C.Queue.UnbindOk())
 
     def _queue_purge(self, m: C.Queue.Purge) -> None:
-        n = self.vhost.purge_queue(self._queue_name(m.queue), self.owner)
+        name = self._queue_name(m.queue)
+        self._check(READ, "queue", name)
+        n = self.vhost.purge_queue(name, self.owner)
         if not m.nowait:
             self.send(C.Queue.PurgeOk(message_count=n))
 
     def _queue_delete(self, m: C.Queue.Delete) -> None:
+        name = self._queue_name(m.queue)
+        self._check(CONFIGURE, "queue", name)
         n = self.vhost.delete_queue(
-            self._queue_name(m.queue),
+            name,
             owner=self.owner,
             if_unused=m.if_unused,
             if_empty=m.if_empty,
@@ -491,7 +575,9 @@ class Channel:
         if m.queue == REPLY_TO_QUEUE:
             self._consume_reply_to(tag, m)
             return
-        q = self.vhost.queue(self._queue_name(m.queue), self.owner)
+        name = self._queue_name(m.queue)
+        self._check(READ, "queue", name)
+        q = self.vhost.queue(name, self.owner)
         if (m.exclusive and q.consumer_count) or q.has_exclusive_consumer():
             raise errors.access_refused(
                 f"queue '{q.name}' in vhost '{self.vhost.name}' in exclusive use"
@@ -548,7 +634,9 @@ class Channel:
         self.vhost.consumer_removed(consumer)
 
     def _basic_get(self, m: C.Basic.Get) -> None:
-        q = self.vhost.queue(self._queue_name(m.queue), self.owner)
+        name = self._queue_name(m.queue)
+        self._check(READ, "queue", name)
+        q = self.vhost.queue(name, self.owner)
         entry = q.get(m.no_ack)
         if entry is None:
             self.conn.write(encoder.get_empty(self.number))

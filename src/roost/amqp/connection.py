@@ -31,8 +31,9 @@ from roost.amqp.decoder import (
     ProtocolHeaderReceived,
     PublishReceived,
 )
-from roost.broker import errors
+from roost.broker import access, errors
 from roost.broker.errors import BrokerError
+from roost.tls import peer_common_name
 
 if TYPE_CHECKING:
     from roost.broker.broker import Broker
@@ -92,6 +93,10 @@ class AMQPConnection(asyncio.Protocol):
         self.capabilities: dict[str, Any] = {}
         self.exclusive_queues: set[Queue] = set()
         self.peer = ""
+        self.peer_host = ""  # the peer's IP address ("" for a Unix socket)
+        # CN of the verified client certificate (TLS listeners with
+        # verify_peer only); None when there is no certificate.
+        self.cert_name: str | None = None
         self.writable = True
         self._out: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
@@ -113,6 +118,7 @@ class AMQPConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer_host = str(peer[0]) if isinstance(peer, tuple) else ""
         self.transport.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)
         if self.registry is not None:
             self.registry.add(self)
@@ -235,6 +241,10 @@ class AMQPConnection(asyncio.Protocol):
             self._close_transport()
             return
         self.state = "start"
+        # As rabbitmq_auth_mechanism_ssl: EXTERNAL is offered only when the
+        # client presented a certificate, i.e. on verify_peer TLS listeners.
+        self.cert_name = peer_common_name(self.transport)
+        mechanisms = "PLAIN AMQPLAIN" if self.cert_name is None else "PLAIN AMQPLAIN EXTERNAL"
         self.send_method(
             0,
             C.Connection.Start(
@@ -249,7 +259,7 @@ class AMQPConnection(asyncio.Protocol):
                     "cluster_name": "roost",
                     "capabilities": dict(CAPABILITIES),
                 },
-                mechanisms="PLAIN AMQPLAIN",
+                mechanisms=mechanisms,
                 locales="en_US",
             ),
         )
@@ -259,6 +269,15 @@ class AMQPConnection(asyncio.Protocol):
         caps = self.client_properties.get("capabilities")
         self.capabilities = dict(caps) if isinstance(caps, dict) else {}
         mechanism = m.mechanism
+        if self.broker.login_throttle.blocked(self.peer_host):
+            # Too many recent failures from this address: refused without
+            # looking at the credentials, answered like any failed login.
+            # Not counted as a failure itself, so a client that keeps
+            # retrying gets in once the back-off is over.
+            self._auth_failed(
+                mechanism, reason="too many failed logins from this address", counts=False
+            )
+            return
         response = m.response
         raw = response.encode("utf-8") if isinstance(response, str) else bytes(response or b"")
         if mechanism == "PLAIN":
@@ -276,17 +295,34 @@ class AMQPConnection(asyncio.Protocol):
             login, pw = table.get("LOGIN"), table.get("PASSWORD")
             user = login.encode() if isinstance(login, str) else _as_bytes(login)
             password = pw.encode() if isinstance(pw, str) else _as_bytes(pw)
+        elif mechanism == "EXTERNAL" and self.cert_name is not None:
+            # The verified certificate stands in for the password: log in
+            # the existing user named by its CN.
+            user, password = self.cert_name.encode(), None
         else:
+            # RabbitMQ's wording differs for a mechanism it knows but did not
+            # offer on this connection (EXTERNAL without a client certificate).
+            known = "invalid" if mechanism == "EXTERNAL" else "unknown"
             self._connection_error(
                 errors.COMMAND_INVALID,
-                f"unknown authentication mechanism '{mechanism}'",
+                f"{known} authentication mechanism '{mechanism}'",
                 10,
                 11,
             )
             return
         name = user.decode("utf-8", "replace")
-        if self.broker.users.authenticate(name, password.decode("utf-8", "replace")) is None:
-            self._auth_failed(mechanism)
+        if password is None:
+            accepted = bool(name) and name in self.broker.users.users
+        else:
+            accepted = (
+                self.broker.users.authenticate(name, password.decode("utf-8", "replace"))
+                is not None
+            )
+        if not accepted:
+            self._auth_failed(mechanism, name)
+            return
+        if not access.loopback_allowed(name, self.peer_host, self.broker.loopback_users):
+            self._auth_failed(mechanism, name, f"user '{name}' can only connect via localhost")
             return
         self.username = name
         self.state = "tune"
@@ -298,8 +334,23 @@ class AMQPConnection(asyncio.Protocol):
             ),
         )
 
-    def _auth_failed(self, mechanism: str) -> None:
-        log.warning("%s: login refused using mechanism %s", self.peer, mechanism)
+    def _auth_failed(
+        self,
+        mechanism: str,
+        user: str = "",
+        reason: str = "invalid credentials",
+        counts: bool = True,
+    ) -> None:
+        # Logged with the user and the peer, never the password. The client
+        # learns no more than RabbitMQ tells it: not which part was wrong.
+        log.warning("%s: %s login refused for user '%s': %s", self.peer, mechanism, user, reason)
+        if counts and self.broker.login_throttle.failed(self.peer_host):
+            log.warning(
+                "%s: too many failed logins, refusing logins from %s for %gs",
+                self.peer,
+                self.peer_host or "this address",
+                self.broker.login_throttle.backoff,
+            )
         if self.capabilities.get("authentication_failure_close"):
             self._connection_error(
                 errors.ACCESS_REFUSED,
@@ -335,11 +386,13 @@ class AMQPConnection(asyncio.Protocol):
         self.state = "open-wait"
 
     def _open(self, m: C.Connection.Open) -> None:
-        vhost = self.broker.vhost(m.virtual_host)
-        if vhost is None:
-            self._connection_error(errors.NOT_ALLOWED, f"vhost {m.virtual_host} not found", 10, 40)
+        try:
+            vhost = self.broker.connection_opening(self.username, m.virtual_host)
+        except BrokerError as exc:
+            self._connection_error(exc.code, exc.text, 10, 40)
             return
         self.vhost = vhost
+        self.broker.connections.add(self)
         self.state = "open"
         if self._timer is not None:
             self._timer.cancel()
@@ -551,6 +604,7 @@ class AMQPConnection(asyncio.Protocol):
             self.transport.close()
 
     def _teardown(self) -> None:
+        self.broker.connections.discard(self)
         for ch in list(self.channels.values()):
             ch.teardown()
         self.channels.clear()

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
+from roost.broker import errors
+from roost.broker.access import LoginThrottle, Permissions
 from roost.broker.delayed import DelayedExchange
+from roost.broker.errors import BrokerError
 from roost.broker.journal import Journal
 from roost.broker.users import UserStore
 from roost.broker.vhost import VirtualHost
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+
+class ClientConnection(Protocol):
+    """What the broker needs of an open client connection (AMQP or other):
+    who it is, where, and a way to close it."""
+
+    username: str
+    vhost: VirtualHost | None
+
+    def close(self, code: int, text: str) -> None: ...
 
 
 class Broker:
@@ -21,6 +34,11 @@ class Broker:
         default_password: str = "guest",
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         journal: Journal | None = None,
+        max_connections: int = 0,
+        max_connections_per_vhost: int = 0,
+        max_connections_per_user: int = 0,
+        max_queues_per_vhost: int = 0,
+        loopback_users: Iterable[str] = ("guest",),
     ) -> None:
         self.journal = journal
         self.scheduler: Callable[[float, Callable[[], None]], Any] | None = None
@@ -34,11 +52,24 @@ class Broker:
         self.next_queue_id = 1
         self.vhosts: dict[str, VirtualHost] = {}
         self.users = UserStore()
-        # (user, vhost) -> (configure, write, read) patterns.
-        self.permissions: dict[tuple[str, str], tuple[str, str, str]] = {}
+        # (user, vhost) -> (configure, write, read) patterns (see access.py).
+        self.permissions: dict[tuple[str, str], Permissions] = {}
+        # Limits (0: none), enforced where RabbitMQ enforces them: connections
+        # at connection.open, queues when a client declares a new one.
+        self.max_connections = max_connections
+        self.max_connections_per_vhost = max_connections_per_vhost
+        self.max_connections_per_user = max_connections_per_user
+        self.max_queues_per_vhost = max_queues_per_vhost
+        # Users that may log in from loopback addresses only (RabbitMQ's
+        # loopback_users), and per-address back-off after failed logins.
+        self.loopback_users = frozenset(loopback_users)
+        self.login_throttle = LoginThrottle()
+        # Connections that completed connection.open.
+        self.connections: set[ClientConnection] = set()
+        self.default_user = default_user
+        self.default_password = default_password
         self.add_vhost("/")
-        self.users.add(default_user, default_password, ("administrator",))
-        self.permissions[(default_user, "/")] = (".*", ".*", ".*")
+        self.ensure_default_user()
         # Resource alarms (memory, disk): while any is set, publishers block.
         self.alarms: set[str] = set()
         self._alarm_listeners: list[Callable[[bool, str], None]] = []
@@ -69,6 +100,67 @@ class Broker:
             )
             vh.scheduler = self.scheduler
             self.definitions_changed()
+        return vh
+
+    def delete_vhost(self, name: str) -> bool:
+        """Delete a virtual host as ``rabbitmqctl delete_vhost`` does: close
+        its connections with 320, delete its queues (and their stored
+        messages), exchanges and bindings, and its users' permissions on it.
+        Returns False when there is no such vhost."""
+        vh = self.vhosts.get(name)
+        if vh is None:
+            return False
+        for conn in [c for c in self.connections if c.vhost is vh]:
+            conn.close(errors.CONNECTION_FORCED, f"vhost '{name}' is down")
+        del self.vhosts[name]
+        vh.clear()
+        for key in [k for k in self.permissions if k[1] == name]:
+            del self.permissions[key]
+        self.definitions_changed()
+        return True
+
+    def ensure_default_user(self) -> None:
+        """Create the default user (guest), with full permissions on "/",
+        when there is no user at all: on first start, or after definitions
+        without users. A data directory's own users otherwise replace it, so
+        a deleted guest stays deleted."""
+        if self.users.users:
+            return
+        self.users.add(self.default_user, self.default_password, ("administrator",))
+        self.permissions[(self.default_user, "/")] = (".*", ".*", ".*")
+
+    # -- connections ----------------------------------------------------
+
+    def connection_opening(self, user: str, vhost_name: str) -> VirtualHost:
+        """The checks of RabbitMQ's connection.open, in its order: the
+        connection limits (node, vhost, user), then access to the vhost.
+        Returns the vhost or raises 530 NOT_ALLOWED."""
+        conns = self.connections
+        if self.max_connections and len(conns) >= self.max_connections:
+            raise BrokerError(
+                errors.NOT_ALLOWED,
+                f"connection refused: node connection limit ({self.max_connections}) is reached",
+            )
+        vh = self.vhosts.get(vhost_name)
+        if vh is None:
+            raise BrokerError(errors.NOT_ALLOWED, f"vhost {vhost_name} not found")
+        limit = self.max_connections_per_vhost
+        if limit and sum(1 for c in conns if c.vhost is vh) >= limit:
+            raise BrokerError(
+                errors.NOT_ALLOWED,
+                f"access to vhost '{vhost_name}' refused for user '{user}': "
+                f"connection limit ({limit}) is reached",
+            )
+        limit = self.max_connections_per_user
+        if limit and sum(1 for c in conns if c.username == user) >= limit:
+            raise BrokerError(
+                errors.NOT_ALLOWED,
+                f"connection refused for user '{user}': user connection limit ({limit}) is reached",
+            )
+        if (user, vhost_name) not in self.permissions:
+            raise BrokerError(
+                errors.NOT_ALLOWED, f"access to vhost '{vhost_name}' refused for user '{user}'"
+            )
         return vh
 
     def allocate_queue_id(self) -> int:

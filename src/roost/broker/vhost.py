@@ -229,7 +229,15 @@ class VirtualHost:
         exclusive: bool = False,
         auto_delete: bool = False,
         arguments: dict[str, Any] | None = None,
+        max_queues: int = 0,
+        authorize: Callable[[str, bool], None] | None = None,
     ) -> Queue:
+        """Declare a queue. ``max_queues`` (0: no limit) is the vhost's
+        queue limit, which a client's declaration of a new queue must
+        respect (recovery and definitions import pass none). ``authorize``
+        is called with the actual name (generated for a server-named queue)
+        and whether the queue is new, before anything else happens to it:
+        it raises to refuse the declaration."""
         if passive:
             return self.queue(name, owner)
         if not name:
@@ -238,6 +246,8 @@ class VirtualHost:
             # Checked before the lookup: redeclaring even an existing
             # server-named queue by name is refused, as in RabbitMQ.
             raise errors.access_refused(f"queue name '{name}' contains reserved prefix 'amq.*'")
+        if authorize is not None:
+            authorize(name, name not in self.queues)
         # RabbitMQ never makes an exclusive queue durable, so the durable
         # flag of an exclusive declaration is neither kept nor compared.
         durable = durable and not exclusive
@@ -250,6 +260,11 @@ class VirtualHost:
             existing.touch()
             return existing
         options = parse_queue_args(name, self.name, args, durable=durable, exclusive=exclusive)
+        if max_queues and len(self.queues) >= max_queues:
+            raise precondition(
+                f"cannot declare queue '{name}': queue limit in vhost '{self.name}' "
+                f"({max_queues}) is reached"
+            )
         q = Queue(
             self,
             name,
@@ -336,6 +351,15 @@ class VirtualHost:
         if q.durable:
             self._changed()
         return count
+
+    def clear(self) -> None:
+        """Delete every queue (dropping its messages, stored ones too) and
+        every exchange but the default one: the vhost is being deleted."""
+        for q in list(self.queues.values()):
+            self.remove_queue(q)
+        for ex in list(self.exchanges.values()):
+            if ex is not self.default_exchange and self.exchanges.get(ex.name) is ex:
+                self._remove_exchange(ex)
 
     def purge_queue(self, name: str, owner: object) -> int:
         return self.queue(name, owner).purge()

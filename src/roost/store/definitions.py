@@ -176,8 +176,10 @@ def apply(broker: Broker, data: dict[str, Any]) -> list[str]:
             problems.append(f"exchange {x['name']!r} in vhost {vh.name!r}: {exc}")
             continue
         # A delayed exchange's held messages are logged under its saved id.
+        # Kept also without a message log (offline edits by `roost ctl` and
+        # `roost definitions import`), so the rewritten file still has it.
         xid = exchange_ids.get((vh.name, x["name"]))
-        if isinstance(ex, DelayedExchange) and xid is not None and not existed and ex.store_id:
+        if isinstance(ex, DelayedExchange) and xid is not None and not existed:
             ex.store_id = xid
     for q in data.get("queues", []):
         vh = broker.vhosts.get(q.get("vhost", "/"))
@@ -219,10 +221,13 @@ def restore(broker: Broker, saved: dict[str, Any]) -> list[str]:
     """Load a data directory's own definitions into a fresh broker.
 
     The saved users and permissions replace the defaults, so a deleted
-    default user stays deleted."""
+    default user stays deleted; only definitions without any user get the
+    default user back (a broker nobody could log in to is no use)."""
     broker.users.users.clear()
     broker.permissions.clear()
-    return apply(broker, saved)
+    problems = apply(broker, saved)
+    broker.ensure_default_user()
+    return problems
 
 
 def _restore_id(queue: Queue, qid: int | None, existed: bool) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from roost.broker.broker import Broker
 from roost.broker.delayed import DelayedExchange
-from roost.store import definitions
+from roost.store import definitions, encryption
 from roost.store.datadir import MESSAGES_DIR, DataDirLock
 from roost.store.message_store import DEFAULT_SEGMENT_SIZE, MessageStore
 
@@ -30,12 +30,20 @@ def _delayed_exchanges(broker: Broker) -> dict[int, DelayedExchange]:
 
 
 class DurableState:
-    def __init__(self, data_dir: Path, segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        keyring: encryption.Keyring | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.lock = DataDirLock(data_dir)
         self.lock.acquire()
         try:
-            self.store = MessageStore(data_dir / MESSAGES_DIR, segment_size)
+            # Before anything is read or written: a directory encrypted with
+            # a key that was not given is refused untouched.
+            encryption.check_marker(data_dir, keyring)
+            self.store = MessageStore(data_dir / MESSAGES_DIR, segment_size, keyring=keyring)
         except BaseException:
             self.lock.release()
             raise
@@ -59,7 +67,19 @@ class DurableState:
             q.store_id: q for vh in broker.vhosts.values() for q in vh.queues.values() if q.store_id
         }
         delayed = _delayed_exchanges(broker)
-        recovered, report = self.store.recover(set(by_id) | set(delayed))
+        try:
+            recovered, report = self.store.recover(set(by_id) | set(delayed))
+        except encryption.EncryptionError:
+            self.broker = None  # so close() does not rewrite the definitions either
+            raise
+        keyring = self.store.keyring
+        if keyring is not None and encryption.read_marker(self.data_dir) != keyring.current_id:
+            # Remember the key in use (first enabled, or rotated), so a later
+            # start with another key, or none, is refused.
+            definitions.write_atomic(
+                self.data_dir / encryption.MARKER_FILE, encryption.marker_content(keyring)
+            )
+            log.info("encryption at rest: key id %s", keyring.current_id.hex())
         for qid, rq in recovered.items():
             if qid in delayed:
                 delayed[qid].restore(rq.refs)

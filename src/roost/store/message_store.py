@@ -32,6 +32,7 @@ from pathlib import Path
 from roost import properties
 from roost.broker.message import Message
 from roost.store import holes, records
+from roost.store.encryption import EncryptionError, Keyring
 from roost.store.records import ACK, ACK_ENTRY, ACK_ENTRY_SIZE, DELIVERED, HEADER, HEADER_SIZE
 
 log = logging.getLogger("roost.store")
@@ -104,8 +105,11 @@ class MessageStore:
         directory: Path,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         on_error: Callable[[bool], None] | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         self.dir = directory
+        # Seals new records and opens old ones (encryption at rest), or None.
+        self.keyring = keyring
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_size = segment_size
         self.on_error = on_error  # called with True on a write failure, False on recovery
@@ -139,6 +143,8 @@ class MessageStore:
         self._failed: _Batch | None = None
         self._waiters: dict[int, list[Callable[[], None]]] = {}
         self._read_cache: tuple[int, int, bytes] | None = None  # seg, offset, data
+        # Recovery: records sealed under a key the keyring lacks, by ref.
+        self._foreign: dict[int, bytes] = {}
         self.closed = False
 
     # -- start-up -------------------------------------------------------
@@ -154,15 +160,17 @@ class MessageStore:
         seg_numbers = sorted(
             int(p.name[:-4]) for p in self.dir.glob("*.seg") if p.name[:-4].isdigit()
         )
+        # Nothing on disk changes until every live record is known to be
+        # readable with the keys given: a wrong or missing key must leave
+        # the store exactly as it was. Cuts are made after that check.
+        cuts: list[tuple[Path, int, bool]] = []  # file, new size, fsync
         for n in seg_numbers:
             report.segments += 1
             path = self.dir / _seg_name(n)
             data = path.read_bytes()
             good_end = self._scan_segment(n, data, known_queue_ids, queues, settled, report)
             if good_end < len(data):
-                with open(path, "r+b") as fh:
-                    fh.truncate(good_end)
-                    os.fsync(fh.fileno())
+                cuts.append((path, good_end, True))
             acks_path = self.dir / _acks_name(n)
             if acks_path.exists():
                 raw = acks_path.read_bytes()
@@ -174,9 +182,14 @@ class MessageStore:
                     elif kind == DELIVERED:
                         delivered.add((qid, make_ref(n, roff)))
                 if whole != len(raw):
-                    with open(acks_path, "r+b") as fh:
-                        fh.truncate(whole)
+                    cuts.append((acks_path, whole, False))
                 self._ack_size[n] = whole
+        self._check_keys(queues, settled)
+        for path, size, sync in cuts:
+            with open(path, "r+b") as fh:
+                fh.truncate(size)
+                if sync:
+                    os.fsync(fh.fileno())
         # Settled references no longer keep their segment alive.
         live: dict[int, int] = {}
         for qid, rq in queues.items():
@@ -203,6 +216,36 @@ class MessageStore:
         self._start_segment(self._seg)
         return queues, report
 
+    def _check_keys(self, queues: dict[int, RecoveredQueue], settled: set[tuple[int, int]]) -> None:
+        """Raise ``EncryptionError`` if a record some queue still needs was
+        sealed under a key the keyring does not hold."""
+        foreign, self._foreign = self._foreign, {}
+        if not foreign:
+            return
+        needed = sorted(
+            {
+                foreign[ref].hex()
+                for qid, rq in queues.items()
+                for ref in rq.refs
+                if ref in foreign and (qid, ref) not in settled
+            }
+        )
+        if not needed:
+            return
+        ids = ", ".join(needed)
+        if self.keyring is None:
+            raise EncryptionError(
+                f"the message store in {self.dir} holds messages encrypted with key id "
+                f"{ids}, but no encryption key was given (encryption_key_file or "
+                "ROOST_ENCRYPTION_KEY); nothing was changed"
+            )
+        raise EncryptionError(
+            f"the message store in {self.dir} holds messages encrypted with key id {ids}, "
+            f"which the encryption key given (key id {self.keyring.current_id.hex()}) "
+            "cannot open; give the right key (after a rotation, pass the old one with "
+            "old_encryption_key_file); nothing was changed"
+        )
+
     def _scan_segment(
         self,
         n: int,
@@ -216,6 +259,7 @@ class MessageStore:
         size = len(data)
         view = memoryview(data)
         name = _seg_name(n)
+        keys = self.keyring.ids if self.keyring is not None else set()
         while pos < size:
             if size - pos < HEADER_SIZE:
                 report.truncated.append(f"{name}: torn record header at offset {pos}")
@@ -244,12 +288,15 @@ class MessageStore:
             report.records += 1
             try:
                 kind, qids, moved_from = records.peek_queue_ids(payload)
+                kid = records.key_id_of(payload) if kind != records.PADDING else None
             except (IndexError, ValueError) as exc:
                 report.skipped.append(f"{name}: unreadable record at offset {pos}: {exc}")
                 pos = end
                 continue
             if kind != records.PAGED:
                 ref = make_ref(n, pos)
+                if kid is not None and kid not in keys:
+                    self._foreign[ref] = kid
                 self.total[n] = self.total.get(n, 0) + len(qids)
                 for qid in qids:
                     if qid in known:
@@ -281,6 +328,7 @@ class MessageStore:
             message.properties,
             message.body,
             timestamp=int(time.time() * 1000),
+            keyring=self.keyring,
         )
         ref = self._append_record(record)
         if persistent:
@@ -377,7 +425,7 @@ class MessageStore:
     def read(self, ref: int) -> Message:
         seg, offset = ref_segment(ref), ref_offset(ref)
         payload = self._payload(seg, offset)
-        stored = records.decode_message(payload)
+        stored = records.decode_message(payload, self.keyring)
         scanned = properties.scan(stored.properties)
         msg = Message(
             stored.exchange,
@@ -725,7 +773,7 @@ def _resync(data: bytes, start: int) -> int:
     """
     size = len(data)
     for p in range(start, size - HEADER_SIZE - 2):
-        kind = data[p + HEADER_SIZE]
+        kind = data[p + HEADER_SIZE] & ~records.ENCRYPTED
         if kind > records.MOVED or data[p + HEADER_SIZE + 1] > 64:
             continue
         if _valid_record_at(data, p):

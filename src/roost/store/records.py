@@ -13,6 +13,17 @@ was only written to keep a long queue out of memory (``PAGED``); a
 ``MOVED`` record is a persistent message copied forward, carrying the
 location of the copy it replaces. A ``PADDING`` record (all zeros) stands
 where compaction freed a run of settled records.
+
+With encryption at rest (:mod:`encryption`), ``kind`` has the ``ENCRYPTED``
+bit set and everything after the timestamp is sealed with AES-GCM::
+
+    u8 kind|ENCRYPTED | u8 nqueues | nqueues * u32 queue id
+    | u64 time written | 4-byte key id | 12-byte nonce
+    | AES-GCM(u8 len | exchange | ... | body) with its 16-byte tag
+
+What recovery and compaction read without decoding (kind, queue ids,
+moved-from location, timestamp) stays in clear and is authenticated as the
+associated data, with the key id; the CRC covers the whole payload as ever.
 """
 
 from __future__ import annotations
@@ -21,10 +32,14 @@ import struct
 
 from crc32c import crc32c
 
+from roost.store.encryption import KEY_ID_SIZE, Keyring
+
 PADDING = 0
 PERSISTENT = 1
 PAGED = 2
 MOVED = 3
+# Flag bit in ``kind``: the rest of the record after the timestamp is sealed.
+ENCRYPTED = 0x80
 
 HEADER = struct.Struct(">II")
 HEADER_SIZE = HEADER.size
@@ -81,18 +96,19 @@ def encode_message(
     body: bytes,
     moved_from: tuple[int, int] | None = None,
     timestamp: int = 0,
+    keyring: Keyring | None = None,
 ) -> bytes:
     ex = exchange.encode("utf-8")
     rk = routing_key.encode("utf-8")
-    parts = [
-        bytes((kind, len(queue_ids))),
+    head = [
+        bytes((kind | ENCRYPTED if keyring is not None else kind, len(queue_ids))),
         b"".join(_u32.pack(q) for q in queue_ids),
     ]
     if kind == MOVED:
         assert moved_from is not None
-        parts.append(_moved.pack(*moved_from))
-    parts += [
-        _u64.pack(timestamp),
+        head.append(_moved.pack(*moved_from))
+    head.append(_u64.pack(timestamp))
+    rest = [
         bytes((len(ex),)),
         ex,
         bytes((len(rk),)),
@@ -101,11 +117,16 @@ def encode_message(
         properties,
         body,
     ]
-    payload = b"".join(parts)
+    if keyring is None:
+        payload = b"".join(head + rest)
+    else:
+        head.append(keyring.current_id)
+        clear = b"".join(head)
+        payload = clear + keyring.seal(b"".join(rest), clear)
     return HEADER.pack(len(payload), crc32c(payload)) + payload
 
 
-def decode_message(payload: bytes | memoryview) -> StoredMessage:
+def decode_message(payload: bytes | memoryview, keyring: Keyring | None = None) -> StoredMessage:
     try:
         kind = payload[0]
         n = payload[1]
@@ -113,11 +134,26 @@ def decode_message(payload: bytes | memoryview) -> StoredMessage:
         queue_ids = struct.unpack_from(f">{n}I", payload, pos)
         pos += 4 * n
         moved_from = None
-        if kind == MOVED:
+        if kind & ~ENCRYPTED == MOVED:
             moved_from = _moved.unpack_from(payload, pos)
             pos += 8
         (timestamp,) = _u64.unpack_from(payload, pos)
         pos += 8
+        if kind & ENCRYPTED:
+            kind &= ~ENCRYPTED
+            clear_end = pos + KEY_ID_SIZE
+            kid = bytes(payload[pos:clear_end])
+            if len(kid) != KEY_ID_SIZE:
+                raise RecordError("encrypted record too short")
+            if keyring is None:
+                raise RecordError(
+                    f"record is encrypted (key id {kid.hex()}) and no encryption key is set"
+                )
+            try:
+                payload = keyring.open(kid, payload[clear_end:], bytes(payload[:clear_end]))
+            except ValueError as exc:
+                raise RecordError(str(exc)) from exc
+            pos = 0
         ln = payload[pos]
         exchange = bytes(payload[pos + 1 : pos + 1 + ln]).decode("utf-8")
         pos += 1 + ln
@@ -142,12 +178,25 @@ def decode_message(payload: bytes | memoryview) -> StoredMessage:
 def peek_queue_ids(
     payload: bytes | memoryview,
 ) -> tuple[int, tuple[int, ...], tuple[int, int] | None]:
-    """Kind, queue ids and moved-from location, without decoding the rest."""
-    kind = payload[0]
+    """Kind (without the ``ENCRYPTED`` bit), queue ids and moved-from
+    location, without decoding (or decrypting) the rest."""
+    kind = payload[0] & ~ENCRYPTED
     n = payload[1]
     queue_ids = struct.unpack_from(f">{n}I", payload, 2)
     moved_from = _moved.unpack_from(payload, 2 + 4 * n) if kind == MOVED else None
     return kind, queue_ids, moved_from
+
+
+def key_id_of(payload: bytes | memoryview) -> bytes | None:
+    """The key id an encrypted record was sealed with; None for a plain one."""
+    kind = payload[0]
+    if not kind & ENCRYPTED:
+        return None
+    pos = 2 + 4 * payload[1] + (8 if kind & ~ENCRYPTED == MOVED else 0) + 8
+    kid = bytes(payload[pos : pos + KEY_ID_SIZE])
+    if len(kid) != KEY_ID_SIZE:
+        raise ValueError("encrypted record too short")
+    return kid
 
 
 _ZEROS = bytes(64 * 1024)
