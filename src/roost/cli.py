@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -148,6 +149,12 @@ async def _serve(config: Config) -> int:
         print(f"roost: cannot create data directory {data_dir}: {exc.strerror}", file=sys.stderr)
         return 1
     print(f"roost {__version__}: data directory {data_dir}", flush=True)
+    # A broker holds hundreds of thousands of long-lived, acyclic objects
+    # (queued messages); with CPython's default thresholds the cyclic GC
+    # walks them over and over and costs a quarter of publish throughput.
+    # Collect the young generation far less often, and freeze what start-up
+    # (recovery) created.
+    gc.set_threshold(100_000, 50, 1000)
     server = Server(config)
     try:
         await server.start()
@@ -160,6 +167,7 @@ async def _serve(config: Config) -> int:
         print(f"roost: {verb} {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     _warn_if_only_guest(config, server)
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

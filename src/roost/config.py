@@ -38,6 +38,7 @@ class Config:
     max_connections_per_vhost: int = 0
     max_connections_per_user: int = 0
     max_queues_per_vhost: int = 0
+    queue_memory_limit: int = 128 * 1024 * 1024
     tls_port: int = 5671
     tls_cert: str = ""
     tls_key: str = ""
@@ -74,6 +75,8 @@ HELP = {
     "host (0: no limit)",
     "max_connections_per_user": "most client connections open at once by any one user "
     "(0: no limit)",
+    "queue_memory_limit": "bytes of messages (bodies plus bookkeeping) one queue keeps in "
+    "memory; beyond it messages are paged to the message log",
     "max_queues_per_vhost": "most queues in any one virtual host; declaring one more is "
     "refused with 406 (0: no limit)",
     "tls_port": "amqps (AMQP over TLS) port, used only when tls_cert is set (0 picks a free one)",

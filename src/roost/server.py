@@ -74,6 +74,7 @@ class Server:
                 max_connections_per_vhost=self.config.max_connections_per_vhost,
                 max_connections_per_user=self.config.max_connections_per_user,
                 max_queues_per_vhost=self.config.max_queues_per_vhost,
+                queue_memory_limit=self.config.queue_memory_limit,
                 loopback_users=[
                     u.strip() for u in self.config.loopback_users.split(",") if u.strip()
                 ],

@@ -20,7 +20,10 @@ SEGMENT = "65536"
 
 @pytest.fixture
 def proc(tmp_path: Path) -> Iterator[RoostProcess]:
-    p = RoostProcess(tmp_path / "data", "--segment-size", SEGMENT)
+    # A small queue memory limit so long queues page messages to the log.
+    p = RoostProcess(
+        tmp_path / "data", "--segment-size", SEGMENT, "--queue-memory-limit", "1000000"
+    )
     try:
         yield p.start()
     finally:
@@ -189,8 +192,8 @@ def test_transient_and_non_durable_things_are_gone_after_sigkill(proc: RoostProc
     ch.queue_bind("dq", "tex")
     persistent = pika.BasicProperties(delivery_mode=2)
     transient = pika.BasicProperties(delivery_mode=1)
-    # More than a queue keeps in memory (8192), so transient messages get
-    # paged to the log too; they must not come back either.
+    # More than a queue keeps in memory (--queue-memory-limit), so transient
+    # messages get paged to the log too; they must not come back either.
     for i in range(9000):
         props = persistent if i % 1000 == 0 else transient
         ch.basic_publish("", "dq", f"d{i}".encode(), props)

@@ -314,7 +314,7 @@ class Channel:
                 )
             if scanned.reply_to == REPLY_TO_QUEUE:
                 props = self._rewrite_reply_to(props)
-            if sender_selected.maybe_present(props):
+            if props[0] & 0x20 and sender_selected.maybe_present(props):  # has headers
                 try:
                     props, cc = sender_selected.extract(props)
                 except properties.PropertyError as exc:

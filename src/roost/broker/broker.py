@@ -14,6 +14,7 @@ from roost.broker.users import UserStore
 from roost.broker.vhost import VirtualHost
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+DEFAULT_QUEUE_MEMORY_LIMIT = 128 * 1024 * 1024
 
 
 class ClientConnection(Protocol):
@@ -38,6 +39,7 @@ class Broker:
         max_connections_per_vhost: int = 0,
         max_connections_per_user: int = 0,
         max_queues_per_vhost: int = 0,
+        queue_memory_limit: int = DEFAULT_QUEUE_MEMORY_LIMIT,
         loopback_users: Iterable[str] = ("guest",),
     ) -> None:
         self.journal = journal
@@ -60,6 +62,7 @@ class Broker:
         self.max_connections_per_vhost = max_connections_per_vhost
         self.max_connections_per_user = max_connections_per_user
         self.max_queues_per_vhost = max_queues_per_vhost
+        self.queue_memory_limit = queue_memory_limit
         # Users that may log in from loopback addresses only (RabbitMQ's
         # loopback_users), and per-address back-off after failed logins.
         self.loopback_users = frozenset(loopback_users)
@@ -99,6 +102,7 @@ class Broker:
                 allocate_queue_id=self.allocate_queue_id,
             )
             vh.scheduler = self.scheduler
+            vh.queue_memory_limit = self.queue_memory_limit
             self.definitions_changed()
         return vh
 

@@ -43,8 +43,12 @@ if TYPE_CHECKING:
 
 # Most messages one dispatch() call hands out (see Queue.dispatch).
 DISPATCH_BATCH = 1000
-# Messages a queue keeps in memory before paging the rest to the log.
-READY_LIMIT = 8192
+# A queue pages new messages to the log once its in-memory messages are
+# estimated (body + ENTRY_OVERHEAD each) to pass the vhost's
+# queue_memory_limit; PAGE_IN_BATCH come back per refill, so one refill
+# never stalls the event loop for long.
+ENTRY_OVERHEAD = 400
+PAGE_IN_BATCH = 4096
 
 
 def now_ms() -> int:
@@ -96,8 +100,10 @@ class Queue:
         # Identity of a durable queue in the message log (0: not logged).
         self.store_id = 0
         self.paged = PagedEntries()
+        self._paged_bytes = 0  # body bytes of the paged entries (as far as known)
         # A priority queue keeps everything in memory: paging is FIFO.
-        self.ready_limit = 1 << 62 if opts.max_priority else READY_LIMIT
+        # A count limit on top of the memory estimate (tests lower it).
+        self.ready_limit = 1 << 62
         # Requeued entries waiting out a retry delay: (due ms, seq, entry).
         self._waiting: list[tuple[int, int, QueueEntry]] = []
         self._ttl_timer: Any = None
@@ -115,6 +121,10 @@ class Queue:
         self.dead_lettered = 0
         # x-message-deduplication: enforced by VirtualHost.enqueue.
         self.deduper = Deduplicator.for_queue(opts)
+        # Whether enqueue may turn a message away (dedup, reject-publish):
+        # VirtualHost.enqueue skips those checks for every other queue.
+        self.guarded = self.deduper is not None or opts.overflow != "drop-head"
+        self._limited = opts.max_length is not None or opts.max_length_bytes is not None
         if opts.expires is not None:
             self._arm_expiry()
 
@@ -149,19 +159,33 @@ class Queue:
         """Add a routed message; False when the queue refuses it
         (``x-overflow: reject-publish``), so the publisher gets a nack."""
         opts = self.options
-        if (opts.max_length is not None or opts.max_length_bytes is not None) and not (
-            self._make_room(message)
-        ):
+        if self._limited and not self._make_room(message):
             return False
         self._seq += 1
         self.published += 1
-        expires = self._expiry_for(message, now_ms()) if self._has_ttl(message) else 0
+        props = message.properties
+        # FLAG_EXPIRATION (0x0100) is the low bit of the first flags byte.
+        if opts.message_ttl is not None or (props and props[0] & 0x01):
+            expires = self._expiry_for(message, now_ms())
+        else:
+            expires = 0
         priority = 0
         if opts.max_priority and message.priority:
             priority = min(message.priority, opts.max_priority)
         self.ready_bytes += len(message.body)
         journal = self.journal
-        if journal is not None and (self.paged or len(self.ready) >= self.ready_limit):
+        ready = self.ready
+        # A priority queue keeps everything in memory: paging is FIFO.
+        if (
+            journal is not None
+            and not opts.max_priority
+            and (
+                self.paged
+                or len(ready) >= self.ready_limit
+                or self.ready_bytes - self._paged_bytes + len(ready) * ENTRY_OVERHEAD
+                > self.vhost.queue_memory_limit
+            )
+        ):
             self._page_out(journal, self._seq, message, expires)
         else:
             self.ready.append(QueueEntry(self._seq, message, False, expires, priority))
@@ -249,6 +273,7 @@ class Queue:
         self._forget([entry])
 
     def _page_out(self, journal: Journal, seq: int, message: Message, expires: int) -> None:
+        self._paged_bytes += len(message.body)
         if self._holds_durable_ref(message):
             self.paged.append(seq, message.ref, expires)
         else:
@@ -265,11 +290,12 @@ class Queue:
         if journal is None or not paged:
             return
         ready = self.ready
-        n = min(len(paged), max(self.ready_limit // 2, self.ready_limit - len(ready)))
+        n = min(len(paged), PAGE_IN_BATCH)
         opts = self.options
         for _ in range(n):
             word, ref, expires = paged.popleft()
             msg = journal.read(ref)
+            self._paged_bytes -= len(msg.body)
             if word & PAGING_REF:
                 journal.release(ref)
             if not expires and msg.written_ms and self._has_ttl(msg):
@@ -635,6 +661,7 @@ class Queue:
                 else:
                     journal.ack(qid, ref)
             self.paged.clear()
+            self._paged_bytes = 0
         return n
 
     def detach_all_consumers(self) -> list[Consumer]:

@@ -84,6 +84,8 @@ class VirtualHost:
         # call_later(seconds, fn) for TTL, retry and expiry timers; None in a
         # broker model running without an event loop (timers then do nothing).
         self.scheduler: Callable[[float, Callable[[], None]], Any] | None = None
+        # Estimated bytes a queue may hold in memory before paging to the log.
+        self.queue_memory_limit = 128 * 1024 * 1024
         self.on_queue_deleted: list[Callable[[Queue], None]] = []
 
     # -- lookup ---------------------------------------------------------
@@ -443,6 +445,13 @@ class VirtualHost:
         confirm must then wait for the fsync) and whether some queue refused
         it (``x-overflow: reject-publish``; the publisher gets a nack).
         """
+        refused = False
+        accepting = queues
+        for q in queues:
+            if q.guarded:
+                break
+        else:
+            return self._enqueue_accepted(message, queues), False
         for q in queues:
             if q.deduper is not None:
                 # Queues with x-message-deduplication drop a duplicate (the
@@ -453,7 +462,6 @@ class VirtualHost:
                 if not queues:
                     return False, False
                 break
-        refused = False
         accepting = queues
         if any(q.refuses(message) for q in queues):
             refused = True
@@ -465,16 +473,19 @@ class VirtualHost:
                         q.deduper.forget(message)  # a resend may still get in
                 else:
                     accepting.append(q)
+        return self._enqueue_accepted(message, accepting), refused
+
+    def _enqueue_accepted(self, message: Message, queues: list[Queue]) -> bool:
         journal = self.journal
         logged = False
         if message.persistent and journal is not None:
-            ids = [q.store_id for q in accepting if q.store_id]
+            ids = [q.store_id for q in queues if q.store_id]
             if ids:
                 message.ref = journal.append(message, ids, True)
                 logged = True
-        for q in accepting:
+        for q in queues:
             q.enqueue(message)
-        return logged, refused
+        return logged
 
     def route(self, exchange: Exchange, message: Message) -> list[Queue]:
         """Queues ``message`` goes to: through exchange-to-exchange bindings

@@ -381,8 +381,9 @@ class MessageStore:
             ref = self.append(message, [], persistent=False)
             message.ref = ref
             seg = ref_segment(ref)
+        # Paging references are not counted in ``total``: compaction only
+        # frees settled persistent records, so paging churn must not trigger it.
         self.live[seg] = self.live.get(seg, 0) + 1
-        self.total[seg] = self.total.get(seg, 0) + 1
         return ref
 
     def release(self, ref: int) -> None:
@@ -442,10 +443,11 @@ class MessageStore:
     def _payload(self, seg: int, offset: int) -> bytes:
         # Not yet handed to the writer, or being written right now?
         if seg == self._pending_seg and self._pending and offset >= self._pending_start:
-            return _cut(bytes(self._pending), offset - self._pending_start)
-        for cseg, coff, data in self._unwritten():
-            if cseg == seg and coff <= offset < coff + len(data):
-                return _cut(data, offset - coff)
+            return _cut(self._pending, offset - self._pending_start)
+        if self._chunks or self._inflight is not None or self._failed is not None:
+            for cseg, coff, data in self._unwritten():
+                if cseg == seg and coff <= offset < coff + len(data):
+                    return _cut(data, offset - coff)
         cache = self._read_cache
         if cache is not None and cache[0] == seg:
             start = offset - cache[1]
@@ -732,12 +734,12 @@ class MessageStore:
         return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
 
 
-def _cut(data: bytes, start: int) -> bytes:
+def _cut(data: bytes | bytearray, start: int) -> bytes:
     (length, crc) = HEADER.unpack_from(data, start)
     payload = data[start + HEADER_SIZE : start + HEADER_SIZE + length]
     if len(payload) != length or not records.check(payload, crc):
         raise StoreError(f"record at {start} failed its check")
-    return payload
+    return bytes(payload)
 
 
 def _pad(fd: int, data: bytes, start: int, end: int, min_run: int) -> int:

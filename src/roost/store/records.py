@@ -212,7 +212,7 @@ def padding_crc(length: int) -> int:
     return crc
 
 
-def check(payload: bytes | memoryview, crc: int) -> bool:
+def check(payload: bytes | bytearray | memoryview, crc: int) -> bool:
     return crc32c(payload) == crc
 
 
