@@ -19,7 +19,7 @@ import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
 
-from roost.testing import RoostBroker
+from roost.testing import RoostBroker, RoostProcess
 
 DEDUP = {"x-message-deduplication": True}
 
@@ -262,7 +262,7 @@ def test_exchange_with_deduplication_off_or_absent(channel: BlockingChannel) -> 
 
 
 def test_durable_dedup_exchange_survives_restart(tmp_path: Path) -> None:
-    # The arguments are stored with the exchange; the cache itself is not.
+    # The arguments are stored with the exchange (its cache was empty).
     with RoostBroker(data_dir=str(tmp_path)) as broker:
         conn = pika.BlockingConnection(pika.URLParameters(broker.url))
         conn.channel().exchange_declare("dd", "fanout", durable=True, arguments=DEDUP)
@@ -303,3 +303,104 @@ def test_exchange_argument_types_are_checked(
         channel.exchange_declare("bad", "direct", arguments=arguments)
     assert info.value.reply_code == 406
     assert info.value.reply_text == "PRECONDITION_FAILED - " + text
+
+
+# -- durability ---------------------------------------------------------------
+
+
+@pytest.fixture
+def proc(tmp_path: Path) -> Iterator[RoostProcess]:
+    p = RoostProcess(tmp_path / "data")
+    try:
+        yield p.start()
+    finally:
+        p.close()
+        print("".join(p.output))  # shown when a test fails
+
+
+def confirming(proc: RoostProcess) -> tuple[pika.BlockingConnection, BlockingChannel]:
+    conn = pika.BlockingConnection(pika.URLParameters(proc.url))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    return conn, ch
+
+
+def test_durable_queue_cache_survives_sigkill(proc: RoostProcess) -> None:
+    conn, ch = confirming(proc)
+    ch.queue_declare("dq", durable=True, arguments=DEDUP)
+    send(ch, "dq", b"1", key("k"), delivery_mode=2)  # confirmed: fsync'd
+    send(ch, "dq", b"2", None, delivery_mode=2, message_id="m-1")
+    proc.kill()
+    proc.start()
+    conn, ch = confirming(proc)
+    try:
+        send(ch, "dq", b"dup-1", key("k"), delivery_mode=2)
+        send(ch, "dq", b"dup-2", None, delivery_mode=2, message_id="m-1")
+        send(ch, "dq", b"3", key("other"), delivery_mode=2)
+        assert bodies(ch, "dq") == [b"1", b"2", b"3"]
+    finally:
+        conn.close()
+
+
+def test_durable_exchange_cache_survives_sigkill(proc: RoostProcess) -> None:
+    conn, ch = confirming(proc)
+    ch.exchange_declare("dx", "fanout", durable=True, arguments={**DEDUP, "x-cache-size": 2})
+    ch.queue_declare("dxq", durable=True)
+    ch.queue_bind("dxq", "dx")
+    for k in ("a", "b", "c"):  # "a" is evicted by "c"
+        send(ch, "", k.encode(), key(k), exchange="dx", delivery_mode=2)
+    proc.kill()
+    proc.start()
+    conn, ch = confirming(proc)
+    try:
+        for k in ("c", "b", "a"):
+            send(ch, "", k.encode() + b"-again", key(k), exchange="dx", delivery_mode=2)
+        assert bodies(ch, "dxq") == [b"a", b"b", b"c", b"a-again"]
+    finally:
+        conn.close()
+
+
+def test_key_ttls_run_on_across_a_restart(proc: RoostProcess) -> None:
+    conn, ch = confirming(proc)
+    ch.queue_declare("tq", durable=True, arguments=DEDUP)
+    sent = time.monotonic()
+    send(ch, "tq", b"short", {**key("short"), "x-cache-ttl": 300}, delivery_mode=2)
+    send(ch, "tq", b"long", key("long"), delivery_mode=2)
+    proc.kill()
+    proc.start()
+    conn, ch = confirming(proc)
+    try:
+        time.sleep(max(0.0, sent + 0.35 - time.monotonic()))  # "short" is now expired
+        send(ch, "tq", b"short-again", key("short"), delivery_mode=2)
+        send(ch, "tq", b"long-again", key("long"), delivery_mode=2)
+        assert bodies(ch, "tq") == [b"short", b"long", b"short-again"]
+    finally:
+        conn.close()
+
+
+def test_deleted_queue_leaves_no_cache_behind(proc: RoostProcess) -> None:
+    conn, ch = confirming(proc)
+    ch.queue_declare("gone", durable=True, arguments=DEDUP)
+    send(ch, "gone", b"1", key("k"), delivery_mode=2)
+    ch.queue_delete("gone")
+    ch.queue_declare("gone", durable=True, arguments=DEDUP)
+    send(ch, "gone", b"2", key("k"), delivery_mode=2)
+    proc.kill()
+    proc.start()
+    conn, ch = confirming(proc)
+    try:
+        ch.queue_delete("gone")
+        ch.queue_declare("gone", durable=True, arguments=DEDUP)
+        send(ch, "gone", b"3", key("k"), delivery_mode=2)
+        assert bodies(ch, "gone") == [b"3"]
+    finally:
+        conn.close()
+    # A graceful stop keeps the cache too.
+    proc.terminate()
+    proc.start()
+    conn, ch = confirming(proc)
+    try:
+        send(ch, "gone", b"4", key("k"), delivery_mode=2)
+        assert bodies(ch, "gone") == []
+    finally:
+        conn.close()

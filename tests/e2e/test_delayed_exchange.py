@@ -450,3 +450,52 @@ def test_large_backlog_is_compact_and_delivered_in_due_order(roost_broker: Roost
 
     order = roost_broker.call(drain, timeout=60)
     assert order == sorted(range(BACKLOG), key=lambda i: (delays[i], i))
+
+
+# -- sender-selected distribution ----------------------------------------------
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_cc_and_bcc_keys_of_a_delayed_message_are_routed_when_due(
+    ch: BlockingChannel, persistent: bool
+) -> None:
+    declare_delayed(ch, "dx-cc")
+    main, cc, bcc, other = (temp_queue(ch) for _ in range(4))
+    ch.queue_bind(main, "dx-cc", "main")
+    ch.queue_bind(cc, "dx-cc", "cc-key")
+    ch.queue_bind(bcc, "dx-cc", "bcc-key")
+    ch.queue_bind(other, "dx-cc", "other")
+    ch.basic_publish("dx-cc", "main", b"m", props(150, persistent, CC=["cc-key"], BCC=["bcc-key"]))
+    assert get_now(ch, cc) is None  # held
+    for q in (main, cc, bcc):
+        [(body, headers, _)] = wait_for(ch, q, 1)
+        assert body == b"m"
+        assert headers["CC"] == ["cc-key"]
+        assert "BCC" not in headers
+        assert headers["x-delay"] == -150
+    assert get_now(ch, other) is None
+    assert get_now(ch, main) is None  # each queue got it once
+
+
+def test_cc_keys_of_a_delayed_message_survive_sigkill(proc: RoostProcess) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(proc.url))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    declare_delayed(ch, "dx-cc-durable", durable=True)
+    for q in ("cc-main", "cc-copy"):
+        ch.queue_declare(q, durable=True)
+    ch.queue_bind("cc-main", "dx-cc-durable", "main")
+    ch.queue_bind("cc-copy", "dx-cc-durable", "copy")
+    ch.basic_publish("dx-cc-durable", "main", b"m", props(400, True, CC=["copy"]))
+    conn.close()
+    proc.kill()
+    proc.start()
+    conn = pika.BlockingConnection(pika.URLParameters(proc.url))
+    try:
+        ch = conn.channel()
+        for q in ("cc-main", "cc-copy"):
+            [(body, headers, _)] = wait_for(ch, q, 1, timeout=8)
+            assert body == b"m"
+            assert headers["CC"] == ["copy"]
+    finally:
+        conn.close()

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 from roost.broker import errors
 from roost.broker.access import LoginThrottle, Permissions
+from roost.broker.dedup import DedupHook
 from roost.broker.delayed import DelayedExchange
 from roost.broker.errors import BrokerError
 from roost.broker.journal import Journal
@@ -44,6 +45,7 @@ class Broker:
     ) -> None:
         self.journal = journal
         self.scheduler: Callable[[float, Callable[[], None]], Any] | None = None
+        self.persist_dedup: DedupHook | None = None
         self.max_message_size = max_message_size
         # Called whenever a durable definition changes (set by the store).
         self.on_definitions_changed: Callable[[], None] | None = None
@@ -89,6 +91,13 @@ class Broker:
                 if isinstance(ex, DelayedExchange):
                     ex.start_timer()
 
+    def set_dedup_persistence(self, hook: DedupHook) -> None:
+        """Keep durable queues' and exchanges' dedup caches (declared from
+        now on, in every vhost) through ``hook``."""
+        self.persist_dedup = hook
+        for vh in self.vhosts.values():
+            vh.persist_dedup = hook
+
     def vhost(self, name: str) -> VirtualHost | None:
         return self.vhosts.get(name)
 
@@ -102,6 +111,7 @@ class Broker:
                 allocate_queue_id=self.allocate_queue_id,
             )
             vh.scheduler = self.scheduler
+            vh.persist_dedup = self.persist_dedup
             vh.queue_memory_limit = self.queue_memory_limit
             self.definitions_changed()
         return vh

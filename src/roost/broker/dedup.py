@@ -16,15 +16,16 @@ lost confirm must not be told its message failed.
 The cache holds at most ``x-cache-size`` keys (default 128, LavinMQ's; the
 oldest goes first) and, with ``x-cache-ttl``, forgets a key that many ms
 after it was added. A message's own ``x-cache-ttl`` header overrides that
-TTL for its key. The cache lives in memory only; it starts empty after a
-restart.
+TTL for its key. The cache of a durable queue or exchange survives a
+restart when the broker has a data directory (see
+:mod:`roost.store.dedup_state`); any other cache lives in memory only.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 from roost import properties
@@ -85,11 +86,25 @@ class DedupCache:
     def discard(self, key: Hashable) -> None:
         self._store.pop(key, None)
 
+    def items(self) -> list[tuple[Hashable, float]]:
+        """(key, expiry in monotonic ms or 0), oldest first."""
+        return list(self._store.items())
+
+    def load(self, items: list[tuple[Hashable, float]]) -> None:
+        """Put back what :meth:`items` gave (after a restart), oldest first."""
+        now = _now_ms()
+        for key, expires in items:
+            if not expires or expires > now:
+                self._store.pop(key, None)
+                self._store[key] = expires
+        while len(self._store) > self.size:
+            self._store.popitem(last=False)
+
 
 class Deduplicator:
     """The deduplication state of one queue or exchange."""
 
-    __slots__ = ("cache", "duplicates", "header")
+    __slots__ = ("cache", "duplicates", "header", "on_change")
 
     def __init__(
         self, size: int | None = None, ttl: int | None = None, header: str | None = None
@@ -97,6 +112,8 @@ class Deduplicator:
         self.cache = DedupCache(size or DEFAULT_CACHE_SIZE, ttl)
         self.header = header or DEFAULT_HEADER
         self.duplicates = 0  # messages dropped as duplicates
+        # Called after a key is added or dropped (persistence of durable caches).
+        self.on_change: Callable[[], None] | None = None
 
     @classmethod
     def for_queue(cls, options: QueueOptions) -> Deduplicator | None:
@@ -127,6 +144,8 @@ class Deduplicator:
         if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0:
             ttl = None
         self.cache.add(key, ttl)
+        if self.on_change is not None:
+            self.on_change()
         return False
 
     def forget(self, message: Message) -> None:
@@ -135,6 +154,12 @@ class Deduplicator:
         key = self.key_of(message)
         if key is not None:
             self.cache.discard(key)
+            if self.on_change is not None:
+                self.on_change()
+
+
+# Persistence hook: (vhost, "q" or "x", name, deduper or None when deleted).
+DedupHook = Callable[[str, str, str, Deduplicator | None], None]
 
 
 def _hashable(value: Any) -> Hashable:

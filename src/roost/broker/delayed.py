@@ -33,7 +33,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from roost import properties
-from roost.broker import errors
+from roost.broker import errors, sender_selected
 from roost.broker.errors import BrokerError, precondition
 from roost.broker.exchange import EXCHANGE_TYPES, Exchange
 from roost.broker.message import Message
@@ -232,6 +232,12 @@ class DelayedExchange(Exchange):
         # Held messages when there is no message log: word -> message.
         self._in_memory: dict[int, Message] = {}
         self._next_token = 1
+        # CC/BCC routing keys of held messages that have them, by word: a
+        # message read back from the log has lost them (BCC is not even in
+        # its headers). After a restart only the CC header is left to
+        # re-derive keys from, so BCC keys of a message held across a
+        # restart are lost.
+        self._cc: dict[int, tuple[str, ...]] = {}
         self._timer: Any = None
         self._timer_due = 0
 
@@ -283,6 +289,8 @@ class DelayedExchange(Exchange):
             word = ref | DURABLE_RECORD
         else:
             word = journal.page_out(message)
+        if message.cc:
+            self._cc[word] = message.cc
         self.schedule.add(due, word)
         if self._timer is None or due < self._timer_due:
             self._arm()
@@ -361,6 +369,15 @@ class DelayedExchange(Exchange):
             else:
                 journal.release(ref)
         message = released(held)
+        cc = self._cc.pop(word, None) if self._cc else None
+        if cc is None and journal is not None and sender_selected.maybe_present(held.properties):
+            # Held across a restart: the CC header is still there.
+            try:
+                cc = sender_selected.extract(held.properties)[1]
+            except BrokerError:
+                cc = None
+        if cc:
+            message.cc = cc
         queues = vhost.route(self, message)
         if queues:
             vhost.enqueue(message, queues)
@@ -379,6 +396,7 @@ class DelayedExchange(Exchange):
                 # recovery and compaction no longer count these records.
                 journal.release(word & REF_MASK)
         self._in_memory.clear()
+        self._cc.clear()
         self.schedule.clear()
 
 

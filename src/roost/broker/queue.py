@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from roost import properties
@@ -100,6 +100,10 @@ class Queue:
         # Identity of a durable queue in the message log (0: not logged).
         self.store_id = 0
         self.paged = PagedEntries()
+        # Delivery counts of restored entries not yet paged in, by ref
+        # (only with a delivery limit; see restore()).
+        self._restored_counts: dict[int, int] = {}
+        self._past_limit: list[int] = []  # restored refs to dead-letter at start
         self._paged_bytes = 0  # body bytes of the paged entries (as far as known)
         # A priority queue keeps everything in memory: paging is FIFO.
         # A count limit on top of the memory estimate (tests lower it).
@@ -301,17 +305,31 @@ class Queue:
             if not expires and msg.written_ms and self._has_ttl(msg):
                 expires = self._expiry_for(msg, msg.written_ms)
             priority = min(msg.priority or 0, opts.max_priority) if opts.max_priority else 0
-            ready.append(
-                QueueEntry(word & SEQ_MASK, msg, bool(word & REDELIVERED), expires, priority)
-            )
+            entry = QueueEntry(word & SEQ_MASK, msg, bool(word & REDELIVERED), expires, priority)
+            if self._restored_counts and not word & PAGING_REF:
+                entry.deliveries = self._restored_counts.pop(ref, 0)
+            ready.append(entry)
             if expires:
                 self._arm_ttl(expires)
 
-    def restore(self, refs: list[int], delivered: set[int]) -> None:
-        """Refill a durable queue from the log after a restart."""
+    def restore(self, refs: list[int], delivered: Mapping[int, int]) -> None:
+        """Refill a durable queue from the log after a restart.
+
+        ``delivered`` maps a ref to how often it was handed out; with a
+        delivery limit those counts carry on (kept by ref until the entry
+        is paged in), so a restart gives a poison message no fresh attempts.
+        """
+        limit = self.options.delivery_limit
         for ref in refs:
+            if limit is not None and delivered.get(ref, 0) > limit:
+                # Its last allowed delivery was never settled: it leaves as
+                # requeue() would have it leave, once every queue is back.
+                self._past_limit.append(ref)
+                continue
             self._seq += 1
             self.paged.append(self._seq | (REDELIVERED if ref in delivered else 0), ref)
+        if limit is not None and delivered:
+            self._restored_counts.update(delivered)
         if self.options.max_priority:
             self._page_in()  # priority order needs every message in memory
 
@@ -456,6 +474,14 @@ class Queue:
 
     def start_timers(self) -> None:
         """Arm timers once a scheduler exists (after recovery)."""
+        if self._past_limit and self.journal is not None:
+            refs, self._past_limit = self._past_limit, []
+            for ref in refs:
+                self._restored_counts.pop(ref, None)
+                msg = self.journal.read(ref)
+                self.dead_lettered += 1
+                deadletter.dead_letter(self, msg, deadletter.DELIVERY_LIMIT)
+                self.journal.ack(self.store_id, ref)
         if self.options.expires is not None:
             self._arm_expiry()
         if not self.ready and self.paged and self.options.message_ttl is not None:
@@ -515,9 +541,12 @@ class Queue:
         if journal is None or not self.store_id:
             return
         qid = self.store_id
+        counted = self.options.delivery_limit is not None
         for e in entries:
             m = e.message
-            if m.persistent and m.ref and not e.redelivered:
+            # With a delivery limit every delivery is recorded (recovery
+            # counts them); otherwise the first one is enough.
+            if m.persistent and m.ref and (counted or not e.redelivered):
                 journal.delivered(qid, m.ref)
 
     def dispatch(self) -> None:
@@ -662,6 +691,7 @@ class Queue:
                     journal.ack(qid, ref)
             self.paged.clear()
             self._paged_bytes = 0
+            self._restored_counts.clear()
         return n
 
     def detach_all_consumers(self) -> list[Consumer]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from roost.broker import errors, fields
 from roost.broker.binding import Binding
-from roost.broker.dedup import exchange_deduplicator
+from roost.broker.dedup import DedupHook, exchange_deduplicator
 from roost.broker.delayed import DelayedExchange
 from roost.broker.errors import BrokerError, not_found, precondition
 from roost.broker.exchange import EXCHANGE_TYPES, DirectExchange, Exchange
@@ -84,6 +84,10 @@ class VirtualHost:
         # call_later(seconds, fn) for TTL, retry and expiry timers; None in a
         # broker model running without an event loop (timers then do nothing).
         self.scheduler: Callable[[float, Callable[[], None]], Any] | None = None
+        # Keeps the dedup caches of durable queues and exchanges on disk:
+        # called with (vhost, "q" or "x", name, deduper), deduper None when
+        # the queue or exchange is deleted (Broker.set_dedup_persistence).
+        self.persist_dedup: DedupHook | None = None
         # Estimated bytes a queue may hold in memory before paging to the log.
         self.queue_memory_limit = 128 * 1024 * 1024
         self.on_queue_deleted: list[Callable[[Queue], None]] = []
@@ -161,6 +165,8 @@ class VirtualHost:
             ex.attach(self, alloc() if logged and alloc is not None else 0)
         self.exchanges[name] = ex
         if durable:
+            if deduper is not None and self.persist_dedup is not None:
+                self.persist_dedup(self.name, "x", name, deduper)
             self._changed()
         return ex
 
@@ -217,6 +223,8 @@ class VirtualHost:
         if isinstance(ex, DelayedExchange):
             ex.discard()
         if ex.durable:
+            if ex.deduper is not None and self.persist_dedup is not None:
+                self.persist_dedup(self.name, "x", ex.name, None)
             self._changed()
 
     # -- queues ---------------------------------------------------------
@@ -281,6 +289,8 @@ class VirtualHost:
         if durable:
             if self.journal is not None and self._allocate_queue_id is not None:
                 q.store_id = self._allocate_queue_id()
+            if q.deduper is not None and self.persist_dedup is not None:
+                self.persist_dedup(self.name, "q", name, q.deduper)
             self._changed()
         return q
 
@@ -342,6 +352,10 @@ class VirtualHost:
         q.deleted = True
         count = q.message_count
         self.queues.pop(q.name, None)
+        # The implicit default-exchange binding is not in q.bindings: left
+        # behind, a queue redeclared with this name would never get its
+        # binding and publishes to it would go to the deleted queue.
+        self.default_exchange.remove_binding(Binding(self.default_exchange, q, q.name, None))
         for b in list(q.bindings):
             self._drop_binding(b, cascade=True)
         for c in q.detach_all_consumers():
@@ -351,6 +365,8 @@ class VirtualHost:
         for hook in self.on_queue_deleted:
             hook(q)
         if q.durable:
+            if q.deduper is not None and self.persist_dedup is not None:
+                self.persist_dedup(self.name, "q", q.name, None)
             self._changed()
         return count
 

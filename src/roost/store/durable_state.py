@@ -13,6 +13,7 @@ from roost.broker.broker import Broker
 from roost.broker.delayed import DelayedExchange
 from roost.store import definitions, encryption
 from roost.store.datadir import MESSAGES_DIR, DataDirLock
+from roost.store.dedup_state import DedupState
 from roost.store.message_store import DEFAULT_SEGMENT_SIZE, MessageStore
 
 log = logging.getLogger("roost.store")
@@ -44,6 +45,7 @@ class DurableState:
             # a key that was not given is refused untouched.
             encryption.check_marker(data_dir, keyring)
             self.store = MessageStore(data_dir / MESSAGES_DIR, segment_size, keyring=keyring)
+            self.dedup = DedupState(data_dir, self.store)
         except BaseException:
             self.lock.release()
             raise
@@ -59,6 +61,9 @@ class DurableState:
         started = time.monotonic()
         self.broker = broker
         self.store.on_error = self._store_error
+        # Before the definitions: durable queues and exchanges declared from
+        # them load their dedup caches.
+        broker.set_dedup_persistence(self.dedup.attach)
         saved = definitions.load(self.data_dir / definitions.FILENAME)
         if saved is not None:
             for problem in definitions.restore(broker, saved):
@@ -107,6 +112,7 @@ class DurableState:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.store.start(loop)
+        self.dedup.start(loop)
         self.save_now()
 
     # -- definitions ----------------------------------------------------
@@ -178,6 +184,7 @@ class DurableState:
 
     def close(self) -> None:
         try:
+            self.dedup.flush_sync()
             self.store.close()
             if self.broker is not None:
                 try:

@@ -84,10 +84,12 @@ class StoreError(Exception):
 @dataclass
 class RecoveredQueue:
     """What recovery found for one durable queue: refs in order, and which
-    of them had been handed to a consumer before the restart."""
+    of them had been handed to a consumer before the restart, with how many
+    DELIVERED entries each has (a queue with a delivery limit writes one per
+    delivery, any other queue only the first)."""
 
     refs: list[int] = field(default_factory=list)
-    delivered: set[int] = field(default_factory=set)
+    delivered: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,6 +147,9 @@ class MessageStore:
         self._read_cache: tuple[int, int, bytes] | None = None  # seg, offset, data
         # Recovery: records sealed under a key the keyring lacks, by ref.
         self._foreign: dict[int, bytes] = {}
+        # Called on the loop before each batch is handed to the writer:
+        # whatever it submits with run_in_writer is written first.
+        self.before_batch: Callable[[], None] | None = None
         self.closed = False
 
     # -- start-up -------------------------------------------------------
@@ -156,7 +161,7 @@ class MessageStore:
         report = RecoveryReport()
         queues: dict[int, RecoveredQueue] = {}
         settled: set[tuple[int, int]] = set()
-        delivered: set[tuple[int, int]] = set()
+        delivered: dict[tuple[int, int], int] = {}
         seg_numbers = sorted(
             int(p.name[:-4]) for p in self.dir.glob("*.seg") if p.name[:-4].isdigit()
         )
@@ -180,7 +185,8 @@ class MessageStore:
                     if kind == ACK:
                         settled.add((qid, make_ref(n, roff)))
                     elif kind == DELIVERED:
-                        delivered.add((qid, make_ref(n, roff)))
+                        key = (qid, make_ref(n, roff))
+                        delivered[key] = delivered.get(key, 0) + 1
                 if whole != len(raw):
                     cuts.append((acks_path, whole, False))
                 self._ack_size[n] = whole
@@ -200,8 +206,9 @@ class MessageStore:
                 kept.append(ref)
                 seg = ref_segment(ref)
                 live[seg] = live.get(seg, 0) + 1
-                if (qid, ref) in delivered:
-                    rq.delivered.add(ref)
+                count = delivered.get((qid, ref))
+                if count:
+                    rq.delivered[ref] = count
             rq.refs = kept
             report.messages += len(kept)
         self.live = live
@@ -484,6 +491,8 @@ class MessageStore:
         self._scheduled = False
         if self._inflight is not None or self._failed is not None or self.closed:
             return
+        if self.before_batch is not None:
+            self.before_batch()
         batch = self._take_batch()
         if batch is None:
             return
