@@ -15,7 +15,8 @@ from collections.abc import Iterator
 CHUNK = 4096
 REDELIVERED = 1 << 63
 PAGING_REF = 1 << 62  # the entry holds its own reference on the log record
-SEQ_MASK = PAGING_REF - 1
+UNSIZED = 1 << 61  # restored from the log: its body size is not counted yet
+SEQ_MASK = UNSIZED - 1
 
 
 class PagedEntries:

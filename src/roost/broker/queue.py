@@ -31,7 +31,7 @@ from roost import properties
 from roost.broker import deadletter
 from roost.broker.dedup import Deduplicator
 from roost.broker.message import Message, QueueEntry
-from roost.broker.paging import PAGING_REF, REDELIVERED, SEQ_MASK, PagedEntries
+from roost.broker.paging import PAGING_REF, REDELIVERED, SEQ_MASK, UNSIZED, PagedEntries
 from roost.broker.queue_args import QueueOptions, parse_expiration
 from roost.broker.ready import ReadyByPriority, ReadyFifo
 
@@ -299,7 +299,10 @@ class Queue:
         for _ in range(n):
             word, ref, expires = paged.popleft()
             msg = journal.read(ref)
-            self._paged_bytes -= len(msg.body)
+            if word & UNSIZED:
+                self.ready_bytes += len(msg.body)  # now known; was never counted
+            else:
+                self._paged_bytes -= len(msg.body)
             if word & PAGING_REF:
                 journal.release(ref)
             if not expires and msg.written_ms and self._has_ttl(msg):
@@ -327,7 +330,7 @@ class Queue:
                 self._past_limit.append(ref)
                 continue
             self._seq += 1
-            self.paged.append(self._seq | (REDELIVERED if ref in delivered else 0), ref)
+            self.paged.append(self._seq | UNSIZED | (REDELIVERED if ref in delivered else 0), ref)
         if limit is not None and delivered:
             self._restored_counts.update(delivered)
         if self.options.max_priority:
