@@ -176,7 +176,15 @@ async def _serve(config: Config) -> int:
     # (a supervisor, RoostProcess) may stop the broker right away.
     # One line, so that whoever parses it learns both ports at once.
     tls = f" and amqps://{config.host}:{server.tls_port}" if server.tls_port else ""
-    print(f"roost {__version__}: listening on amqp://{config.host}:{server.port}{tls}", flush=True)
+    http = (
+        f" and http://{config.http_host or config.host}:{server.http_port}"
+        if server.http_port
+        else ""
+    )
+    print(
+        f"roost {__version__}: listening on amqp://{config.host}:{server.port}{tls}{http}",
+        flush=True,
+    )
     await stop.wait()
     log.info("shutting down")
     await server.stop()

@@ -47,6 +47,8 @@ class Config:
     tls_min_version: str = "1.2"
     encryption_key_file: str = ""
     old_encryption_key_file: str = ""
+    http_port: int = 15672
+    http_host: str = ""
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
@@ -91,6 +93,9 @@ HELP = {
     "the message store; alternatively put the key itself in ROOST_ENCRYPTION_KEY",
     "old_encryption_key_file": "comma-separated key files of earlier keys: messages "
     "stored under them stay readable while new ones use the current key (key rotation)",
+    "http_port": "port of the HTTP management API (RabbitMQ's management API; 0 picks a "
+    "free one, -1 turns it off)",
+    "http_host": "address the management API listens on (empty: the same as host)",
 }
 
 
@@ -183,6 +188,8 @@ def load_config(
             raise ConfigError(f"{limit}: must not be negative (0 means no limit)")
     if not 0 <= cfg.tls_port <= 65535:
         raise ConfigError(f"tls_port: {cfg.tls_port} is not between 0 and 65535")
+    if not -1 <= cfg.http_port <= 65535:
+        raise ConfigError(f"http_port: {cfg.http_port} is not between -1 (off) and 65535")
     if cfg.tls_min_version not in ("1.2", "1.3"):
         raise ConfigError(f"tls_min_version: expected 1.2 or 1.3, got {cfg.tls_min_version!r}")
     if not cfg.tls_cert and (cfg.tls_key or cfg.tls_ca or cfg.tls_verify_peer):

@@ -7,12 +7,15 @@ import logging
 import os
 import ssl
 
+from aiohttp import web
+
 from roost.amqp.connection import AMQPConnection, ConnectionSettings
 from roost.broker.broker import Broker
 from roost.broker.errors import CONNECTION_FORCED
 from roost.config import Config
 from roost.control.server import ControlServer
 from roost.control.socket_path import control_socket
+from roost.http.app import build_app
 from roost.store.durable_state import DurableState
 from roost.store.encryption import load_keyring
 from roost.tls import TLSError, server_context
@@ -37,6 +40,8 @@ class Server:
         self.control: ControlServer | None = None
         self.port = 0
         self.tls_port = 0  # 0 while there is no amqps listener
+        self._http: web.AppRunner | None = None
+        self.http_port = 0  # 0 while the management API is not served
 
     @property
     def broker(self) -> Broker:
@@ -119,6 +124,8 @@ class Server:
         if self._tls_server is not None:
             self.tls_port = self._tls_server.sockets[0].getsockname()[1]
             log.info("roost listening for AMQP over TLS on %s:%d", self.config.host, self.tls_port)
+        if self.config.http_port >= 0:
+            await self._start_http(broker)
         # For ``roost ctl``; without it the broker still serves, and ctl
         # reports that the data directory is in use.
         control = ControlServer(broker, control_socket(self.config.resolved_data_dir()))
@@ -128,12 +135,46 @@ class Server:
         except OSError as exc:
             log.error("cannot create the control socket %s: %s", control.path, exc)
 
+    async def _start_http(self, broker: Broker) -> None:
+        """Serve the management API on this loop. Failing to listen is
+        logged, not fatal (like the control socket): the broker's job is
+        AMQP, and a second roost or a RabbitMQ on the same machine often
+        already holds 15672."""
+        host = self.config.http_host or self.config.host
+        listeners = [{"protocol": "amqp", "ip_address": self.config.host, "port": self.port}]
+        if self.tls_port:
+            listeners.append(
+                {"protocol": "amqp/ssl", "ip_address": self.config.host, "port": self.tls_port}
+            )
+        runner = web.AppRunner(build_app(broker, listeners), access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, host, self.config.http_port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error(
+                "cannot serve the management API on %s:%d: %s",
+                host,
+                self.config.http_port,
+                exc.strerror or exc,
+            )
+            await runner.cleanup()
+            return
+        self._http = runner
+        self.http_port = runner.addresses[0][1]
+        listeners.append({"protocol": "http", "ip_address": host, "port": self.http_port})
+        log.info("roost serving the management API on http://%s:%d", host, self.http_port)
+
     async def stop(self, grace: float = 2.0) -> None:
         """Stop accepting, close every connection with 320, wait for them to
         go, then flush and fsync the store."""
         if self.control is not None:
             await self.control.close()
             self.control = None
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+            self.http_port = 0
         if self._server is not None:
             self._server.close()
         if self._tls_server is not None:

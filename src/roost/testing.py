@@ -49,6 +49,8 @@ class RoostBroker:
         # The amqps listener runs only when tls_cert is given; then on an
         # ephemeral port too.
         config.setdefault("tls_port", 0)
+        # The management API too (pass http_port=-1 to turn it off).
+        config.setdefault("http_port", 0)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if not config.get("data_dir"):
             self._tmp = tempfile.TemporaryDirectory(prefix="roost-")
@@ -81,6 +83,18 @@ class RoostBroker:
     def tls_url(self) -> str:
         assert self.tls_port, "broker has no TLS listener (pass tls_cert=...)"
         return f"amqps://guest:guest@{self.host}:{self.tls_port}/"
+
+    @property
+    def http_port(self) -> int:
+        """The management API's port; 0 when it is not served."""
+        assert self.server is not None, "broker not started"
+        return self.server.http_port
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the management API (``http_url + "/api/overview"``)."""
+        assert self.http_port, "broker serves no management API (http_port=-1)"
+        return f"http://{self.host}:{self.http_port}"
 
     def start(self) -> RoostBroker:
         started: Future[None] = Future()
@@ -145,6 +159,7 @@ class RoostBroker:
 
 _LISTENING = re.compile(r"listening on amqp://([^:\s]+):(\d+)")
 _LISTENING_TLS = re.compile(r"and amqps://[^:\s]+:(\d+)")
+_LISTENING_HTTP = re.compile(r"and http://[^:\s]+:(\d+)")
 
 
 class RoostProcess:
@@ -167,6 +182,7 @@ class RoostProcess:
         self.host = "127.0.0.1"
         self.port = 0
         self.tls_port = 0  # the amqps port once started, when --tls-cert is given
+        self.http_port = 0  # the management API's port once started
         self.output: list[str] = []
 
     @property
@@ -190,6 +206,10 @@ class RoostProcess:
             str(self.port),
             "--data-dir",
             str(self.data_dir),
+            # The management API on an ephemeral port (kept on restart);
+            # extra_args may override it (--http-port -1 turns it off).
+            "--http-port",
+            str(self.http_port),
             *self.extra_args,
         ]
         if self.tls_port:
@@ -209,6 +229,8 @@ class RoostProcess:
                 m = _LISTENING.search(line)
                 if m and not found.done():
                     tls = _LISTENING_TLS.search(line)
+                    http = _LISTENING_HTTP.search(line)
+                    self.http_port = int(http.group(1)) if http else 0
                     found.set_result((m.group(1), int(m.group(2)), int(tls.group(1)) if tls else 0))
             if not found.done():
                 found.set_exception(

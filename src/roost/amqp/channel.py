@@ -367,6 +367,8 @@ class Channel:
 
     def _route(self, ex: Exchange, msg: Message, mandatory: bool) -> tuple[bool, bool]:
         vhost = self.vhost
+        vhost.published += 1  # stats.py
+        ex.published += 1
         if ex is vhost.default_exchange and msg.routing_key.startswith(REPLY_TO_PREFIX):
             target = vhost.reply_targets.get(msg.routing_key[len(REPLY_TO_PREFIX) :])
             if target is not None:
@@ -384,12 +386,15 @@ class Channel:
         if mandatory:
             # Also for a held message, as the delayed-message plugin does:
             # its route is empty now, whatever happens when it is due.
+            vhost.returned += 1
             self.conn.write(
                 encoder.basic_return(
                     self.number, errors.NO_ROUTE, "NO_ROUTE", msg.exchange, msg.routing_key
                 )
                 + encoder.content(self.number, msg.properties, msg.body, self.conn.frame_max)
             )
+        elif not held:
+            vhost.dropped += 1
         return held, False
 
     def _confirm_upto(self, seq: int) -> None:
@@ -402,6 +407,7 @@ class Channel:
         upto = self._confirmed_upto
         if upto > self._confirm_sent and not self.closing:
             self.conn.write(encoder.basic_ack(self.number, upto, upto - self._confirm_sent > 1))
+            self.vhost.confirmed += upto - self._confirm_sent
         self._confirm_sent = upto
 
     # -- direct reply-to ------------------------------------------------
@@ -639,6 +645,7 @@ class Channel:
         q = self.vhost.queue(name, self.owner)
         entry = q.get(m.no_ack)
         if entry is None:
+            self.vhost.get_empty += 1
             self.conn.write(encoder.get_empty(self.number))
             return
         tag = self.next_tag

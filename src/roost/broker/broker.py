@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from roost.broker import errors
+from roost.broker import errors, stats
 from roost.broker.access import LoginThrottle, Permissions
 from roost.broker.dedup import DedupHook
 from roost.broker.delayed import DelayedExchange
@@ -78,11 +78,17 @@ class Broker:
         # Resource alarms (memory, disk): while any is set, publishers block.
         self.alarms: set[str] = set()
         self._alarm_listeners: list[Callable[[bool, str], None]] = []
+        # Message counters of deleted vhosts (stats.VHOST_KEYS order), and
+        # the rate sampler, started with the scheduler.
+        self.retired_counts: tuple[int, ...] = (0,) * len(stats.VHOST_KEYS)
+        self.retired_dead_lettered: dict[tuple[str, str], int] = {}
+        self.stats = stats.Sampler(self)
 
     def set_scheduler(self, scheduler: Callable[[float, Callable[[], None]], Any]) -> None:
         """Give every vhost (now and later) a timer source and start the
         timers of queues that already exist (after recovery)."""
         self.scheduler = scheduler
+        self.stats.start(scheduler)
         for vh in self.vhosts.values():
             vh.scheduler = scheduler
             for q in list(vh.queues.values()):
@@ -128,6 +134,7 @@ class Broker:
             conn.close(errors.CONNECTION_FORCED, f"vhost '{name}' is down")
         del self.vhosts[name]
         vh.clear()
+        stats.retire_vhost(self, vh)
         for key in [k for k in self.permissions if k[1] == name]:
             del self.permissions[key]
         self.definitions_changed()

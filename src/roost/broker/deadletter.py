@@ -43,9 +43,13 @@ def _flags(raw: bytes) -> int:
 def dead_letter(queue: Queue, message: Message, reason: str) -> None:
     """Republish ``message`` from ``queue`` to the queue's dead-letter exchange."""
     opts = queue.options
+    vhost = queue.vhost
+    # Counted as RabbitMQ's rabbitmq_global_messages_dead_lettered_*_total:
+    # strategy "disabled" when the queue has no dead-letter exchange.
+    counter = (reason, "disabled" if opts.dead_letter_exchange is None else "at_most_once")
+    vhost.dead_lettered_by[counter] = vhost.dead_lettered_by.get(counter, 0) + 1
     if opts.dead_letter_exchange is None:
         return
-    vhost = queue.vhost
     dlx = vhost.exchanges.get(opts.dead_letter_exchange)
     if dlx is None:
         return  # as RabbitMQ: a missing DLX drops the message

@@ -41,6 +41,8 @@ class Exchange:
         self.inbound: set[Binding] = set()
         # x-message-deduplication (set by the vhost from the arguments).
         self.deduper: Deduplicator | None = None
+        # Messages published to it by clients (stats.py: publish_in).
+        self.published = 0
 
     @property
     def destination_key(self) -> tuple[str, str]:

@@ -122,6 +122,7 @@ class Queue:
         self.published = 0
         self.delivered = 0
         self.acked = 0
+        self.redelivered = 0  # deliveries of redelivered entries (stats.py)
         self.dead_lettered = 0
         # x-message-deduplication: enforced by VirtualHost.enqueue.
         self.deduper = Deduplicator.for_queue(opts)
@@ -626,6 +627,8 @@ class Queue:
         size = 0
         for e in entries:
             size += len(e.message.body)
+            if e.redelivered:
+                self.redelivered += 1
             if counted and e.deliveries:
                 e.message = _with_delivery_count(e.message, e.deliveries)
             e.deliveries += 1

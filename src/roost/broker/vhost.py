@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from roost.broker import errors, fields
+from roost.broker import errors, fields, stats
 from roost.broker.binding import Binding
 from roost.broker.dedup import DedupHook, exchange_deduplicator
 from roost.broker.delayed import DelayedExchange
@@ -91,6 +91,18 @@ class VirtualHost:
         # Estimated bytes a queue may hold in memory before paging to the log.
         self.queue_memory_limit = 128 * 1024 * 1024
         self.on_queue_deleted: list[Callable[[Queue], None]] = []
+        # Message counters only a channel sees (stats.py; queues keep their
+        # own): publishes received, confirms sent, unroutable messages
+        # returned or dropped, empty basic.gets.
+        self.published = 0
+        self.confirmed = 0
+        self.returned = 0
+        self.dropped = 0
+        self.get_empty = 0
+        # (reason, dead-letter strategy) -> messages dead-lettered.
+        self.dead_lettered_by: dict[tuple[str, str], int] = {}
+        # deliver_get, ack, redeliver, dead_lettered of deleted queues.
+        self.retired = [0, 0, 0, 0]
 
     # -- lookup ---------------------------------------------------------
 
@@ -362,6 +374,7 @@ class VirtualHost:
             c.sink.cancelled_by_server(c)
         q.purge()
         q.stop_timers()
+        stats.retire_queue(self, q)
         for hook in self.on_queue_deleted:
             hook(q)
         if q.durable:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from roost import properties
 from roost.broker.message import Message
+from roost.broker.stats import Histogram
 from roost.store import holes, records
 from roost.store.encryption import EncryptionError, Keyring
 from roost.store.records import ACK, ACK_ENTRY, ACK_ENTRY_SIZE, DELIVERED, HEADER, HEADER_SIZE
@@ -40,6 +41,8 @@ log = logging.getLogger("roost.store")
 DEFAULT_SEGMENT_SIZE = 32 * 1024 * 1024
 READ_BLOCK = 256 * 1024
 RETRY_DELAY = 1.0
+# Upper bounds (seconds) of the fsync latency histogram buckets.
+FSYNC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # Compact a segment once fewer than this share of its references are live,
 # and only runs of settled records at least this long.
 COMPACT_RATIO = 0.5
@@ -115,6 +118,8 @@ class MessageStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_size = segment_size
         self.on_error = on_error  # called with True on a write failure, False on recovery
+        # Seconds per fdatasync of a batch write (roost_store_fsync_seconds).
+        self.fsync_seconds = Histogram(FSYNC_BUCKETS)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="roost-store")
         self._fds: dict[int, int] = {}
@@ -530,8 +535,11 @@ class MessageStore:
             fd = self._fds[seg]
             _pwrite_all(fd, data, off)
             touched.add(fd)
+        observe = self.fsync_seconds.observe
         for fd in touched:
+            t0 = time.perf_counter()
             os.fdatasync(fd)
+            observe(time.perf_counter() - t0)
         touched = set()
         for seg, off, data in batch.acks:
             afd = self._ack_fds.get(seg)
@@ -542,7 +550,9 @@ class MessageStore:
             _pwrite_all(afd, data, off)
             touched.add(afd)
         for fd in touched:
+            t0 = time.perf_counter()
             os.fdatasync(fd)
+            observe(time.perf_counter() - t0)
         if batch.new_files:
             _fsync_dir(self.dir)
         for seg in batch.delete:

@@ -1,0 +1,1 @@
+"""The HTTP management API, compatible with RabbitMQ's management plugin."""

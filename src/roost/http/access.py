@@ -1,0 +1,74 @@
+"""/api/vhosts, /api/users and /api/permissions (read-only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from roost.broker.vhost import VirtualHost
+from roost.http.common import (
+    broker_of,
+    json_response,
+    require_admin,
+    vhost_of,
+    visible_vhosts,
+)
+
+
+def vhost_json(vh: VirtualHost) -> dict[str, Any]:
+    ready = sum(q.message_count for q in vh.queues.values())
+    unacked = sum(q.unacked for q in vh.queues.values())
+    description = "Default virtual host" if vh.name == "/" else ""
+    return {
+        "name": vh.name,
+        "description": description,
+        "tags": [],
+        "metadata": {"description": description, "tags": []},
+        "default_queue_type": "undefined",
+        "tracing": False,
+        "messages": ready + unacked,
+        "messages_ready": ready,
+        "messages_unacknowledged": unacked,
+    }
+
+
+async def list_vhosts(request: web.Request) -> web.Response:
+    return json_response([vhost_json(vh) for vh in visible_vhosts(request)])
+
+
+async def get_vhost(request: web.Request) -> web.Response:
+    return json_response(vhost_json(vhost_of(request)))
+
+
+async def list_users(request: web.Request) -> web.Response:
+    require_admin(request)
+    return json_response(
+        [
+            {
+                "name": u.name,
+                "password_hash": u.password_hash,
+                "hashing_algorithm": u.algorithm,
+                "tags": list(u.tags),
+                "limits": {},
+            }
+            for u in broker_of(request).users.users.values()
+        ]
+    )
+
+
+async def list_permissions(request: web.Request) -> web.Response:
+    require_admin(request)
+    return json_response(
+        [
+            {"user": user, "vhost": vhost, "configure": c, "write": w, "read": r}
+            for (user, vhost), (c, w, r) in broker_of(request).permissions.items()
+        ]
+    )
+
+
+def register(app: web.Application) -> None:
+    app.router.add_get("/api/vhosts", list_vhosts)
+    app.router.add_get("/api/vhosts/{vhost}", get_vhost)
+    app.router.add_get("/api/users", list_users)
+    app.router.add_get("/api/permissions", list_permissions)

@@ -1,0 +1,71 @@
+"""The management API's aiohttp application, served by the broker's own
+event loop (handlers use the broker directly, as connections do)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from roost.broker.broker import Broker
+from roost.broker.errors import ACCESS_REFUSED, NOT_FOUND, BrokerError
+from roost.http import access, definitions, exchanges, overview, queues
+from roost.http.common import (
+    BROKER,
+    CURRENT_USER,
+    INFO,
+    MANAGEMENT_TAGS,
+    HTTPError,
+    authenticate,
+    error,
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_REALM = {"WWW-Authenticate": 'Basic realm="RabbitMQ Management"'}
+
+
+@web.middleware
+async def _api(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Basic auth for every /api/ request, and errors as RabbitMQ words
+    them. Other routes (/metrics) are left to their handlers."""
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    broker = request.app[BROKER]
+    user = authenticate(broker, request.headers.get("Authorization"))
+    if user is None:
+        return error(401, "not_authorized", "Login failed", **_REALM)
+    if not MANAGEMENT_TAGS.intersection(user.tags):
+        return error(401, "not_authorised", "Not management user", **_REALM)
+    CURRENT_USER.set(user)
+    try:
+        return await handler(request)
+    except HTTPError as exc:
+        return error(exc.status, exc.error, exc.reason)
+    except BrokerError as exc:
+        if exc.code == NOT_FOUND:
+            return error(404, "Object Not Found", "Not Found")
+        if exc.code == ACCESS_REFUSED:
+            return error(401, "not_authorised", "Access refused.")
+        return error(400, "bad_request", exc.text)
+    except web.HTTPNotFound:
+        return error(404, "Object Not Found", "Not Found")
+    except web.HTTPMethodNotAllowed:
+        return error(405, "Method Not Allowed", "Method Not Allowed")
+
+
+def build_app(broker: Broker, listeners: list[dict[str, Any]] | None = None) -> web.Application:
+    """The management API over ``broker``; ``listeners`` (protocol,
+    ip_address, port) are reported by /api/overview."""
+    app = web.Application(middlewares=[_api])
+    app[BROKER] = broker
+    app[INFO] = {"node": f"roost@{socket.gethostname()}", "listeners": listeners or []}
+    for module in (overview, access, exchanges, queues, definitions):
+        module.register(app)
+    # Imported here: the Prometheus exporter and its rate counters load
+    # only when an API is actually served.
+    from roost.http.metrics import register_metrics
+
+    register_metrics(app, broker)
+    return app

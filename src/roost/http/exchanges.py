@@ -1,0 +1,95 @@
+"""/api/exchanges: list, show, declare (PUT) and delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from roost.broker.exchange import Exchange
+from roost.broker.vhost import VirtualHost
+from roost.http.common import (
+    json_body,
+    json_response,
+    listing,
+    not_found,
+    vhost_of,
+    visible_vhosts,
+)
+from roost.store.definitions import _jsonable
+
+
+def exchange_json(vh: VirtualHost, ex: Exchange) -> dict[str, Any]:
+    return {
+        "name": ex.name,
+        "vhost": vh.name,
+        "type": ex.type_name,
+        "durable": ex.durable,
+        "auto_delete": ex.auto_delete,
+        "internal": ex.internal,
+        "arguments": _jsonable(ex.arguments),
+        "user_who_performed_action": "rmq-internal",
+    }
+
+
+def _name(request: web.Request) -> str:
+    # The default exchange has no name; URLs call it amq.default.
+    name = request.match_info["name"]
+    return "" if name == "amq.default" else name
+
+
+async def list_all(request: web.Request) -> web.Response:
+    return listing(
+        request,
+        [exchange_json(vh, ex) for vh in visible_vhosts(request) for ex in vh.exchanges.values()],
+    )
+
+
+async def list_vhost(request: web.Request) -> web.Response:
+    vh = vhost_of(request)
+    return listing(request, [exchange_json(vh, ex) for ex in vh.exchanges.values()])
+
+
+async def show(request: web.Request) -> web.Response:
+    vh = vhost_of(request)
+    ex = vh.exchanges.get(_name(request))
+    if ex is None:
+        not_found()
+    data = exchange_json(vh, ex)
+    data["incoming"] = []
+    data["outgoing"] = []
+    return json_response(data)
+
+
+async def put(request: web.Request) -> web.Response:
+    vh = vhost_of(request, write=True)
+    body = await json_body(request)
+    name = _name(request)
+    existed = name in vh.exchanges
+    arguments = body.get("arguments") or {}
+    vh.declare_exchange(
+        name,
+        str(body.get("type", "direct")),
+        durable=bool(body.get("durable", False)),
+        auto_delete=bool(body.get("auto_delete", False)),
+        internal=bool(body.get("internal", False)),
+        arguments=dict(arguments) if isinstance(arguments, dict) else {},
+    )
+    return web.Response(status=204 if existed else 201)
+
+
+async def delete(request: web.Request) -> web.Response:
+    vh = vhost_of(request, write=True)
+    name = _name(request)
+    if name not in vh.exchanges:
+        not_found()
+    vh.delete_exchange(name, if_unused=request.query.get("if-unused") == "true")
+    return web.Response(status=204)
+
+
+def register(app: web.Application) -> None:
+    app.router.add_get("/api/exchanges", list_all)
+    app.router.add_get("/api/exchanges/{vhost}", list_vhost)
+    app.router.add_get("/api/exchanges/{vhost}/{name}", show)
+    app.router.add_put("/api/exchanges/{vhost}/{name}", put)
+    app.router.add_delete("/api/exchanges/{vhost}/{name}", delete)
