@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from roost import __version__
+from roost import __version__, logs
 from roost.broker.access import is_loopback
 from roost.config import HELP, Config, ConfigError, load_config
 from roost.control import cli as control_cli
@@ -104,10 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"roost: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(config.log_level, config.log_format)
     if config.uvloop:
         try:
             import uvloop
@@ -177,7 +174,7 @@ async def _serve(config: Config) -> int:
     # One line, so that whoever parses it learns both ports at once.
     tls = f" and amqps://{config.host}:{server.tls_port}" if server.tls_port else ""
     http = (
-        f" and http://{config.http_host or config.host}:{server.http_port}"
+        f" and {server.http_scheme}://{config.http_host or config.host}:{server.http_port}"
         if server.http_port
         else ""
     )

@@ -30,6 +30,7 @@ class Config:
     heartbeat: int = 60
     max_message_size: int = 16 * 1024 * 1024
     log_level: str = "info"
+    log_format: str = "text"
     uvloop: bool = True
     segment_size: int = 32 * 1024 * 1024
     consumer_timeout: int = 1800000
@@ -49,6 +50,8 @@ class Config:
     old_encryption_key_file: str = ""
     http_port: int = 15672
     http_host: str = ""
+    http_tls_cert: str = ""
+    http_tls_key: str = ""
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
@@ -65,6 +68,8 @@ HELP = {
     "heartbeat": "heartbeat interval offered to clients, in seconds (0 disables)",
     "max_message_size": "largest message body accepted, in bytes",
     "log_level": "debug, info, warning or error",
+    "log_format": "text (one line per event) or json (one JSON object per line, with "
+    "fields such as event, peer, user, vhost, duration_s and reason)",
     "uvloop": "use uvloop when it is installed",
     "segment_size": "size of each message log segment file, in bytes",
     "consumer_timeout": "ms a consumer may hold an unacknowledged delivery before its "
@@ -96,6 +101,10 @@ HELP = {
     "http_port": "port of the HTTP management API (RabbitMQ's management API; 0 picks a "
     "free one, -1 turns it off)",
     "http_host": "address the management API listens on (empty: the same as host)",
+    "http_tls_cert": "PEM certificate chain for the management API; setting it serves the "
+    "API over HTTPS (only) on http_port",
+    "http_tls_key": "PEM private key of http_tls_cert (empty: the key is in the "
+    "http_tls_cert file)",
 }
 
 
@@ -190,10 +199,14 @@ def load_config(
         raise ConfigError(f"tls_port: {cfg.tls_port} is not between 0 and 65535")
     if not -1 <= cfg.http_port <= 65535:
         raise ConfigError(f"http_port: {cfg.http_port} is not between -1 (off) and 65535")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: expected text or json, got {cfg.log_format!r}")
     if cfg.tls_min_version not in ("1.2", "1.3"):
         raise ConfigError(f"tls_min_version: expected 1.2 or 1.3, got {cfg.tls_min_version!r}")
     if not cfg.tls_cert and (cfg.tls_key or cfg.tls_ca or cfg.tls_verify_peer):
         raise ConfigError("tls_key, tls_ca and tls_verify_peer need tls_cert")
+    if cfg.http_tls_key and not cfg.http_tls_cert:
+        raise ConfigError("http_tls_key needs http_tls_cert")
     if cfg.tls_verify_peer and not cfg.tls_ca:
         raise ConfigError(
             "tls_verify_peer: needs tls_ca (the CA client certificates must be signed by)"

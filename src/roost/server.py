@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import ssl
+import time
+from typing import Any
 
 from aiohttp import web
 
@@ -42,6 +44,8 @@ class Server:
         self.tls_port = 0  # 0 while there is no amqps listener
         self._http: web.AppRunner | None = None
         self.http_port = 0  # 0 while the management API is not served
+        self._http_tls: ssl.SSLContext | None = None  # HTTPS when http_tls_cert is set
+        self.started = time.time()
 
     @property
     def broker(self) -> Broker:
@@ -64,6 +68,9 @@ class Server:
                 self.config.tls_verify_peer,
                 self.config.tls_min_version,
             )
+        if self.config.http_tls_cert:
+            # The management API's own certificate, checked as early.
+            self._http_tls = server_context(self.config.http_tls_cert, self.config.http_tls_key)
         # Also before the data directory: a key file that cannot be read.
         keyring = load_keyring(
             self.config.encryption_key_file, self.config.old_encryption_key_file, os.environ
@@ -128,12 +135,32 @@ class Server:
             await self._start_http(broker)
         # For ``roost ctl``; without it the broker still serves, and ctl
         # reports that the data directory is in use.
-        control = ControlServer(broker, control_socket(self.config.resolved_data_dir()))
+        control = ControlServer(
+            broker, control_socket(self.config.resolved_data_dir()), self._status_info
+        )
         try:
             await control.start()
             self.control = control
         except OSError as exc:
             log.error("cannot create the control socket %s: %s", control.path, exc)
+
+    def _status_info(self) -> dict[str, Any]:
+        """For ``roost ctl status``: what the broker model does not know."""
+        listeners = [{"protocol": "amqp", "ip_address": self.config.host, "port": self.port}]
+        if self.tls_port:
+            listeners.append(
+                {"protocol": "amqp/ssl", "ip_address": self.config.host, "port": self.tls_port}
+            )
+        if self.http_port:
+            host = self.config.http_host or self.config.host
+            listeners.append(
+                {"protocol": self.http_scheme, "ip_address": host, "port": self.http_port}
+            )
+        return {
+            "listeners": listeners,
+            "data_dir": str(self.config.resolved_data_dir()),
+            "started": self.started,
+        }
 
     async def _start_http(self, broker: Broker) -> None:
         """Serve the management API on this loop. Failing to listen is
@@ -146,9 +173,15 @@ class Server:
             listeners.append(
                 {"protocol": "amqp/ssl", "ip_address": self.config.host, "port": self.tls_port}
             )
-        runner = web.AppRunner(build_app(broker, listeners), access_log=None, shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            build_app(broker, listeners, str(self.config.resolved_data_dir()), self.started),
+            access_log=None,
+            shutdown_timeout=1.0,
+        )
         await runner.setup()
-        site = web.TCPSite(runner, host, self.config.http_port, reuse_address=True)
+        site = web.TCPSite(
+            runner, host, self.config.http_port, reuse_address=True, ssl_context=self._http_tls
+        )
         try:
             await site.start()
         except OSError as exc:
@@ -162,8 +195,14 @@ class Server:
             return
         self._http = runner
         self.http_port = runner.addresses[0][1]
-        listeners.append({"protocol": "http", "ip_address": host, "port": self.http_port})
-        log.info("roost serving the management API on http://%s:%d", host, self.http_port)
+        scheme = self.http_scheme
+        listeners.append({"protocol": scheme, "ip_address": host, "port": self.http_port})
+        log.info("roost serving the management API on %s://%s:%d", scheme, host, self.http_port)
+
+    @property
+    def http_scheme(self) -> str:
+        """How the management API is served: "https" with http_tls_cert."""
+        return "https" if self._http_tls is not None else "http"
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop accepting, close every connection with 320, wait for them to

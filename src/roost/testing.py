@@ -94,7 +94,8 @@ class RoostBroker:
     def http_url(self) -> str:
         """Base URL of the management API (``http_url + "/api/overview"``)."""
         assert self.http_port, "broker serves no management API (http_port=-1)"
-        return f"http://{self.host}:{self.http_port}"
+        assert self.server is not None
+        return f"{self.server.http_scheme}://{self.host}:{self.http_port}"
 
     def start(self) -> RoostBroker:
         started: Future[None] = Future()
@@ -159,7 +160,7 @@ class RoostBroker:
 
 _LISTENING = re.compile(r"listening on amqp://([^:\s]+):(\d+)")
 _LISTENING_TLS = re.compile(r"and amqps://[^:\s]+:(\d+)")
-_LISTENING_HTTP = re.compile(r"and http://[^:\s]+:(\d+)")
+_LISTENING_HTTP = re.compile(r"and https?://[^:\s]+:(\d+)")
 
 
 class RoostProcess:

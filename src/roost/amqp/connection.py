@@ -107,6 +107,10 @@ class AMQPConnection(asyncio.Protocol):
         self._last_send = 0.0
         self._reading_paused = False
         self._published_while_blocked = False
+        # For the connection log lines (and ``roost ctl list connections``):
+        # when the socket was accepted (loop time) and why it is closing.
+        self.opened_at = 0.0
+        self.close_reason = ""
 
     # -- transport callbacks -------------------------------------------
 
@@ -122,7 +126,7 @@ class AMQPConnection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)
         if self.registry is not None:
             self.registry.add(self)
-        self._last_recv = self.loop.time()
+        self._last_recv = self.opened_at = self.loop.time()
         self._timer = self.loop.call_later(self.settings.handshake_timeout, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -178,10 +182,34 @@ class AMQPConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        was_open = self.vhost is not None
         self._teardown()
         if self.registry is not None:
             self.registry.discard(self)
         self.broker.unwatch_alarms(self._alarm_changed)
+        reason = self.close_reason or (
+            f"connection lost: {exc}" if exc is not None else "client closed the socket"
+        )
+        fields = {
+            "event": "connection.closed",
+            "peer": self.peer,
+            "user": self.username,
+            "vhost": self.vhost.name if self.vhost is not None else "",
+            "duration_s": round(self.loop.time() - self.opened_at, 3),
+            "reason": reason,
+        }
+        # Connections that never opened (refused logins, port scans) were
+        # logged where they failed; their close is only a debug line.
+        log.log(
+            logging.INFO if was_open else logging.DEBUG,
+            "%s: connection closed (user '%s', vhost '%s', %.3fs): %s",
+            self.peer,
+            fields["user"],
+            fields["vhost"],
+            fields["duration_s"],
+            reason,
+            extra=fields,
+        )
 
     def pause_writing(self) -> None:
         self.writable = False
@@ -343,7 +371,14 @@ class AMQPConnection(asyncio.Protocol):
     ) -> None:
         # Logged with the user and the peer, never the password. The client
         # learns no more than RabbitMQ tells it: not which part was wrong.
-        log.warning("%s: %s login refused for user '%s': %s", self.peer, mechanism, user, reason)
+        log.warning(
+            "%s: %s login refused for user '%s': %s",
+            self.peer,
+            mechanism,
+            user,
+            reason,
+            extra={"event": "login.refused", "peer": self.peer, "user": user},
+        )
         if counts and self.broker.login_throttle.failed(self.peer_host):
             log.warning(
                 "%s: too many failed logins, refusing logins from %s for %gs",
@@ -398,6 +433,21 @@ class AMQPConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.send_method(0, C.Connection.OpenOk())
+        log.info(
+            "%s: connection opened (user '%s', vhost '%s')",
+            self.peer,
+            self.username,
+            vhost.name,
+            extra={
+                "event": "connection.opened",
+                "peer": self.peer,
+                "user": self.username,
+                "vhost": vhost.name,
+                "tls": self.transport is not None
+                and self.transport.get_extra_info("ssl_object") is not None,
+                "client": str(self.client_properties.get("product", "")),
+            },
+        )
         self.broker.watch_alarms(self._alarm_changed)
         if self.broker.blocked and self.capabilities.get("connection.blocked"):
             self.send_method(0, C.Connection.Blocked(reason="low on resources"))
@@ -407,7 +457,8 @@ class AMQPConnection(asyncio.Protocol):
     def _handshake_timeout(self) -> None:
         self._timer = None
         if self.state != "open" and self.state != "closed":
-            log.warning("%s: handshake timed out", self.peer)
+            log.warning("%s: handshake timed out", self.peer, extra={"event": "error"})
+            self.close_reason = "handshake timed out"
             self._close_transport()
 
     # -- heartbeats -----------------------------------------------------
@@ -422,8 +473,12 @@ class AMQPConnection(asyncio.Protocol):
         now = self.loop.time()
         if now - self._last_recv > 2 * self.heartbeat:
             log.warning(
-                "%s: missed heartbeats from client, timeout: %ss", self.peer, self.heartbeat
+                "%s: missed heartbeats from client, timeout: %ss",
+                self.peer,
+                self.heartbeat,
+                extra={"event": "error", "peer": self.peer, "user": self.username},
             )
+            self.close_reason = f"missed heartbeats from client, timeout: {self.heartbeat}s"
             self.transport.abort()
             return
         if now - self._last_send >= self.heartbeat / 2.0:
@@ -504,6 +559,10 @@ class AMQPConnection(asyncio.Protocol):
                 self.send_method(0, C.Connection.CloseOk())
             return
         if t is C.Connection.Close:
+            m_close = cast(C.Connection.Close, m)
+            self.close_reason = (
+                f"client closed the connection: {m_close.reply_code} {m_close.reply_text}"
+            )
             self._teardown()
             self.send_method(0, C.Connection.CloseOk())
             self.state = "closing"
@@ -559,6 +618,19 @@ class AMQPConnection(asyncio.Protocol):
         if exc.closes_connection:
             self._connection_error(exc.code, exc.text, *ids)
             return
+        log.warning(
+            "%s: channel %d error: %s",
+            self.peer,
+            ch.number,
+            exc.reply_text,
+            extra={
+                "event": "channel.error",
+                "peer": self.peer,
+                "user": self.username,
+                "channel": ch.number,
+                "code": exc.code,
+            },
+        )
         ch.teardown()
         self.decoder.abandon_content(ch.number)
         self.send_method(
@@ -575,7 +647,19 @@ class AMQPConnection(asyncio.Protocol):
         if self.state in ("closing", "closed"):
             return
         name = errors.REPLY_NAMES.get(code, str(code))
-        log.info("%s: closing connection: %s - %s", self.peer, name, text)
+        self.close_reason = f"{name} - {text}"
+        log.info(
+            "%s: closing connection: %s - %s",
+            self.peer,
+            name,
+            text,
+            extra={
+                "event": "connection.error",
+                "peer": self.peer,
+                "user": self.username,
+                "code": code,
+            },
+        )
         self._teardown()
         self.send_method(
             0,

@@ -222,6 +222,10 @@ class Sampler:
         for t0, snap in ring:
             if t1 - t0 <= self.window + 1e-9 and t0 < t1:
                 oldest = snap.get(key)
+                if oldest is None and key[0] == "exchange":
+                    # Snapshots skip exchanges nothing was published to
+                    # yet: absent means zero, not unknown.
+                    oldest = (0,) * len(newest)
                 if oldest is not None:
                     dt = t1 - t0
                     # Never negative: a queue deleted and declared again

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from roost.config import ConfigError, load_config
+from roost.control import runtime_cli
 from roost.control.commands import READ_ONLY, ControlError, execute
 from roost.control.socket_path import control_socket, reachable
 from roost.store import definitions
@@ -32,10 +33,17 @@ examples:
   roost ctl add-vhost orders
   roost ctl set-permissions -p orders alice '^alice-.*' '.*' '.*'
   roost ctl list-permissions -p orders --json
+  roost ctl list queues -p orders
+  roost ctl publish -e amq.direct orders.new '{"id": 1}' --count 1000
+  roost ctl get orders --count 5 --requeue
+  roost ctl status
+  roost ctl export defs.json
 
-Every command works on a running broker (through the control socket
-roost.ctl in its data directory, usable only by the directory's owner) and
-on a stopped one (editing the data directory's definitions).
+The user, vhost and permission commands, export and import work on a
+running broker (through the control socket roost.ctl in its data directory,
+usable only by the directory's owner) and on a stopped one (editing the data
+directory's definitions). list, purge, delete, publish, get and status need
+a running broker.
 """
 
 
@@ -47,8 +55,11 @@ def add_parser(sub: Any) -> None:
     """Add ``ctl`` to the ``roost`` command's sub-parsers."""
     parser = sub.add_parser(
         "ctl",
-        help="manage users, vhosts and permissions",
-        description="Manage users, virtual hosts and permissions, like rabbitmqctl.",
+        help="manage users, vhosts, permissions, queues and exchanges",
+        description=(
+            "Manage users, virtual hosts, permissions, queues and exchanges, and "
+            "inspect a running broker, like rabbitmqctl."
+        ),
         epilog=USAGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -102,6 +113,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("user", metavar="USER")
     p = action("list-permissions", "list the users' permissions in a vhost")
     p.add_argument("-p", "--vhost", default="/", help="the vhost (default: /)")
+    runtime_cli.add_actions(action)
     parser.set_defaults(ctl_parser=parser)
 
 
@@ -110,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         args.ctl_parser.print_help(sys.stderr)
         return 2
     command = args.ctl_action.replace("-", "_")
+    if command in runtime_cli.ACTIONS:
+        return runtime_cli.run(args)
     try:
         config = load_config(args.config, overrides={"data_dir": args.data_dir})
         request_args = _request_args(command, args)

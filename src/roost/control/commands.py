@@ -12,13 +12,15 @@ for the others. It raises ``ControlError`` with a message for the user.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Callable
 from typing import Any
 
 from roost.broker.broker import Broker
 from roost.broker.errors import CONNECTION_FORCED
-from roost.broker.users import User, hash_password
+from roost.broker.users import MD5, SHA256, SHA512, User, hash_password
 
 Command = Callable[[Broker, dict[str, Any]], Any]
 
@@ -106,6 +108,39 @@ def set_tags(broker: Broker, args: dict[str, Any]) -> Any:
     broker.definitions_changed()
     shown = ", ".join(user.tags) if user.tags else "none"
     return _done(f"set the tags of user '{name}' to: {shown}")
+
+
+def put_user(broker: Broker, args: dict[str, Any]) -> Any:
+    """Create or replace a user, as the management API's PUT /api/users:
+    with a ``password``, a ``password_hash`` (and ``hashing_algorithm``) in
+    RabbitMQ's format, or neither (then no password logs it in, or an
+    existing user keeps its own). ``created`` tells which it was."""
+    name = _str(args, "name")
+    if not name:
+        raise ControlError("user name must not be empty")
+    tags = _tags(args)
+    existing = broker.users.users.get(name)
+    algorithm = _str(args, "hashing_algorithm", SHA256)
+    if algorithm not in (SHA256, SHA512, MD5):
+        raise ControlError(f"unknown hashing algorithm '{algorithm}'")
+    if "password_hash" in args:
+        password_hash = _str(args, "password_hash")
+        try:
+            valid = password_hash == "" or len(base64.b64decode(password_hash, validate=True)) > 4
+        except (ValueError, binascii.Error):
+            valid = False
+        if not valid:
+            raise ControlError("invalid password_hash: not a salted hash in base64")
+    elif "password" in args:
+        password_hash, algorithm = hash_password(_str(args, "password")), SHA256
+    elif existing is not None:
+        password_hash, algorithm = existing.password_hash, existing.algorithm
+    else:
+        password_hash = ""
+    broker.users.put(User(name, password_hash, tags, algorithm))
+    broker.definitions_changed()
+    verb = "updated" if existing is not None else "added"
+    return {"message": f"{verb} user '{name}'", "created": existing is None}
 
 
 def list_users(broker: Broker, args: dict[str, Any]) -> Any:

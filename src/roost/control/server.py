@@ -17,10 +17,12 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from roost.broker.broker import Broker
+from roost.control import runtime
 from roost.control.commands import READ_ONLY, ControlError, execute
 from roost.control.socket_path import reachable
 
@@ -29,9 +31,14 @@ MAX_REQUEST = 1024 * 1024
 
 
 class ControlServer:
-    def __init__(self, broker: Broker, path: Path) -> None:
+    def __init__(
+        self, broker: Broker, path: Path, info: Callable[[], dict[str, Any]] | None = None
+    ) -> None:
         self.broker = broker
         self.path = path
+        # What ``status`` reports beyond the broker: listeners, data
+        # directory, start time (given by the server).
+        self.info = info
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
 
@@ -99,14 +106,22 @@ class ControlServer:
         if not isinstance(request, dict) or not isinstance(request.get("command"), str):
             return {"ok": False, "error": "a request is an object with a string 'command'"}
         command = request["command"]
+        args = request.get("args") or {}
         try:
-            result = execute(self.broker, command, request.get("args") or {})
+            if command == "status":
+                result = runtime.status(self.broker, args, self.info() if self.info else None)
+            elif command in runtime.RUNTIME_COMMANDS:
+                if not isinstance(args, dict):
+                    raise ControlError("'args' must be an object")
+                result = runtime.RUNTIME_COMMANDS[command](self.broker, args)
+            else:
+                result = execute(self.broker, command, args)
         except ControlError as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # a bug: report it rather than drop the client
             log.exception("control command %s failed", command)
             return {"ok": False, "error": f"internal error: {exc}"}
-        if command not in READ_ONLY:
+        if command not in READ_ONLY and command not in runtime.RUNTIME_READ_ONLY:
             saved: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
             def on_saved() -> None:

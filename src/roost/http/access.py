@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from roost.broker.broker import Broker
 from roost.broker.vhost import VirtualHost
 from roost.http.common import (
     broker_of,
@@ -16,7 +17,7 @@ from roost.http.common import (
 )
 
 
-def vhost_json(vh: VirtualHost) -> dict[str, Any]:
+def vhost_json(broker: Broker, vh: VirtualHost) -> dict[str, Any]:
     ready = sum(q.message_count for q in vh.queues.values())
     unacked = sum(q.unacked for q in vh.queues.values())
     description = "Default virtual host" if vh.name == "/" else ""
@@ -30,15 +31,16 @@ def vhost_json(vh: VirtualHost) -> dict[str, Any]:
         "messages": ready + unacked,
         "messages_ready": ready,
         "messages_unacknowledged": unacked,
+        "message_stats": broker.stats.message_stats(("vhost", vh.name)),
     }
 
 
 async def list_vhosts(request: web.Request) -> web.Response:
-    return json_response([vhost_json(vh) for vh in visible_vhosts(request)])
+    return json_response([vhost_json(broker_of(request), vh) for vh in visible_vhosts(request)])
 
 
 async def get_vhost(request: web.Request) -> web.Response:
-    return json_response(vhost_json(vhost_of(request)))
+    return json_response(vhost_json(broker_of(request), vhost_of(request)))
 
 
 async def list_users(request: web.Request) -> web.Response:

@@ -4,6 +4,7 @@ event loop (handlers use the broker directly, as connections do)."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -11,7 +12,19 @@ from aiohttp import web
 
 from roost.broker.broker import Broker
 from roost.broker.errors import ACCESS_REFUSED, NOT_FOUND, BrokerError
-from roost.http import access, definitions, exchanges, overview, queues
+from roost.http import (
+    access,
+    admin,
+    bindings,
+    connections,
+    definitions,
+    exchanges,
+    messages,
+    nodes,
+    openapi,
+    overview,
+    queues,
+)
 from roost.http.common import (
     BROKER,
     CURRENT_USER,
@@ -34,10 +47,14 @@ async def _api(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     broker = request.app[BROKER]
     user = authenticate(broker, request.headers.get("Authorization"))
+    # No basic-auth challenge for the dashboard's own calls (it sends
+    # X-Requested-With): the browser would pop up its login dialog (and a
+    # headless one would hang) instead of letting the page show the error.
+    realm = {} if request.headers.get("X-Requested-With") == "XMLHttpRequest" else _REALM
     if user is None:
-        return error(401, "not_authorized", "Login failed", **_REALM)
+        return error(401, "not_authorized", "Login failed", **realm)
     if not MANAGEMENT_TAGS.intersection(user.tags):
-        return error(401, "not_authorised", "Not management user", **_REALM)
+        return error(401, "not_authorised", "Not management user", **realm)
     CURRENT_USER.set(user)
     try:
         return await handler(request)
@@ -55,17 +72,45 @@ async def _api(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(405, "Method Not Allowed", "Method Not Allowed")
 
 
-def build_app(broker: Broker, listeners: list[dict[str, Any]] | None = None) -> web.Application:
+def build_app(
+    broker: Broker,
+    listeners: list[dict[str, Any]] | None = None,
+    data_dir: str | None = None,
+    started: float | None = None,
+) -> web.Application:
     """The management API over ``broker``; ``listeners`` (protocol,
-    ip_address, port) are reported by /api/overview."""
+    ip_address, port) are reported by /api/overview, ``data_dir`` (whose
+    file system's free space is reported) and ``started`` (a time.time())
+    by /api/nodes."""
     app = web.Application(middlewares=[_api])
     app[BROKER] = broker
-    app[INFO] = {"node": f"roost@{socket.gethostname()}", "listeners": listeners or []}
-    for module in (overview, access, exchanges, queues, definitions):
+    app[INFO] = {
+        "node": f"roost@{socket.gethostname()}",
+        "listeners": listeners or [],
+        "data_dir": data_dir or ".",
+        "started": time.time() if started is None else started,
+    }
+    for module in (
+        overview,
+        nodes,
+        access,
+        admin,
+        exchanges,
+        queues,
+        bindings,
+        messages,
+        connections,
+        definitions,
+        openapi,
+    ):
         module.register(app)
     # Imported here: the Prometheus exporter and its rate counters load
     # only when an API is actually served.
     from roost.http.metrics import register_metrics
 
     register_metrics(app, broker)
+    # The web dashboard at / (static files; the browser calls the API).
+    from roost.http import dashboard
+
+    dashboard.register(app)
     return app

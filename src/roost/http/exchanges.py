@@ -6,9 +6,11 @@ from typing import Any
 
 from aiohttp import web
 
+from roost.broker.broker import Broker
 from roost.broker.exchange import Exchange
 from roost.broker.vhost import VirtualHost
 from roost.http.common import (
+    broker_of,
     json_body,
     json_response,
     listing,
@@ -19,8 +21,8 @@ from roost.http.common import (
 from roost.store.definitions import _jsonable
 
 
-def exchange_json(vh: VirtualHost, ex: Exchange) -> dict[str, Any]:
-    return {
+def exchange_json(broker: Broker, vh: VirtualHost, ex: Exchange) -> dict[str, Any]:
+    data: dict[str, Any] = {
         "name": ex.name,
         "vhost": vh.name,
         "type": ex.type_name,
@@ -30,6 +32,10 @@ def exchange_json(vh: VirtualHost, ex: Exchange) -> dict[str, Any]:
         "arguments": _jsonable(ex.arguments),
         "user_who_performed_action": "rmq-internal",
     }
+    # As RabbitMQ: message_stats appear once something was published.
+    if ex.published:
+        data["message_stats"] = broker.stats.message_stats(("exchange", vh.name, ex.name))
+    return data
 
 
 def _name(request: web.Request) -> str:
@@ -41,13 +47,19 @@ def _name(request: web.Request) -> str:
 async def list_all(request: web.Request) -> web.Response:
     return listing(
         request,
-        [exchange_json(vh, ex) for vh in visible_vhosts(request) for ex in vh.exchanges.values()],
+        [
+            exchange_json(broker_of(request), vh, ex)
+            for vh in visible_vhosts(request)
+            for ex in vh.exchanges.values()
+        ],
     )
 
 
 async def list_vhost(request: web.Request) -> web.Response:
     vh = vhost_of(request)
-    return listing(request, [exchange_json(vh, ex) for ex in vh.exchanges.values()])
+    return listing(
+        request, [exchange_json(broker_of(request), vh, ex) for ex in vh.exchanges.values()]
+    )
 
 
 async def show(request: web.Request) -> web.Response:
@@ -55,7 +67,7 @@ async def show(request: web.Request) -> web.Response:
     ex = vh.exchanges.get(_name(request))
     if ex is None:
         not_found()
-    data = exchange_json(vh, ex)
+    data = exchange_json(broker_of(request), vh, ex)
     data["incoming"] = []
     data["outgoing"] = []
     return json_response(data)

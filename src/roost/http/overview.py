@@ -47,7 +47,7 @@ async def overview(request: web.Request) -> web.Response:
         "cluster_name": info["node"],
         "disable_stats": False,
         "enable_queue_totals": False,
-        "message_stats": {},
+        "message_stats": broker.stats.message_stats(("overall",)),
         "queue_totals": {
             "messages": ready + unacked,
             "messages_details": _rate(ready + unacked),

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from typing import Any
 
 from aiohttp import web
 
-from roost.broker.binding import Binding
+from roost.broker.binding import Binding, args_key
 from roost.broker.queue import Queue
 from roost.broker.vhost import VirtualHost
 from roost.http.common import (
+    BROKER,
     INFO,
     json_body,
     json_response,
@@ -28,6 +31,7 @@ def queue_json(request: web.Request, q: Queue) -> dict[str, Any]:
     ready = q.message_count
     unacked = q.unacked
     active = q.active_consumer
+    broker = request.app[BROKER]
     return {
         "name": q.name,
         "vhost": q.vhost.name,
@@ -52,11 +56,7 @@ def queue_json(request: web.Request, q: Queue) -> dict[str, Any]:
         "single_active_consumer_tag": (
             active.tag if active is not None and q.options.single_active_consumer else None
         ),
-        "message_stats": {
-            "publish": q.published,
-            "deliver_get": q.delivered,
-            "ack": q.acked,
-        },
+        "message_stats": broker.stats.message_stats(("queue", q.vhost.name, q.name)),
     }
 
 
@@ -123,8 +123,20 @@ async def purge(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def properties_key(b: Binding) -> str:
+    """RabbitMQ's ``properties_key``, a binding's name within its source
+    and destination: the routing key ("%" and "~" escaped; "~" when
+    empty), then "~" and a short hash of the arguments when it has any
+    (stable across restarts: a digest of the arguments, not ``hash``)."""
+    key = b.routing_key.replace("%", "%25").replace("~", "%7E")
+    if not b.arguments:
+        return key or "~"
+    digest = hashlib.sha1(args_key(b.arguments).encode()).digest()[:4]
+    return f"{key}~{base64.urlsafe_b64encode(digest).decode().rstrip('=')}"
+
+
 def binding_json(vhost: str, b: Binding) -> dict[str, Any]:
-    props = b.routing_key if not b.arguments else f"{b.routing_key}~{abs(hash(b.key)):x}"
+    props = properties_key(b)
     return {
         "source": b.source.name,
         "vhost": vhost,
@@ -132,7 +144,7 @@ def binding_json(vhost: str, b: Binding) -> dict[str, Any]:
         "destination_type": b.destination.kind,
         "routing_key": b.routing_key,
         "arguments": _jsonable(b.arguments),
-        "properties_key": props or "~",
+        "properties_key": props,
     }
 
 

@@ -151,7 +151,12 @@ def export_definitions(config: Config, target: str) -> None:
 
 def import_definitions(config: Config, source: str) -> None:
     data = _read(source)
-    label = "standard input" if source == "-" else source
+    import_data(config, data, "standard input" if source == "-" else source)
+
+
+def import_data(config: Config, data: dict[str, Any], label: str) -> None:
+    """Import definitions already read from ``label`` (``roost ctl import``
+    reads them first to try a running broker)."""
     shape = _shape_errors(data)
     if shape:
         raise _Failed(
