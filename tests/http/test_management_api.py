@@ -256,3 +256,18 @@ def test_queue_list_pagination_and_name_filter(roost_broker: RoostBroker) -> Non
     assert [q["name"] for q in page["items"]] == ["pb"]
     status, found = call(roost_broker, "/api/queues?name=^p[ab]$&use_regex=true")
     assert [q["name"] for q in found] == ["pa", "pb"]
+
+
+def test_queue_memory_grows_with_its_messages(roost_broker: RoostBroker) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(roost_broker.url))
+    ch = conn.channel()
+    ch.queue_declare("memq")
+    status, before = call(roost_broker, "/api/queues/%2F/memq")
+    assert status == 200 and before["memory"] == 0
+    for _ in range(10):
+        ch.basic_publish("", "memq", b"x" * 1000)
+    ch.queue_declare("memq", passive=True)  # a round trip: the publishes are in
+    _, after = call(roost_broker, "/api/queues/%2F/memq")
+    assert after["messages_ready"] == 10
+    assert after["memory"] >= 10 * 1000
+    conn.close()

@@ -139,6 +139,13 @@ class Queue:
     def message_count(self) -> int:
         return len(self.ready) + len(self.paged) + len(self._waiting)
 
+    def memory_estimate(self) -> int:
+        """Bytes this queue's messages take in memory (what the management
+        API reports as ``memory``): in-memory bodies plus bookkeeping, and
+        the compact words of paged entries."""
+        in_memory = max(0, self.ready_bytes - self._paged_bytes)
+        return in_memory + len(self.ready) * ENTRY_OVERHEAD + len(self.paged) * 24
+
     @property
     def consumer_count(self) -> int:
         return self._consumer_count

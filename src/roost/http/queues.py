@@ -50,6 +50,7 @@ def queue_json(request: web.Request, q: Queue) -> dict[str, Any]:
         "messages_unacknowledged": unacked,
         "messages_unacknowledged_details": {"rate": 0.0},
         "message_bytes_ready": q.ready_bytes,
+        "memory": q.memory_estimate(),
         "policy": None,
         "operator_policy": None,
         "exclusive_consumer_tag": None,
