@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from roost import resources
+
 
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(
@@ -40,6 +42,8 @@ class Config:
     max_connections_per_user: int = 0
     max_queues_per_vhost: int = 0
     queue_memory_limit: int = 128 * 1024 * 1024
+    memory_high_watermark: str = "0.4"
+    disk_free_limit: str = "50MB"
     tls_port: int = 5671
     tls_cert: str = ""
     tls_key: str = ""
@@ -84,6 +88,12 @@ HELP = {
     "(0: no limit)",
     "queue_memory_limit": "bytes of messages (bodies plus bookkeeping) one queue keeps in "
     "memory; beyond it messages are paged to the message log",
+    "memory_high_watermark": "memory alarm threshold: a fraction of the RAM (a number up to "
+    "1, as RabbitMQ's 0.4) or an absolute size such as 256MB or 1GiB; above it publishers "
+    "are blocked and queues page new messages to disk until memory falls",
+    "disk_free_limit": "disk alarm threshold: publishers are blocked while the data "
+    "directory's filesystem has less free space than this size (such as 50MB or 1GiB; "
+    "0 turns the check off)",
     "max_queues_per_vhost": "most queues in any one virtual host; declaring one more is "
     "refused with 406 (0: no limit)",
     "tls_port": "amqps (AMQP over TLS) port, used only when tls_cert is set (0 picks a free one)",
@@ -195,6 +205,14 @@ def load_config(
     ):
         if getattr(cfg, limit) < 0:
             raise ConfigError(f"{limit}: must not be negative (0 means no limit)")
+    try:
+        resources.parse_memory_watermark(cfg.memory_high_watermark, 1)
+    except ValueError as exc:
+        raise ConfigError(f"memory_high_watermark: {exc}") from None
+    try:
+        resources.parse_size(cfg.disk_free_limit)
+    except ValueError as exc:
+        raise ConfigError(f"disk_free_limit: {exc}") from None
     if not 0 <= cfg.tls_port <= 65535:
         raise ConfigError(f"tls_port: {cfg.tls_port} is not between 0 and 65535")
     if not -1 <= cfg.http_port <= 65535:

@@ -186,7 +186,9 @@ def decode_properties(raw: bytes) -> commands.Basic.Properties:
     props = commands.Basic.Properties()
     try:
         props.unmarshal(flags, raw[pos:])
-    except (struct.error, ValueError, IndexError) as exc:
+    # RecursionError: pamqp decodes nested tables recursively, so a table
+    # nested a few hundred levels deep would otherwise escape as a crash.
+    except (struct.error, ValueError, IndexError, RecursionError) as exc:
         raise PropertyError(str(exc)) from exc
     return props
 
@@ -202,7 +204,7 @@ def headers_of(raw: bytes) -> dict[str, Any] | None:
         return None
     try:
         _, table = decode.field_table(raw[pos:])
-    except (struct.error, ValueError, IndexError) as exc:
+    except (struct.error, ValueError, IndexError, RecursionError) as exc:  # see above
         raise PropertyError(str(exc)) from exc
     return dict(table)
 
@@ -235,7 +237,7 @@ def _find_header(raw: bytes, name: str) -> tuple[int, int, int, int, int] | None
             if raw[entry + 1 : value] == key:
                 return pos, length, entry, value, value + consumed
             entry = value + consumed
-    except (IndexError, struct.error, ValueError) as exc:
+    except (IndexError, struct.error, ValueError, RecursionError) as exc:  # deep nesting
         raise PropertyError(str(exc)) from exc
     return None
 

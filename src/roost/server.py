@@ -18,6 +18,7 @@ from roost.config import Config
 from roost.control.server import ControlServer
 from roost.control.socket_path import control_socket
 from roost.http.app import build_app
+from roost.resources import ResourceMonitor, parse_memory_watermark, parse_size, total_ram
 from roost.store.durable_state import DurableState
 from roost.store.encryption import load_keyring
 from roost.tls import TLSError, server_context
@@ -46,6 +47,7 @@ class Server:
         self.http_port = 0  # 0 while the management API is not served
         self._http_tls: ssl.SSLContext | None = None  # HTTPS when http_tls_cert is set
         self.started = time.time()
+        self.resources: ResourceMonitor | None = None  # the memory and disk alarms
 
     @property
     def broker(self) -> Broker:
@@ -94,6 +96,13 @@ class Server:
             state.recover(broker)
             state.start(loop)
             broker.set_scheduler(loop.call_later)
+            self.resources = ResourceMonitor(
+                broker,
+                memory_limit=parse_memory_watermark(self.config.memory_high_watermark, total_ram()),
+                disk_free_limit=parse_size(self.config.disk_free_limit),
+                data_dir=self.config.resolved_data_dir(),
+            )
+            self.resources.start(loop.call_later)
             self._server = await loop.create_server(
                 lambda: AMQPConnection(broker, self.settings, self.connections),
                 host=self.config.host,
@@ -207,6 +216,9 @@ class Server:
     async def stop(self, grace: float = 2.0) -> None:
         """Stop accepting, close every connection with 320, wait for them to
         go, then flush and fsync the store."""
+        if self.resources is not None:
+            self.resources.stop()
+            self.resources = None
         if self.control is not None:
             await self.control.close()
             self.control = None

@@ -75,7 +75,8 @@ def _acked(frames: list[object], tag: int) -> bool:
 def test_full_disk_blocks_publishers_and_recovers_without_loss(small_disk: Path) -> None:
     ballast = small_disk / "ballast"
     data_dir = small_disk / "data"
-    with RoostProcess(data_dir, "--segment-size", "262144") as proc:
+    # --disk-free-limit 0: this is about failing writes, not the free-space check.
+    with RoostProcess(data_dir, "--segment-size", "262144", "--disk-free-limit", "0") as proc:
         setup = pika.BlockingConnection(pika.URLParameters(proc.url))
         setup.channel().queue_declare("q", durable=True)
         setup.close()

@@ -294,6 +294,12 @@ class Channel:
             if scanned is None:
                 try:
                     scanned = properties.scan(props)
+                    if props[0] & 0x20:
+                        # scan() skips the headers table by its length; decode
+                        # it once here (cache misses only) so a malformed or
+                        # absurdly nested table is refused at the door rather
+                        # than raising later in headers routing or dead-lettering.
+                        properties.headers_of(props)
                 except properties.PropertyError as exc:
                     raise BrokerError(
                         errors.FRAME_ERROR, f"malformed content header: {exc}"

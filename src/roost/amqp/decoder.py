@@ -323,6 +323,15 @@ class FrameDecoder:
         method = cls()
         try:
             method.unmarshal(buf[start + 4 : end])
+        except RecursionError as exc:
+            # pamqp decodes nested tables/arrays recursively: one nested a
+            # few hundred levels deep exhausts the stack. RabbitMQ accepts
+            # any depth; refusing it as malformed beats crashing the handler.
+            err = FrameError(
+                errors.FRAME_ERROR, f"malformed method frame {index:#x}: tables nested too deeply"
+            )
+            err.class_id, err.method_id = index >> 16, index & 0xFFFF
+            raise err from exc
         except (struct.error, ValueError, IndexError, TypeError, exceptions.PAMQPException) as exc:
             err = FrameError(errors.FRAME_ERROR, f"malformed method frame {index:#x}: {exc}")
             err.class_id, err.method_id = index >> 16, index & 0xFFFF  # as RabbitMQ reports

@@ -16,6 +16,8 @@ from roost.broker.vhost import VirtualHost
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 DEFAULT_QUEUE_MEMORY_LIMIT = 128 * 1024 * 1024
+# Each queue's queue_memory_limit while the memory alarm is set.
+ALARM_QUEUE_MEMORY_LIMIT = 1024 * 1024
 
 
 class ClientConnection(Protocol):
@@ -71,13 +73,20 @@ class Broker:
         self.login_throttle = LoginThrottle()
         # Connections that completed connection.open.
         self.connections: set[ClientConnection] = set()
+        # Resource alarms (memory, disk): while any is set, publishers block.
+        # Each alarm lasts while any of its sources holds it (the disk alarm
+        # has two: the free-space check and failing writes).
+        self.alarms: set[str] = set()
+        self._alarm_sources: dict[str, set[str]] = {}
+        self._alarm_listeners: list[Callable[[bool, str], None]] = []
+        # The thresholds of the memory and disk checks, in bytes (set by
+        # roost.resources.ResourceMonitor; 0 while nothing checks).
+        self.memory_limit = 0
+        self.disk_free_limit = 0
         self.default_user = default_user
         self.default_password = default_password
         self.add_vhost("/")
         self.ensure_default_user()
-        # Resource alarms (memory, disk): while any is set, publishers block.
-        self.alarms: set[str] = set()
-        self._alarm_listeners: list[Callable[[bool, str], None]] = []
         # Message counters of deleted vhosts (stats.VHOST_KEYS order), and
         # the rate sampler, started with the scheduler.
         self.retired_counts: tuple[int, ...] = (0,) * len(stats.VHOST_KEYS)
@@ -118,7 +127,7 @@ class Broker:
             )
             vh.scheduler = self.scheduler
             vh.persist_dedup = self.persist_dedup
-            vh.queue_memory_limit = self.queue_memory_limit
+            vh.queue_memory_limit = self._vhost_queue_memory_limit()
             self.definitions_changed()
         return vh
 
@@ -214,20 +223,47 @@ class Broker:
         if listener in self._alarm_listeners:
             self._alarm_listeners.remove(listener)
 
-    def set_alarm(self, resource: str) -> None:
+    def has_alarm(self, resource: str, source: str = "") -> bool:
+        return source in self._alarm_sources.get(resource, ())
+
+    def set_alarm(self, resource: str, source: str = "") -> None:
+        self._alarm_sources.setdefault(resource, set()).add(source)
         if resource in self.alarms:
             return
         was_blocked = self.blocked
         self.alarms.add(resource)
+        if resource == "memory":
+            self._apply_queue_memory_limit()
         if not was_blocked:
             self._notify(True, f"low on {resource}")
 
-    def clear_alarm(self, resource: str) -> None:
+    def clear_alarm(self, resource: str, source: str = "") -> None:
+        sources = self._alarm_sources.get(resource)
+        if sources is not None:
+            sources.discard(source)
+            if sources:
+                return  # another source still holds it
+            del self._alarm_sources[resource]
         if resource not in self.alarms:
             return
         self.alarms.discard(resource)
+        if resource == "memory":
+            self._apply_queue_memory_limit()
         if not self.blocked:
             self._notify(False, "")
+
+    def _vhost_queue_memory_limit(self) -> int:
+        """What queues may keep in memory: while the memory alarm is set,
+        next to nothing, so new messages go to the message log and memory
+        falls as consumers drain the queues."""
+        if "memory" in self.alarms:
+            return min(self.queue_memory_limit, ALARM_QUEUE_MEMORY_LIMIT)
+        return self.queue_memory_limit
+
+    def _apply_queue_memory_limit(self) -> None:
+        limit = self._vhost_queue_memory_limit()
+        for vh in self.vhosts.values():
+            vh.queue_memory_limit = limit
 
     def _notify(self, blocked: bool, reason: str) -> None:
         for listener in list(self._alarm_listeners):

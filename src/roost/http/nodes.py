@@ -92,11 +92,11 @@ def node_info(request: web.Request) -> dict[str, Any]:
         "os_pid": str(os.getpid()),  # a string in RabbitMQ too
         "uptime": int((time.time() - info["started"]) * 1000),
         "mem_used": _rss(),
-        "mem_limit": int(_total_ram() * MEMORY_WATERMARK),
+        "mem_limit": broker.memory_limit or int(_total_ram() * MEMORY_WATERMARK),
         "mem_alarm": "memory" in broker.alarms,
         "mem_calculation_strategy": "rss",
         "disk_free": _disk_free(info["data_dir"]),
-        "disk_free_limit": DISK_FREE_LIMIT,
+        "disk_free_limit": broker.disk_free_limit or DISK_FREE_LIMIT,
         "disk_free_alarm": "disk" in broker.alarms,
         "fd_used": _fd_used(),
         "fd_total": fd_total,

@@ -1,0 +1,1 @@
+"""Fuzzing the AMQP listener with hostile input (see docs/fuzzing.md)."""
