@@ -29,31 +29,13 @@ from roost.http.common import (
     sees_all,
     user_of,
 )
+from roost.resources import rss, total_ram
 
 # RabbitMQ's defaults: the memory alarm at 40% of the RAM, the disk alarm
 # below 50 MB free, at most 1048576 Erlang processes.
 MEMORY_WATERMARK = 0.4
 DISK_FREE_LIMIT = 50_000_000
 PROC_TOTAL = 1_048_576
-
-
-def _total_ram() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def _rss() -> int:
-    """The process's resident set size in bytes (RabbitMQ's default
-    ``mem_calculation_strategy`` is ``rss`` too)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        # No /proc (macOS): the peak RSS is the best there is (KiB on
-        # Linux, bytes on macOS; only the latter gets here).
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _fd_used() -> int:
@@ -91,8 +73,8 @@ def node_info(request: web.Request) -> dict[str, Any]:
         "running": True,
         "os_pid": str(os.getpid()),  # a string in RabbitMQ too
         "uptime": int((time.time() - info["started"]) * 1000),
-        "mem_used": _rss(),
-        "mem_limit": broker.memory_limit or int(_total_ram() * MEMORY_WATERMARK),
+        "mem_used": rss(),
+        "mem_limit": broker.memory_limit or int(total_ram() * MEMORY_WATERMARK),
         "mem_alarm": "memory" in broker.alarms,
         "mem_calculation_strategy": "rss",
         "disk_free": _disk_free(info["data_dir"]),
