@@ -5,7 +5,6 @@ to the data directory's definitions."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -16,23 +15,12 @@ from roost.control.commands import ControlError
 from roost.http.common import (
     bad_request,
     broker_of,
+    definitions_saved,
     json_body,
     json_response,
     not_found,
     require_admin,
 )
-
-
-async def _saved(broker: Broker) -> None:
-    """Wait until every change so far is on disk."""
-    done = asyncio.get_running_loop().create_future()
-
-    def saved() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    broker.when_definitions_saved(saved)
-    await done
 
 
 def _run(broker: Broker, command: commands.Command, args: dict[str, Any]) -> Any:
@@ -78,7 +66,7 @@ async def put_user(request: web.Request) -> web.Response:
     args["name"] = request.match_info["user"]
     args["tags"] = body["tags"]
     result = _run(broker, commands.put_user, args)
-    await _saved(broker)
+    await definitions_saved(broker)
     return web.Response(status=201 if result["created"] else 204)
 
 
@@ -89,7 +77,7 @@ async def delete_user(request: web.Request) -> web.Response:
     if name not in broker.users.users:
         not_found()
     _run(broker, commands.delete_user, {"name": name})
-    await _saved(broker)
+    await definitions_saved(broker)
     return web.Response(status=204)
 
 
@@ -111,7 +99,7 @@ async def put_vhost(request: web.Request) -> web.Response:
     if name in broker.vhosts:
         return web.Response(status=204)
     _run(broker, commands.add_vhost, {"name": name})
-    await _saved(broker)
+    await definitions_saved(broker)
     return web.Response(status=201)
 
 
@@ -122,7 +110,7 @@ async def delete_vhost(request: web.Request) -> web.Response:
     if name not in broker.vhosts:
         not_found()
     _run(broker, commands.delete_vhost, {"name": name})
-    await _saved(broker)
+    await definitions_saved(broker)
     return web.Response(status=204)
 
 
@@ -163,7 +151,7 @@ async def put_permission(request: web.Request) -> web.Response:
     existed = (user, vhost) in broker.permissions
     args = {"user": user, "vhost": vhost, **{k: body[k] for k in ("configure", "write", "read")}}
     _run(broker, commands.set_permissions, args)
-    await _saved(broker)
+    await definitions_saved(broker)
     return web.Response(status=204 if existed else 201)
 
 
@@ -174,7 +162,7 @@ async def delete_permission(request: web.Request) -> web.Response:
     if (user, vhost) not in broker.permissions:
         not_found()
     _run(broker, commands.clear_permissions, {"user": user, "vhost": vhost})
-    await _saved(broker)
+    await definitions_saved(broker)
     return web.Response(status=204)
 
 

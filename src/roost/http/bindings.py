@@ -14,7 +14,15 @@ from roost.broker.binding import Binding
 from roost.broker.exchange import Exchange
 from roost.broker.queue import Queue
 from roost.broker.vhost import VirtualHost
-from roost.http.common import bad_request, json_body, json_response, not_found, vhost_of
+from roost.http.common import (
+    bad_request,
+    broker_of,
+    definitions_saved,
+    json_body,
+    json_response,
+    not_found,
+    vhost_of,
+)
 from roost.http.queues import binding_json, properties_key
 
 
@@ -66,6 +74,7 @@ async def create(request: web.Request) -> web.Response:
     props = properties_key(made[0]) if made else routing_key or "~"
     # RabbitMQ's Location: the new binding, relative to the request's URL.
     location = urllib.parse.quote(dest.name, safe="") + "/" + urllib.parse.quote(props, safe="~")
+    await definitions_saved(broker_of(request))
     return web.Response(status=201, headers={"Location": location})
 
 
@@ -89,6 +98,7 @@ async def delete(request: web.Request) -> web.Response:
     vh = vhost_of(request, write=True)
     b = _binding(request, vh)
     vh.unbind(b.source.name, b.destination, b.routing_key, b.arguments)
+    await definitions_saved(broker_of(request))
     return web.Response(status=204)
 
 

@@ -3,6 +3,7 @@ RabbitMQ's shape, basic-auth users and their tags, vhost lookup."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -167,3 +168,16 @@ def listing(request: web.Request, items: list[dict[str, Any]]) -> web.Response:
             "total_count": total,
         }
     )
+
+
+async def definitions_saved(broker: Broker) -> None:
+    """Wait until every definition change so far is on disk, so a 2xx from
+    the API means as much as declare-ok does over AMQP."""
+    done = asyncio.get_running_loop().create_future()
+
+    def saved() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    broker.when_definitions_saved(saved)
+    await done

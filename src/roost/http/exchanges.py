@@ -11,6 +11,7 @@ from roost.broker.exchange import Exchange
 from roost.broker.vhost import VirtualHost
 from roost.http.common import (
     broker_of,
+    definitions_saved,
     json_body,
     json_response,
     listing,
@@ -87,6 +88,7 @@ async def put(request: web.Request) -> web.Response:
         internal=bool(body.get("internal", False)),
         arguments=dict(arguments) if isinstance(arguments, dict) else {},
     )
+    await definitions_saved(broker_of(request))
     return web.Response(status=204 if existed else 201)
 
 
@@ -96,6 +98,7 @@ async def delete(request: web.Request) -> web.Response:
     if name not in vh.exchanges:
         not_found()
     vh.delete_exchange(name, if_unused=request.query.get("if-unused") == "true")
+    await definitions_saved(broker_of(request))
     return web.Response(status=204)
 
 

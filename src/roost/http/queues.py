@@ -14,6 +14,8 @@ from roost.broker.vhost import VirtualHost
 from roost.http.common import (
     BROKER,
     INFO,
+    broker_of,
+    definitions_saved,
     json_body,
     json_response,
     listing,
@@ -102,6 +104,7 @@ async def put(request: web.Request) -> web.Response:
         auto_delete=bool(body.get("auto_delete", False)),
         arguments=dict(arguments) if isinstance(arguments, dict) else {},
     )
+    await definitions_saved(broker_of(request))
     return web.Response(status=204 if existed else 201)
 
 
@@ -115,6 +118,7 @@ async def delete(request: web.Request) -> web.Response:
     # An administrator may delete any queue, exclusive ones included, as
     # in RabbitMQ's management UI.
     vh.remove_queue(q)
+    await definitions_saved(broker_of(request))
     return web.Response(status=204)
 
 
