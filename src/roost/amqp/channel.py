@@ -117,32 +117,6 @@ class Channel:
         self._default_timeout = conn.settings.consumer_timeout
         self._timeout_timer: asyncio.TimerHandle | None = None
         self._timeout_due = 0.0
-        self._handlers: dict[type[MethodFrame], Callable[[Any], None]] = {
-            C.Channel.Flow: self._flow,
-            C.Channel.FlowOk: lambda m: None,
-            C.Exchange.Declare: self._exchange_declare,
-            C.Exchange.Delete: self._exchange_delete,
-            C.Exchange.Bind: self._exchange_bind,
-            C.Exchange.Unbind: self._exchange_unbind,
-            C.Queue.Declare: self._queue_declare,
-            C.Queue.Bind: self._queue_bind,
-            C.Queue.Unbind: self._queue_unbind,
-            C.Queue.Purge: self._queue_purge,
-            C.Queue.Delete: self._queue_delete,
-            C.Basic.Qos: self._basic_qos,
-            C.Basic.Consume: self._basic_consume,
-            C.Basic.Cancel: self._basic_cancel,
-            C.Basic.Get: self._basic_get,
-            C.Basic.Ack: self._basic_ack,
-            C.Basic.Nack: self._basic_nack,
-            C.Basic.Reject: self._basic_reject,
-            C.Basic.Recover: self._basic_recover,
-            C.Basic.RecoverAsync: self._basic_recover_async,
-            C.Confirm.Select: self._confirm_select,
-            C.Tx.Select: self._tx_select,
-            C.Tx.Commit: self._tx_commit,
-            C.Tx.Rollback: self._tx_rollback,
-        }
 
     # -- plumbing -------------------------------------------------------
 
@@ -161,13 +135,13 @@ class Channel:
             self.conn.write(data)
 
     def handle_method(self, method: MethodFrame) -> None:
-        handler = self._handlers.get(type(method))
+        handler = _HANDLERS.get(type(method))
         if handler is None:
             raise BrokerError(
                 errors.COMMAND_INVALID, f"method {method.name} is not allowed on a channel"
             )
         if type(method) not in _DEFINITION_METHODS:
-            handler(method)
+            handler(self, method)
             return
         # declare-ok, delete-ok, bind-ok ... for a durable change go out only
         # once definitions.json holds it, as RabbitMQ's mean it is persisted.
@@ -176,7 +150,7 @@ class Channel:
         held: list[bytes] = []
         self._held = held
         try:
-            handler(method)
+            handler(self, method)
         finally:
             self._held = None
         if not held:
@@ -903,3 +877,38 @@ class Channel:
         self._unacked_order.clear()
         if deliveries:
             self._apply_settle(deliveries, False, True)
+
+
+def _ignore(ch: Channel, m: Any) -> None:
+    pass
+
+
+# Method type -> handler, shared by every channel. A table of bound methods
+# on each channel would be a reference cycle, so a closed connection would
+# stay in memory until the cyclic collector ran (rarely: see cli.py).
+_HANDLERS: dict[type[MethodFrame], Callable[[Channel, Any], None]] = {
+    C.Channel.Flow: Channel._flow,
+    C.Channel.FlowOk: _ignore,
+    C.Exchange.Declare: Channel._exchange_declare,
+    C.Exchange.Delete: Channel._exchange_delete,
+    C.Exchange.Bind: Channel._exchange_bind,
+    C.Exchange.Unbind: Channel._exchange_unbind,
+    C.Queue.Declare: Channel._queue_declare,
+    C.Queue.Bind: Channel._queue_bind,
+    C.Queue.Unbind: Channel._queue_unbind,
+    C.Queue.Purge: Channel._queue_purge,
+    C.Queue.Delete: Channel._queue_delete,
+    C.Basic.Qos: Channel._basic_qos,
+    C.Basic.Consume: Channel._basic_consume,
+    C.Basic.Cancel: Channel._basic_cancel,
+    C.Basic.Get: Channel._basic_get,
+    C.Basic.Ack: Channel._basic_ack,
+    C.Basic.Nack: Channel._basic_nack,
+    C.Basic.Reject: Channel._basic_reject,
+    C.Basic.Recover: Channel._basic_recover,
+    C.Basic.RecoverAsync: Channel._basic_recover_async,
+    C.Confirm.Select: Channel._confirm_select,
+    C.Tx.Select: Channel._tx_select,
+    C.Tx.Commit: Channel._tx_commit,
+    C.Tx.Rollback: Channel._tx_rollback,
+}
