@@ -1,10 +1,11 @@
 """Resource alarms, as RabbitMQ's: a periodic check of the broker's memory
 (resident set size) against ``memory_high_watermark`` and of the data
 directory's free disk space against ``disk_free_limit``. Either alarm blocks
-publishing connections (see Broker.set_alarm and AMQPConnection); while
-the memory alarm is set, queues also page new messages out to the message
-log instead of keeping them in memory (Broker lowers queue_memory_limit),
-so memory falls again as consumers drain them."""
+publishing connections (see Broker.set_alarm and AMQPConnection). When
+the memory alarm goes off, queues page the messages they hold in memory
+out to the message log (all but ~1 MiB each: Broker lowers
+queue_memory_limit) and keep paging new ones while it lasts, so memory
+falls without waiting for consumers."""
 
 from __future__ import annotations
 
@@ -165,6 +166,8 @@ class ResourceMonitor:
     def check_memory(self) -> None:
         if not self.memory_limit:
             return
+        if MEMORY_ALARM in self.broker.alarms:
+            self.broker.page_out_step()
         used = self.rss()
         alarmed = self.broker.has_alarm(MEMORY_ALARM, MEMORY_SOURCE)
         if alarmed and used >= self.memory_limit * MEMORY_CLEAR_RATIO:

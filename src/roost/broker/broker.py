@@ -18,6 +18,8 @@ DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 DEFAULT_QUEUE_MEMORY_LIMIT = 128 * 1024 * 1024
 # Each queue's queue_memory_limit while the memory alarm is set.
 ALARM_QUEUE_MEMORY_LIMIT = 1024 * 1024
+# Body bytes Broker.page_out_step pages out per call.
+PAGE_OUT_STEP = 16 * 1024 * 1024
 
 
 class ClientConnection(Protocol):
@@ -79,6 +81,7 @@ class Broker:
         self.alarms: set[str] = set()
         self._alarm_sources: dict[str, set[str]] = {}
         self._alarm_listeners: list[Callable[[bool, str], None]] = []
+        self._paging_out = False  # the memory alarm's page-out is unfinished
         # The thresholds of the memory and disk checks, in bytes (set by
         # roost.resources.ResourceMonitor; 0 while nothing checks).
         self.memory_limit = 0
@@ -234,6 +237,8 @@ class Broker:
         self.alarms.add(resource)
         if resource == "memory":
             self._apply_queue_memory_limit()
+            self._paging_out = True
+            self.page_out_step()
         if not was_blocked:
             self._notify(True, f"low on {resource}")
 
@@ -249,13 +254,29 @@ class Broker:
         self.alarms.discard(resource)
         if resource == "memory":
             self._apply_queue_memory_limit()
+            self._paging_out = False
         if not self.blocked:
             self._notify(False, "")
 
+    def page_out_step(self) -> None:
+        """While the memory alarm is set, page out what queues hold in memory
+        beyond the alarm's limit, PAGE_OUT_STEP body bytes at a time (the
+        resource monitor calls again on every check): all at once, the
+        records being written and the bodies not yet given back to the
+        system would briefly double that memory."""
+        if not self._paging_out:
+            return
+        budget = PAGE_OUT_STEP
+        for vh in self.vhosts.values():
+            for q in vh.queues.values():
+                budget -= q.page_out_tail(budget)
+                if budget <= 0:
+                    return
+        self._paging_out = False  # done; new messages are paged as they come
+
     def _vhost_queue_memory_limit(self) -> int:
         """What queues may keep in memory: while the memory alarm is set,
-        next to nothing, so new messages go to the message log and memory
-        falls as consumers drain the queues."""
+        next to nothing, so messages go to the message log instead."""
         if "memory" in self.alarms:
             return min(self.queue_memory_limit, ALARM_QUEUE_MEMORY_LIMIT)
         return self.queue_memory_limit

@@ -40,6 +40,29 @@ class PagedEntries:
         exps.append(expires)
         self._len += 1
 
+    def prepend(self, items: list[tuple[int, int, int]]) -> None:
+        """Put ``items`` (word, ref, expires), in order, before every entry."""
+        if not items:
+            return
+        chunks = self._chunks
+        if chunks and self._head:
+            # The first chunk's consumed slots would otherwise sit between
+            # the new entries and the old ones.
+            words, refs, exps = chunks.popleft()
+            h = self._head
+            chunks.appendleft((words[h:], refs[h:], exps[h:]))
+            self._head = 0
+        for end in range(len(items), 0, -CHUNK):
+            part = items[max(0, end - CHUNK) : end]
+            chunks.appendleft(
+                (
+                    array("Q", [w for w, _, _ in part]),
+                    array("Q", [r for _, r, _ in part]),
+                    array("q", [e for _, _, e in part]),
+                )
+            )
+        self._len += len(items)
+
     def popleft(self) -> tuple[int, int, int]:
         if not self._len:
             raise IndexError("pop from empty PagedEntries")

@@ -285,11 +285,43 @@ class Queue:
         self._forget([entry])
 
     def _page_out(self, journal: Journal, seq: int, message: Message, expires: int) -> None:
+        self.paged.append(*self._paged_entry(journal, seq, message, expires))
+
+    def _paged_entry(
+        self, journal: Journal, seq: int, message: Message, expires: int
+    ) -> tuple[int, int, int]:
+        """The (word, ref, expires) that stands for ``message`` once paged."""
         self._paged_bytes += len(message.body)
         if self._holds_durable_ref(message):
-            self.paged.append(seq, message.ref, expires)
-        else:
-            self.paged.append(seq | PAGING_REF, journal.page_out(message), expires)
+            return seq, message.ref, expires
+        return seq | PAGING_REF, journal.page_out(message), expires
+
+    def page_out_tail(self, budget: int) -> int:
+        """Page the newest in-memory ready messages out to the log until the
+        rest fits the vhost's queue_memory_limit (set low by the memory
+        alarm) or about ``budget`` body bytes are paged; returns how many.
+        Priority queues keep everything in memory; so do entries delivered
+        once (their redelivered flag and delivery count live on the entry)."""
+        journal = self.journal
+        ready = self.ready
+        if journal is None or not isinstance(ready, ReadyFifo):
+            return 0
+        limit = self.vhost.queue_memory_limit
+        in_memory = self.ready_bytes - self._paged_bytes + len(ready) * ENTRY_OVERHEAD
+        items: list[tuple[int, int, int]] = []
+        paged = 0
+        while ready and in_memory > limit and paged < budget:
+            entry = ready.peek_last()
+            if entry.redelivered or entry.deliveries:
+                break
+            ready.pop()
+            size = len(entry.message.body)
+            in_memory -= size + ENTRY_OVERHEAD
+            paged += size
+            items.append(self._paged_entry(journal, entry.seq, entry.message, entry.expires))
+        items.reverse()
+        self.paged.prepend(items)
+        return paged
 
     def _holds_durable_ref(self, message: Message) -> bool:
         """Whether this queue's id is in the message's persistent log record."""

@@ -37,6 +37,12 @@ class ReadyFifo:
     def peek(self) -> QueueEntry:
         return self._q[0]
 
+    def peek_last(self) -> QueueEntry:
+        return self._q[-1]
+
+    def pop(self) -> QueueEntry:
+        return self._q.pop()
+
     def take(self, k: int) -> list[QueueEntry]:
         q = self._q
         return [q.popleft() for _ in range(k)]

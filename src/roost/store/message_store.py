@@ -74,7 +74,7 @@ class _Batch:
     """Everything to write in one group commit."""
 
     number: int
-    chunks: list[tuple[int, int, bytes]] = field(default_factory=list)  # seg, offset, data
+    chunks: list[tuple[int, int, bytearray]] = field(default_factory=list)  # seg, offset, data
     acks: list[tuple[int, int, bytes]] = field(default_factory=list)  # seg, offset, data
     delete: list[int] = field(default_factory=list)
     new_files: bool = False
@@ -138,7 +138,7 @@ class MessageStore:
         self._pending = bytearray()
         self._pending_start = 0
         self._pending_seg = 0
-        self._chunks: list[tuple[int, int, bytes]] = []
+        self._chunks: list[tuple[int, int, bytearray]] = []
         self._acks: dict[int, bytearray] = {}
         self._deletes: list[int] = []
         self._new_files = False
@@ -380,8 +380,9 @@ class MessageStore:
 
     def _cut_pending(self) -> None:
         if self._pending:
-            self._chunks.append((self._pending_seg, self._pending_start, bytes(self._pending)))
-            self._pending.clear()
+            # Handed over, not copied: a page-out can put tens of MB here.
+            self._chunks.append((self._pending_seg, self._pending_start, self._pending))
+            self._pending = bytearray()
 
     def page_out(self, message: Message) -> int:
         ref = message.ref
@@ -478,7 +479,7 @@ class MessageStore:
     def _has_pending(self) -> bool:
         return bool(self._pending or self._chunks or self._acks or self._deletes)
 
-    def _unwritten(self) -> list[tuple[int, int, bytes]]:
+    def _unwritten(self) -> list[tuple[int, int, bytearray]]:
         out = list(self._chunks)
         for b in (self._inflight, self._failed):
             if b is not None:
@@ -531,9 +532,9 @@ class MessageStore:
         # batch: a dead-lettered copy must never be lost while the ack of
         # its original survives.
         touched: set[int] = set()
-        for seg, off, data in batch.chunks:
+        for seg, off, chunk in batch.chunks:
             fd = self._fds[seg]
-            _pwrite_all(fd, data, off)
+            _pwrite_all(fd, chunk, off)
             touched.add(fd)
         observe = self.fsync_seconds.observe
         for fd in touched:
@@ -810,7 +811,7 @@ def _valid_record_at(data: bytes, pos: int) -> bool:
     return length >= 2 and end <= len(data) and records.check(data[pos + HEADER_SIZE : end], crc)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
