@@ -24,6 +24,7 @@ from roost.amqp import encoder
 from roost.amqp.channel import Channel
 from roost.amqp.decoder import (
     ContentTooLarge,
+    Event,
     FrameDecoder,
     FrameError,
     HeartbeatReceived,
@@ -133,19 +134,44 @@ class AMQPConnection(asyncio.Protocol):
         if self.state == "closed":
             return
         self._last_recv = self.loop.time()
-        try:
-            events = self.decoder.feed(data)
-        except FrameError as exc:
-            self._connection_error(exc.code, exc.text, exc.class_id, exc.method_id)
-            return
+        while True:
+            try:
+                events = self.decoder.feed(data)
+            except FrameError as exc:
+                # The frames before the bad one still count.
+                if not self._events(exc.events):
+                    return
+                self._connection_error(exc.code, exc.text, exc.class_id, exc.method_id)
+                if not (exc.in_sync and self.decoder.closing):
+                    return
+                # Still in step with the client: read the rest as a closing
+                # connection (its close-ok may follow). A closing decoder
+                # raises only out-of-sync errors: this happens once at most.
+                data = b""
+                continue
+            if not self._events(events):
+                return
+            break
+        if (
+            self._published_while_blocked
+            and self.broker.alarms
+            and self.transport is not None
+            and self.state == "open"
+        ):
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _events(self, events: list[Event]) -> bool:
+        """Handle decoded events; False once the connection is closed."""
         channels = self.channels
         for ev in events:
             if type(ev) is PublishReceived:
                 ch = channels.get(ev.channel)
                 if ch is None or ch.closing:
                     if ch is None:
+                        # A no-op once closing: the events after it (close,
+                        # close-ok) still count.
                         self._unopened_channel(ev.channel, PUBLISH_METHOD)
-                        return
                     continue
                 try:
                     ch.handle_publish(ev)
@@ -172,10 +198,8 @@ class AMQPConnection(asyncio.Protocol):
             elif type(ev) is ProtocolHeaderReceived:
                 self._protocol_header(ev)
             if self.state == "closed":
-                return
-        if self._published_while_blocked and self.broker.alarms and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
+                return False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = "closed"
@@ -564,6 +588,7 @@ class AMQPConnection(asyncio.Protocol):
                 f"client closed the connection: {m_close.reply_code} {m_close.reply_text}"
             )
             self._teardown()
+            self.decoder.close()
             self.send_method(0, C.Connection.CloseOk())
             self.state = "closing"
             self._close_transport()
@@ -603,8 +628,10 @@ class AMQPConnection(asyncio.Protocol):
         self._connection_error(errors.CHANNEL_ERROR, "expected 'channel.open'", *ids)
 
     def _forget_channel(self, number: int) -> None:
+        # The decoder's content state is left alone: it reflects the frames
+        # read so far, which may already include a publish sent after this
+        # close (on the number reopened, or not).
         self.channels.pop(number, None)
-        self.decoder.abandon_content(number)
 
     # -- errors ---------------------------------------------------------
 
@@ -632,7 +659,9 @@ class AMQPConnection(asyncio.Protocol):
             },
         )
         ch.teardown()
-        self.decoder.abandon_content(ch.number)
+        # A publish under way on the channel is not abandoned: the client
+        # sends the rest of it all the same (it is then ignored, as by
+        # RabbitMQ), and those frames must not look like a protocol error.
         self.send_method(
             ch.number,
             C.Channel.Close(
@@ -661,6 +690,7 @@ class AMQPConnection(asyncio.Protocol):
             },
         )
         self._teardown()
+        self.decoder.close()
         self.send_method(
             0,
             C.Connection.Close(
@@ -689,7 +719,12 @@ class AMQPConnection(asyncio.Protocol):
 
     def _teardown(self) -> None:
         self.broker.connections.discard(self)
-        for ch in list(self.channels.values()):
+        channels = list(self.channels.values())
+        for ch in channels:
+            # First all of them: a message one channel gives back must not be
+            # delivered to another one about to go (counted as a delivery).
+            ch.closing = True
+        for ch in channels:
             ch.teardown()
         self.channels.clear()
         vhost = self.vhost

@@ -9,6 +9,7 @@ other method is unmarshalled by pamqp.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from typing import cast
 
@@ -41,6 +42,13 @@ class FrameError(Exception):
         self.text = text
         self.class_id = 0
         self.method_id = 0
+        # Events decoded from the same input before the bad frame: they
+        # still count, as RabbitMQ handles every frame before it.
+        self.events: list[Event] = []
+        # False when the bad frame could not be delimited (too large, bad
+        # end byte): nothing after it can be read. Otherwise the frames after
+        # it can, as RabbitMQ reads them (a closing connection's close-ok).
+        self.in_sync = True
 
 
 class ProtocolHeaderReceived:
@@ -128,6 +136,7 @@ class FrameDecoder:
         self._need = 0  # bytes that incomplete frame needs before it can parse
         self._got_header = False
         self._content: dict[int, PublishReceived] = {}
+        self.closing = False  # see close()
         # basic.publish arguments repeat: decode each distinct frame once.
         self._publish_cache: dict[bytes, tuple[str, str, bool, bool]] = {}
 
@@ -165,13 +174,16 @@ class FrameDecoder:
         # FRAME_SIZE_FUDGE covers clients that forget the 8 framing bytes),
         # although frame_max is meant to include them; accept what it accepts.
         limit = self.frame_max if self.frame_max else 0xFFFFFFFF
+        closing = self.closing
         try:
             while n - pos >= 7:
                 ftype, ch, size = _frame_head(buf, pos)
                 if size > limit:
-                    raise FrameError(
-                        errors.FRAME_ERROR,
-                        f"frame payload size {size} larger than negotiated maximum {limit}",
+                    raise _out_of_sync(
+                        FrameError(
+                            errors.FRAME_ERROR,
+                            f"frame payload size {size} larger than negotiated maximum {limit}",
+                        )
                     )
                 start = pos + 7
                 end = start + size
@@ -179,16 +191,27 @@ class FrameDecoder:
                     self._need = end + 1 - pos
                     break
                 if buf[end] != FRAME_END:
-                    raise FrameError(
-                        errors.FRAME_ERROR, f"frame end byte 0x{buf[end]:02x} is not 0xce"
+                    raise _out_of_sync(
+                        FrameError(
+                            errors.FRAME_ERROR, f"frame end byte 0x{buf[end]:02x} is not 0xce"
+                        )
                     )
                 pos = end + 1
+                if closing:
+                    # Only channel 0's methods matter now; a malformed one
+                    # is skipped (the connection is closing anyway).
+                    if ch == 0 and ftype == FRAME_METHOD and size >= 4:
+                        with contextlib.suppress(FrameError):
+                            events.append(MethodReceived(0, self._parse_method(buf, start, end)))
+                    continue
                 if ftype == FRAME_METHOD:
                     if ch in content:
                         raise self._unexpected(content[ch])
                     if size < 4:
                         raise FrameError(errors.FRAME_ERROR, "method frame too short")
-                    if _u32(buf, start)[0] == PUBLISH_ID:
+                    # On channel 0 basic.publish is just a method the
+                    # connection refuses at once, as RabbitMQ does.
+                    if ch and _u32(buf, start)[0] == PUBLISH_ID:
                         raw_args = buf[start + 4 : end]
                         args = self._publish_cache.get(raw_args)
                         if args is None:
@@ -269,6 +292,9 @@ class FrameDecoder:
                     events.append(HEARTBEAT)
                 else:
                     raise FrameError(errors.FRAME_ERROR, f"unknown frame type {ftype}")
+        except FrameError as exc:
+            exc.events = events
+            raise
         finally:
             if pos < n:
                 pending += buf[pos:]
@@ -338,6 +364,13 @@ class FrameDecoder:
             raise err from exc
         return cast(MethodFrame, method)
 
+    def close(self) -> None:
+        """The connection is closing: read only channel 0's methods from now
+        on (close, close-ok), as RabbitMQ ignores every other frame then.
+        Only a frame that cannot be delimited raises after this."""
+        self.closing = True
+        self._content.clear()
+
     def abandon_content(self, channel: int) -> None:
         """Forget a half-received publish (its channel was closed)."""
         c = self._content.get(channel)
@@ -346,6 +379,11 @@ class FrameDecoder:
         # RabbitMQ reads the whole content before closing the channel.
         if c is not None and not c.discard:
             del self._content[channel]
+
+
+def _out_of_sync(err: FrameError) -> FrameError:
+    err.in_sync = False
+    return err
 
 
 def _in_publish(err: FrameError) -> FrameError:
