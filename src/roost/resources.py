@@ -153,9 +153,12 @@ class ResourceMonitor:
 
         self.check()
         self._handle = scheduler(CHECK_INTERVAL, tick)
+        # Between ticks too, after every few MB read from clients.
+        self.broker.memory_check = self.check_memory
 
     def stop(self) -> None:
         self._stopped = True
+        self.broker.memory_check = None
         if self._handle is not None and hasattr(self._handle, "cancel"):
             self._handle.cancel()
 

@@ -18,7 +18,7 @@ from pamqp import frame as pframe
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from roost.broker.broker import ALARM_QUEUE_MEMORY_LIMIT, Broker
+from roost.broker.broker import ALARM_QUEUE_MEMORY_LIMIT, INGRESS_CHECK_BYTES, Broker
 from roost.config import ConfigError, load_config
 from roost.resources import (
     DISK_ALARM,
@@ -245,6 +245,41 @@ def test_memory_alarm_pages_out_what_queues_hold() -> None:
         conn.close()
 
 
+def test_blocked_reason_names_every_alarm() -> None:
+    broker = Broker()
+    seen: list[tuple[bool, str]] = []
+    broker.watch_alarms(lambda blocked, reason: seen.append((blocked, reason)))
+    broker.set_alarm(MEMORY_ALARM)
+    broker.set_alarm(DISK_ALARM)  # already blocked: no second notification
+    # What a connection opening now is told (RabbitMQ's wording).
+    assert broker.blocked_reason == "low on disk & memory"
+    broker.clear_alarm(MEMORY_ALARM)
+    broker.clear_alarm(DISK_ALARM)
+    assert seen == [(True, "low on memory"), (False, "")]
+
+
+def test_memory_is_checked_between_ticks_as_clients_send(tmp_path: Path) -> None:
+    """A publisher can send hundreds of MB a second: besides its periodic
+    tick the memory check runs after every INGRESS_CHECK_BYTES read."""
+    broker = Broker()
+    used = [200 * MB]
+    mon = ResourceMonitor(
+        broker, memory_limit=100 * MB, disk_free_limit=0, data_dir=tmp_path, rss=lambda: used[0]
+    )
+    used[0] = 10 * MB
+    mon.start(lambda _delay, _fn: None)  # the periodic tick never comes
+    assert broker.alarms == set()
+    used[0] = 200 * MB
+    broker.received(INGRESS_CHECK_BYTES // 2)
+    assert broker.alarms == set()
+    broker.received(INGRESS_CHECK_BYTES // 2 + 1)
+    assert broker.alarms == {MEMORY_ALARM}
+    mon.stop()
+    used[0] = 10 * MB
+    broker.received(2 * INGRESS_CHECK_BYTES)  # stopped: nothing checks
+    assert broker.alarms == {MEMORY_ALARM}
+
+
 def test_disk_limit_blocks_clients_of_a_running_broker() -> None:
     """An impossible disk_free_limit blocks publishers from the start: a
     client that announces connection.blocked is told so once open."""
@@ -254,7 +289,7 @@ def test_disk_limit_blocks_clients_of_a_running_broker() -> None:
         pub = _Publisher(b.port, "q", b"")
         try:
             assert pub.blocked.wait(5)
-            assert len(pub.events) == 1 and pub.events[0].startswith("blocked:low on ")
+            assert pub.events == ["blocked:low on disk"]
         finally:
             pub.close()
 

@@ -134,6 +134,7 @@ class AMQPConnection(asyncio.Protocol):
         if self.state == "closed":
             return
         self._last_recv = self.loop.time()
+        self.broker.received(len(data))
         while True:
             try:
                 events = self.decoder.feed(data)
@@ -474,7 +475,7 @@ class AMQPConnection(asyncio.Protocol):
         )
         self.broker.watch_alarms(self._alarm_changed)
         if self.broker.blocked and self.capabilities.get("connection.blocked"):
-            self.send_method(0, C.Connection.Blocked(reason="low on resources"))
+            self.send_method(0, C.Connection.Blocked(reason=self.broker.blocked_reason))
         if self.heartbeat:
             self._timer = self.loop.call_later(self._tick_interval(), self._heartbeat_tick)
 

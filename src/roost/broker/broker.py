@@ -20,6 +20,8 @@ DEFAULT_QUEUE_MEMORY_LIMIT = 128 * 1024 * 1024
 ALARM_QUEUE_MEMORY_LIMIT = 1024 * 1024
 # Body bytes Broker.page_out_step pages out per call.
 PAGE_OUT_STEP = 16 * 1024 * 1024
+# Bytes read from clients between two memory checks, at most (see received()).
+INGRESS_CHECK_BYTES = 4 * 1024 * 1024
 
 
 class ClientConnection(Protocol):
@@ -82,6 +84,9 @@ class Broker:
         self._alarm_sources: dict[str, set[str]] = {}
         self._alarm_listeners: list[Callable[[bool, str], None]] = []
         self._paging_out = False  # the memory alarm's page-out is unfinished
+        # Set by roost.resources.ResourceMonitor; see received().
+        self.memory_check: Callable[[], None] | None = None
+        self._ingress_left = INGRESS_CHECK_BYTES
         # The thresholds of the memory and disk checks, in bytes (set by
         # roost.resources.ResourceMonitor; 0 while nothing checks).
         self.memory_limit = 0
@@ -219,6 +224,23 @@ class Broker:
     def blocked(self) -> bool:
         return bool(self.alarms)
 
+    @property
+    def blocked_reason(self) -> str:
+        """connection.blocked's reason, worded as RabbitMQ's ("low on memory",
+        "low on disk & memory")."""
+        return "low on " + " & ".join(sorted(self.alarms))
+
+    def received(self, nbytes: int) -> None:
+        """Count bytes read from clients: every INGRESS_CHECK_BYTES the
+        memory check runs at once instead of at its next tick, so a fast
+        publisher cannot carry the broker far past the watermark between
+        two ticks."""
+        self._ingress_left -= nbytes
+        if self._ingress_left < 0:
+            self._ingress_left = INGRESS_CHECK_BYTES
+            if self.memory_check is not None:
+                self.memory_check()
+
     def watch_alarms(self, listener: Callable[[bool, str], None]) -> None:
         self._alarm_listeners.append(listener)
 
@@ -240,7 +262,7 @@ class Broker:
             self._paging_out = True
             self.page_out_step()
         if not was_blocked:
-            self._notify(True, f"low on {resource}")
+            self._notify(True, self.blocked_reason)
 
     def clear_alarm(self, resource: str, source: str = "") -> None:
         sources = self._alarm_sources.get(resource)
