@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -1334,7 +1335,10 @@ class ConnectionMachine(RuleBasedStateMachine):
                 assert q.message_count == 0, f"{name} has consumers and ready messages"
 
 
+# CI's size; ROOST_STATEFUL_EXAMPLES=5000 for a long run (docs/fuzzing.md).
 ConnectionMachine.TestCase.settings = settings(
-    max_examples=250, stateful_step_count=40, deadline=None
+    max_examples=int(os.environ.get("ROOST_STATEFUL_EXAMPLES", "250")),
+    stateful_step_count=40,
+    deadline=None,
 )
 TestConnectionStateMachine = ConnectionMachine.TestCase
