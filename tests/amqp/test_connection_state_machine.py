@@ -64,6 +64,7 @@ from pamqp.base import Frame
 
 from roost.amqp.connection import AMQPConnection, ConnectionSettings
 from roost.broker.broker import Broker
+from tests.amqp.test_decoder_properties import chunked
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 OPEN, CLOSING, CLOSED = "open", "closing", "closed"
@@ -97,14 +98,9 @@ def marshal(frame: Any, channel: int) -> bytes:
     return bytes(pframe.marshal(frame, channel))
 
 
-def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    out, prev = [], 0
-    for p in points:
-        out.append(data[prev:p])
-        prev = p
-    out.append(data[prev:])
-    return [c for c in out if c]
+def reads(data: bytes, cuts: list[int]) -> list[bytes]:
+    """``data`` as the non-empty reads a socket might deliver."""
+    return [c for c in chunked(data, cuts) if c]
 
 
 # -- the server's side of the wire --------------------------------------------
@@ -467,7 +463,7 @@ class ConnectionMachine(RuleBasedStateMachine):
 
     def run(self, steps: list[Step], cuts: list[int] | None = None) -> None:
         data = b"".join(s.data for s in steps)
-        for chunk in chunked(data, cuts or []):
+        for chunk in reads(data, cuts or []):
             if self.transport.closed:
                 break  # a closed socket reads nothing more
             self.conn.data_received(chunk)
