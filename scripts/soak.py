@@ -40,8 +40,11 @@ def rss_mib(pid: int) -> float:
 
 
 class Soak:
-    def __init__(self, url: str, disconnect_prob: float, size: int) -> None:
+    def __init__(
+        self, url: str, disconnect_prob: float, size: int, consumer_delay: float = 0.0
+    ) -> None:
         self.params = pika.URLParameters(url)
+        self.consumer_delay = consumer_delay
         self.disconnect_prob = disconnect_prob
         self.body = b"x" * size
         self.lock = threading.Lock()
@@ -113,6 +116,8 @@ class Soak:
                         vanish = True
                         break
                     ch.basic_ack(method.delivery_tag)
+                    if self.consumer_delay and not self.stop_publishing.is_set():
+                        time.sleep(self.consumer_delay)  # let the queue grow
                 if vanish:
                     conn._impl._transport._sock.close()  # abrupt, no connection.close
                     continue
@@ -132,6 +137,15 @@ def main() -> None:
     ap.add_argument("--consumers", type=int, default=4)
     ap.add_argument("--size", type=int, default=256, help="message body bytes")
     ap.add_argument("--disconnect", type=float, default=0.002, help="per-message probability")
+    ap.add_argument(
+        "--consumer-delay",
+        type=float,
+        default=0.0,
+        help="seconds each consumer sleeps per message while publishing lasts "
+        "(builds a deep queue: with --serve-args '--memory-high-watermark 80MB' "
+        "it soaks the memory alarm)",
+    )
+    ap.add_argument("--serve-args", default="", help="extra `roost serve` options (--serve)")
     ap.add_argument("--drain-timeout", type=float, default=60.0)
     args = ap.parse_args()
 
@@ -140,11 +154,11 @@ def main() -> None:
     if args.serve:
         from roost.testing import RoostProcess
 
-        proc = RoostProcess(None, "--http-port", "-1").start()
+        proc = RoostProcess(None, "--http-port", "-1", *args.serve_args.split()).start()
         assert proc.proc is not None
         url, pid = proc.url, proc.proc.pid
     try:
-        soak = Soak(url, args.disconnect, args.size)
+        soak = Soak(url, args.disconnect, args.size, args.consumer_delay)
         soak.setup()
         threads = [
             threading.Thread(target=soak.publisher, args=(i,), daemon=True)

@@ -17,6 +17,7 @@ from pamqp import commands as C
 from pamqp import frame as pframe
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
+from pamqp.heartbeat import Heartbeat
 
 from roost.broker.broker import ALARM_QUEUE_MEMORY_LIMIT, INGRESS_CHECK_BYTES, Broker
 from roost.config import ConfigError, load_config
@@ -29,6 +30,7 @@ from roost.resources import (
     parse_size,
 )
 from roost.testing import RoostBroker, RoostProcess
+from tests.conftest import RawClient
 
 MB = 1024 * 1024
 
@@ -278,6 +280,39 @@ def test_memory_is_checked_between_ticks_as_clients_send(tmp_path: Path) -> None
     used[0] = 10 * MB
     broker.received(2 * INGRESS_CHECK_BYTES)  # stopped: nothing checks
     assert broker.alarms == {MEMORY_ALARM}
+
+
+def test_blocked_publisher_is_not_dropped_for_missed_heartbeats() -> None:
+    """While a publisher is blocked the broker does not read its socket, so
+    its heartbeats cannot arrive: like RabbitMQ, roost stops watching them
+    then, instead of dropping the connection after two intervals."""
+    with RoostBroker(http_port=-1) as b:
+        client = RawClient(b.port)
+        client.handshake(heartbeat=1)
+        client.open_channel(1)
+        client.send_frame(C.Confirm.Select(), 1)
+        client.expect(C.Confirm.SelectOk)
+        b.call(lambda: b.server.broker.set_alarm(MEMORY_ALARM))  # type: ignore[union-attr]
+        blocked = client.expect(C.Connection.Blocked)
+        assert isinstance(blocked, C.Connection.Blocked)
+        publish = (
+            pframe.marshal(C.Basic.Publish(exchange="", routing_key="hb"), 1)
+            + pframe.marshal(ContentHeader(0, 2, C.Basic.Properties()), 1)
+            + pframe.marshal(ContentBody(b"hi"), 1)
+        )
+        client.send(publish)  # read (and confirmed), then reading pauses
+        first = client.expect(C.Basic.Ack)
+        assert isinstance(first, C.Basic.Ack) and first.delivery_tag == 1
+        deadline = time.monotonic() + 3.5  # over 3 heartbeat intervals
+        while time.monotonic() < deadline:
+            client.send(pframe.marshal(Heartbeat(), 0))  # not read: blocked
+            client.expect(Heartbeat, skip_heartbeats=False)  # the broker's own
+        b.call(lambda: b.server.broker.clear_alarm(MEMORY_ALARM))  # type: ignore[union-attr]
+        client.expect(C.Connection.Unblocked)
+        client.send(publish)
+        ack = client.expect(C.Basic.Ack)
+        assert isinstance(ack, C.Basic.Ack) and ack.delivery_tag == 2
+        client.close()
 
 
 def test_disk_limit_blocks_clients_of_a_running_broker() -> None:

@@ -496,7 +496,11 @@ class AMQPConnection(asyncio.Protocol):
         if self.state == "closed" or self.transport is None:
             return
         now = self.loop.time()
-        if now - self._last_recv > 2 * self.heartbeat:
+        if self._reading_paused:
+            # Blocked by an alarm we are not reading, so its heartbeats cannot
+            # arrive: not the client's fault (RabbitMQ pauses the monitor too).
+            self._last_recv = now
+        elif now - self._last_recv > 2 * self.heartbeat:
             log.warning(
                 "%s: missed heartbeats from client, timeout: %ss",
                 self.peer,
@@ -750,6 +754,7 @@ class AMQPConnection(asyncio.Protocol):
             self._published_while_blocked = False
             if self._reading_paused and self.transport is not None:
                 self._reading_paused = False
+                self._last_recv = self.loop.time()
                 self.transport.resume_reading()
 
 
