@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +48,11 @@ FSYNC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 # and only runs of settled records at least this long.
 COMPACT_RATIO = 0.5
 COMPACT_MIN_RUN = 64 * 1024
+# Compaction scans a segment through a window of this many bytes.
+COMPACT_WINDOW = 1024 * 1024
+# Bytes of a record's payload that hold its kind and queue ids (at most 255
+# of them) and a MOVED record's origin: all the compaction scan looks at.
+_PEEK_SIZE = 2 + 4 * 255 + 8
 
 
 def make_ref(segment: int, offset: int) -> int:
@@ -650,6 +656,10 @@ class MessageStore:
         exc = fut.exception()
         if exc is not None:
             log.warning("compacting a segment failed: %s", exc)
+            return
+        # On to the next sparse segment, if any: waiting for the next batch
+        # would leave them as they are once traffic stops.
+        self._maybe_compact()
 
     def _compact_segment(self, seg: int, queue_ids: set[int]) -> int:
         """Runs on the writer thread, after every batch that wrote to the
@@ -666,18 +676,33 @@ class MessageStore:
             kind, qid, roff = ACK_ENTRY.unpack_from(raw, off)
             if kind == ACK:
                 settled.add((qid, roff))
-        data = os.pread(fd, os.fstat(fd).st_size, 0)
+        size = os.fstat(fd).st_size
         freed = 0
         min_run = max(2 * holes.BLOCK, min(COMPACT_MIN_RUN, self.segment_size // 8))
         run_start = -1
+        run_header = b""
+        # Read in windows, not the whole segment: the scan needs only each
+        # record's header and queue ids, and a segment-sized buffer here
+        # cost its size in RSS on the writer thread's malloc arena.
+        window = b""
+        window_start = 0
         pos = 0
-        size = len(data)
         while pos + HEADER_SIZE <= size:
-            length, _ = HEADER.unpack_from(data, pos)
+            i = pos - window_start
+            if i + min(HEADER_SIZE + _PEEK_SIZE, size - pos) > len(window):
+                window = os.pread(fd, COMPACT_WINDOW, pos)
+                window_start, i = pos, 0
+            if len(window) - i < HEADER_SIZE + 2:
+                break
+            length, _ = HEADER.unpack_from(window, i)
             end = pos + HEADER_SIZE + length
             if length < 2 or end > size:
                 break
-            kind, qids, _ = records.peek_queue_ids(data[pos + HEADER_SIZE : end])
+            peek = memoryview(window)[i + HEADER_SIZE : i + HEADER_SIZE + length]
+            try:
+                kind, qids, _ = records.peek_queue_ids(peek)
+            except struct.error:
+                break  # a torn header: the rest is recovery's business
             dead = kind == records.PADDING or (
                 kind in (records.PERSISTENT, records.MOVED)
                 and all(q not in queue_ids or (q, pos) in settled for q in qids)
@@ -685,12 +710,13 @@ class MessageStore:
             if dead:
                 if run_start < 0:
                     run_start = pos
+                    run_header = bytes(window[i : i + HEADER_SIZE])
             elif run_start >= 0:
-                freed += _pad(fd, data, run_start, pos, min_run)
+                freed += _pad(fd, run_header, run_start, pos, min_run)
                 run_start = -1
             pos = end
         if run_start >= 0:
-            freed += _pad(fd, data, run_start, pos, min_run)
+            freed += _pad(fd, run_header, run_start, pos, min_run)
         if freed:
             os.fdatasync(fd)
         return freed
@@ -762,14 +788,15 @@ def _cut(data: bytes | bytearray, start: int) -> bytes:
     return bytes(payload)
 
 
-def _pad(fd: int, data: bytes, start: int, end: int, min_run: int) -> int:
+def _pad(fd: int, current: bytes, start: int, end: int, min_run: int) -> int:
     """Turn the settled records in ``[start, end)`` into one padding record
-    and give its blocks back. Returns the bytes freed."""
+    and give its blocks back; ``current`` is the header now at ``start``.
+    Returns the bytes freed."""
     span = end - start
     if span < min_run:
         return 0
     header = HEADER.pack(span - HEADER_SIZE, records.padding_crc(span - HEADER_SIZE))
-    if data[start : start + HEADER_SIZE] == header:
+    if current == header:
         return 0  # already padding
     # Zero what the hole punch cannot reach (the partial blocks at both
     # ends) before the header goes in: until then the old records still
