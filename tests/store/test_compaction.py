@@ -75,6 +75,11 @@ def test_sparse_segments_are_compacted_and_survive_sigkill(proc: RoostProcess) -
         if drained == to_drain:
             break
     ch.cancel()
+    # Acks are written asynchronously (a crash may bring an acked message
+    # back, as with RabbitMQ); a confirmed persistent publish is written
+    # after every ack sent before it, so once it is confirmed they are on disk.
+    ch.queue_declare("marker", durable=True)
+    ch.basic_publish("", "marker", b"m", persistent)
     conn.close()
 
     # About 2% of each old segment is still needed: compaction runs one
