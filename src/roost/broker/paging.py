@@ -92,3 +92,39 @@ class PagedEntries:
         self._chunks.clear()
         self._head = 0
         self._len = 0
+
+
+class PagedByPriority:
+    """A priority queue's paged entries: one FIFO per priority level, each
+    continuing that level's in-memory entries (see Queue)."""
+
+    __slots__ = ("_len", "levels")
+
+    def __init__(self, max_priority: int) -> None:
+        self.levels = [PagedEntries() for _ in range(max_priority + 1)]
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def append(self, priority: int, word: int, ref: int, expires: int = 0) -> None:
+        self.levels[priority].append(word, ref, expires)
+        self._len += 1
+
+    def prepend(self, priority: int, items: list[tuple[int, int, int]]) -> None:
+        self.levels[priority].prepend(items)
+        self._len += len(items)
+
+    def popleft(self, priority: int) -> tuple[int, int, int]:
+        item = self.levels[priority].popleft()
+        self._len -= 1
+        return item
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for level in self.levels:
+            yield from level
+
+    def clear(self) -> None:
+        for level in self.levels:
+            level.clear()
+        self._len = 0

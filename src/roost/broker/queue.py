@@ -14,14 +14,18 @@ active consumer, and queue expiry.
 With a journal (message store) attached, a queue longer than
 ``ready_limit`` keeps only its head in memory: later messages are *paged*,
 held as (sequence, log location, expiry) words and read back from the log
-as the head drains. A durable queue also tells the journal which persistent
-messages it delivered and settled, so a restart brings back exactly the
-unsettled ones.
+as the head drains. A priority queue pages each priority level the same
+way, keeping at least the head of every non-empty level in memory, and
+refills a level from the log as soon as its in-memory part runs out.
+A durable queue also tells the journal which persistent messages it
+delivered and settled, so a restart brings back exactly the unsettled
+ones.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -31,7 +35,14 @@ from roost import properties
 from roost.broker import deadletter
 from roost.broker.dedup import Deduplicator
 from roost.broker.message import Message, QueueEntry
-from roost.broker.paging import PAGING_REF, REDELIVERED, SEQ_MASK, UNSIZED, PagedEntries
+from roost.broker.paging import (
+    PAGING_REF,
+    REDELIVERED,
+    SEQ_MASK,
+    UNSIZED,
+    PagedByPriority,
+    PagedEntries,
+)
 from roost.broker.queue_args import QueueOptions, parse_expiration
 from roost.broker.ready import ReadyByPriority, ReadyFifo
 
@@ -100,12 +111,17 @@ class Queue:
         # Identity of a durable queue in the message log (0: not logged).
         self.store_id = 0
         self.paged = PagedEntries()
+        # A priority queue's paged entries, per level (self.paged then only
+        # holds restored entries until restore() sorts them).
+        self._paged_levels: PagedByPriority | None = None
+        if isinstance(self.ready, ReadyByPriority):
+            self._paged_levels = PagedByPriority(opts.max_priority)
+            self.ready.on_empty = self._refill_level
         # Delivery counts of restored entries not yet paged in, by ref
         # (only with a delivery limit; see restore()).
         self._restored_counts: dict[int, int] = {}
         self._past_limit: list[int] = []  # restored refs to dead-letter at start
         self._paged_bytes = 0  # body bytes of the paged entries (as far as known)
-        # A priority queue keeps everything in memory: paging is FIFO.
         # A count limit on top of the memory estimate (tests lower it).
         self.ready_limit = 1 << 62
         # Requeued entries waiting out a retry delay: (due ms, seq, entry).
@@ -137,14 +153,18 @@ class Queue:
 
     @property
     def message_count(self) -> int:
-        return len(self.ready) + len(self.paged) + len(self._waiting)
+        return len(self.ready) + self._paged_count() + len(self._waiting)
+
+    def _paged_count(self) -> int:
+        levels = self._paged_levels
+        return len(self.paged) + (len(levels) if levels is not None else 0)
 
     def memory_estimate(self) -> int:
         """Bytes this queue's messages take in memory (what the management
         API reports as ``memory``): in-memory bodies plus bookkeeping, and
         the compact words of paged entries."""
         in_memory = max(0, self.ready_bytes - self._paged_bytes)
-        return in_memory + len(self.ready) * ENTRY_OVERHEAD + len(self.paged) * 24
+        return in_memory + len(self.ready) * ENTRY_OVERHEAD + self._paged_count() * 24
 
     @property
     def consumer_count(self) -> int:
@@ -187,18 +207,14 @@ class Queue:
         self.ready_bytes += len(message.body)
         journal = self.journal
         ready = self.ready
-        # A priority queue keeps everything in memory: paging is FIFO.
-        if (
-            journal is not None
-            and not opts.max_priority
-            and (
-                self.paged
-                or len(ready) >= self.ready_limit
-                or self.ready_bytes - self._paged_bytes + len(ready) * ENTRY_OVERHEAD
-                > self.vhost.queue_memory_limit
-            )
+        levels = self._paged_levels
+        if journal is not None and (
+            (self.paged if levels is None else levels.levels[priority])
+            or len(ready) >= self.ready_limit
+            or self.ready_bytes - self._paged_bytes + len(ready) * ENTRY_OVERHEAD
+            > self.vhost.queue_memory_limit
         ):
-            self._page_out(journal, self._seq, message, expires)
+            self._page_out(journal, self._seq, message, expires, priority)
         else:
             self.ready.append(QueueEntry(self._seq, message, False, expires, priority))
             if expires:
@@ -236,7 +252,7 @@ class Queue:
         opts = self.options
         if opts.overflow == "drop-head":
             return False
-        n = len(self.ready) + len(self.paged)
+        n = len(self.ready) + self._paged_count()
         return (opts.max_length is not None and n + 1 > opts.max_length) or (
             opts.max_length_bytes is not None
             and self.ready_bytes + len(message.body) > opts.max_length_bytes
@@ -253,7 +269,7 @@ class Queue:
         size = len(message.body)
 
         def over() -> bool:
-            n = len(self.ready) + len(self.paged)
+            n = len(self.ready) + self._paged_count()
             return (opts.max_length is not None and n + 1 > opts.max_length) or (
                 opts.max_length_bytes is not None
                 and self.ready_bytes + size > opts.max_length_bytes
@@ -284,8 +300,22 @@ class Queue:
         deadletter.dead_letter(self, entry.message, reason)
         self._forget([entry])
 
-    def _page_out(self, journal: Journal, seq: int, message: Message, expires: int) -> None:
-        self.paged.append(*self._paged_entry(journal, seq, message, expires))
+    def _page_out(
+        self, journal: Journal, seq: int, message: Message, expires: int, priority: int
+    ) -> None:
+        levels = self._paged_levels
+        if levels is None:
+            self.paged.append(*self._paged_entry(journal, seq, message, expires))
+            return
+        ready = self.ready
+        assert isinstance(ready, ReadyByPriority)
+        if not ready.level(priority):
+            # The head of every level stays in memory (see _refill_level).
+            ready.append(QueueEntry(seq, message, False, expires, priority))
+            if expires:
+                self._arm_ttl(expires)
+            return
+        levels.append(priority, *self._paged_entry(journal, seq, message, expires))
 
     def _paged_entry(
         self, journal: Journal, seq: int, message: Message, expires: int
@@ -300,27 +330,41 @@ class Queue:
         """Page the newest in-memory ready messages out to the log until the
         rest fits the vhost's queue_memory_limit (set low by the memory
         alarm) or about ``budget`` body bytes are paged; returns how many.
-        Priority queues keep everything in memory; so do entries delivered
-        once (their redelivered flag and delivery count live on the entry)."""
+        Entries delivered once stay in memory (their redelivered flag and
+        delivery count live on the entry); so does the head of each level
+        of a priority queue, whose lowest levels go first."""
         journal = self.journal
-        ready = self.ready
-        if journal is None or not isinstance(ready, ReadyFifo):
+        if journal is None:
             return 0
+        ready = self.ready
         limit = self.vhost.queue_memory_limit
         in_memory = self.ready_bytes - self._paged_bytes + len(ready) * ENTRY_OVERHEAD
-        items: list[tuple[int, int, int]] = []
         paged = 0
-        while ready and in_memory > limit and paged < budget:
-            entry = ready.peek_last()
-            if entry.redelivered or entry.deliveries:
-                break
-            ready.pop()
-            size = len(entry.message.body)
-            in_memory -= size + ENTRY_OVERHEAD
-            paged += size
-            items.append(self._paged_entry(journal, entry.seq, entry.message, entry.expires))
-        items.reverse()
-        self.paged.prepend(items)
+        levels = self._paged_levels
+        tails: list[tuple[ReadyFifo, int]] = []
+        if isinstance(ready, ReadyFifo):
+            tails.append((ready, 0))
+        elif levels is not None:
+            tails.extend((ready.level(p), 1) for p in range(len(levels.levels)))
+        for p, (fifo, keep) in enumerate(tails):
+            items: list[tuple[int, int, int]] = []
+            while len(fifo) > keep and in_memory > limit and paged < budget:
+                entry = fifo.peek_last()
+                if entry.redelivered or entry.deliveries:
+                    break
+                if isinstance(ready, ReadyByPriority):
+                    ready.pop_last(p)
+                else:
+                    fifo.pop()
+                size = len(entry.message.body)
+                in_memory -= size + ENTRY_OVERHEAD
+                paged += size
+                items.append(self._paged_entry(journal, entry.seq, entry.message, entry.expires))
+            items.reverse()
+            if levels is None:
+                self.paged.prepend(items)
+            else:
+                levels.prepend(p, items)
         return paged
 
     def _holds_durable_ref(self, message: Message) -> bool:
@@ -334,26 +378,45 @@ class Queue:
         if journal is None or not paged:
             return
         ready = self.ready
-        n = min(len(paged), PAGE_IN_BATCH)
-        opts = self.options
-        for _ in range(n):
-            word, ref, expires = paged.popleft()
-            msg = journal.read(ref)
-            if word & UNSIZED:
-                self.ready_bytes += len(msg.body)  # now known; was never counted
-            else:
-                self._paged_bytes -= len(msg.body)
-            if word & PAGING_REF:
-                journal.release(ref)
-            if not expires and msg.written_ms and self._has_ttl(msg):
-                expires = self._expiry_for(msg, msg.written_ms)
-            priority = min(msg.priority or 0, opts.max_priority) if opts.max_priority else 0
-            entry = QueueEntry(word & SEQ_MASK, msg, bool(word & REDELIVERED), expires, priority)
-            if self._restored_counts and not word & PAGING_REF:
-                entry.deliveries = self._restored_counts.pop(ref, 0)
+        for _ in range(min(len(paged), PAGE_IN_BATCH)):
+            entry = self._read_back(journal, *paged.popleft())
             ready.append(entry)
-            if expires:
-                self._arm_ttl(expires)
+            if entry.expires:
+                self._arm_ttl(entry.expires)
+
+    def _refill_level(self, priority: int) -> None:
+        """A priority level's in-memory part ran out: read its next paged
+        entries back before anything of a lower level is served."""
+        journal = self.journal
+        levels = self._paged_levels
+        if journal is None or levels is None:
+            return
+        paged = levels.levels[priority]
+        ready = self.ready
+        for _ in range(min(len(paged), PAGE_IN_BATCH)):
+            entry = self._read_back(journal, *levels.popleft(priority))
+            entry.priority = priority
+            ready.append(entry)
+            if entry.expires:
+                self._arm_ttl(entry.expires)
+
+    def _read_back(self, journal: Journal, word: int, ref: int, expires: int) -> QueueEntry:
+        """The queue entry a paged (word, ref, expires) stands for."""
+        msg = journal.read(ref)
+        if word & UNSIZED:
+            self.ready_bytes += len(msg.body)  # now known; was never counted
+        else:
+            self._paged_bytes -= len(msg.body)
+        if word & PAGING_REF:
+            journal.release(ref)
+        if not expires and msg.written_ms and self._has_ttl(msg):
+            expires = self._expiry_for(msg, msg.written_ms)
+        opts = self.options
+        priority = min(msg.priority or 0, opts.max_priority) if opts.max_priority else 0
+        entry = QueueEntry(word & SEQ_MASK, msg, bool(word & REDELIVERED), expires, priority)
+        if self._restored_counts and not word & PAGING_REF:
+            entry.deliveries = self._restored_counts.pop(ref, 0)
+        return entry
 
     def restore(self, refs: list[int], delivered: Mapping[int, int]) -> None:
         """Refill a durable queue from the log after a restart.
@@ -373,8 +436,37 @@ class Queue:
             self.paged.append(self._seq | UNSIZED | (REDELIVERED if ref in delivered else 0), ref)
         if limit is not None and delivered:
             self._restored_counts.update(delivered)
-        if self.options.max_priority:
-            self._page_in()  # priority order needs every message in memory
+        if self._paged_levels is not None:
+            self._sort_restored()
+
+    def _sort_restored(self) -> None:
+        """Restored entries of a priority queue come back in log order: read
+        each (its priority is in the message) and page it behind its level,
+        as enqueue() would have."""
+        journal = self.journal
+        levels = self._paged_levels
+        ready = self.ready
+        if journal is None or levels is None:
+            return
+        limit = self.vhost.queue_memory_limit
+        paged = self.paged
+        while paged:
+            entry = self._read_back(journal, *paged.popleft())
+            p = entry.priority
+            in_memory = self.ready_bytes - self._paged_bytes + len(ready) * ENTRY_OVERHEAD
+            if (
+                isinstance(ready, ReadyByPriority)
+                and ready.level(p)
+                and (levels.levels[p] or in_memory > limit)
+            ):
+                message = entry.message
+                self._paged_bytes += len(message.body)
+                word = entry.seq | (REDELIVERED if entry.redelivered else 0)
+                levels.append(p, word, message.ref, entry.expires)
+                if entry.deliveries:
+                    self._restored_counts[message.ref] = entry.deliveries
+            else:
+                ready.append(entry)
 
     def requeue(self, entries: Iterable[QueueEntry]) -> None:
         """Put delivered-but-unsettled entries back at their original position
@@ -421,7 +513,7 @@ class Queue:
         if opts.max_length is None and opts.max_length_bytes is None:
             return
         while self.ready or self.paged:
-            n = len(self.ready) + len(self.paged)
+            n = len(self.ready) + self._paged_count()
             if not (
                 (opts.max_length is not None and n > opts.max_length)
                 or (opts.max_length_bytes is not None and self.ready_bytes > opts.max_length_bytes)
@@ -727,16 +819,21 @@ class Queue:
         self.ready_bytes = 0
         self._forget(ready)
         journal = self.journal
-        if journal is not None and self.paged:
+        if journal is not None and self._paged_count():
             qid = self.store_id
-            for word, ref in self.paged:
+            levels = self._paged_levels
+            for word, ref in itertools.chain(self.paged, levels if levels is not None else ()):
                 if word & PAGING_REF or self.deleted:
                     journal.release(ref)
                 else:
                     journal.ack(qid, ref)
             self.paged.clear()
+            if levels is not None:
+                levels.clear()
             self._paged_bytes = 0
             self._restored_counts.clear()
+        if self.deleted and isinstance(self.ready, ReadyByPriority):
+            self.ready.on_empty = None  # a cycle through the queue otherwise
         return n
 
     def detach_all_consumers(self) -> list[Consumer]:

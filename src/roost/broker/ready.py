@@ -8,7 +8,7 @@ first, FIFO within one priority, as RabbitMQ's priority queues do.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from roost.broker.message import QueueEntry
 
@@ -70,13 +70,19 @@ class ReadyFifo:
 
 
 class ReadyByPriority:
-    """One FIFO per priority level 0..max_priority."""
+    """One FIFO per priority level 0..max_priority.
 
-    __slots__ = ("_len", "_levels")
+    ``on_empty(level)`` is called when taking an entry empties a level: a
+    queue whose levels continue in the message log (paged) refills the
+    level there, so a paged higher-priority message is never passed over.
+    """
+
+    __slots__ = ("_len", "_levels", "on_empty")
 
     def __init__(self, max_priority: int) -> None:
         self._levels = [ReadyFifo() for _ in range(max_priority + 1)]
         self._len = 0
+        self.on_empty: Callable[[int], None] | None = None
 
     def __len__(self) -> int:
         return self._len
@@ -99,7 +105,24 @@ class ReadyByPriority:
         self._len += 1
 
     def popleft(self) -> QueueEntry:
-        entry = self._top().popleft()
+        levels = self._levels
+        for p in range(len(levels) - 1, -1, -1):
+            level = levels[p]
+            if level:
+                entry = level.popleft()
+                self._len -= 1
+                if not level and self.on_empty is not None:
+                    self.on_empty(p)
+                return entry
+        raise IndexError("no ready entries")
+
+    def level(self, priority: int) -> ReadyFifo:
+        """One level, to look at (change it through this class)."""
+        return self._levels[priority]
+
+    def pop_last(self, priority: int) -> QueueEntry:
+        """Take the newest entry of one level (paging it out)."""
+        entry = self._levels[priority].pop()
         self._len -= 1
         return entry
 
