@@ -89,7 +89,7 @@ tables = st.dictionaries(
 methods = st.one_of(
     st.builds(C.Queue.Declare, queue=names, durable=st.booleans(), arguments=tables),
     st.builds(C.Exchange.Declare, exchange=names, exchange_type=st.just("topic")),
-    st.builds(C.Basic.Ack, delivery_tag=st.integers(0, 2**63), multiple=st.booleans()),
+    st.builds(C.Basic.Ack, delivery_tag=st.integers(0, 2**63 - 1), multiple=st.booleans()),
     st.builds(C.Basic.Qos, prefetch_count=st.integers(0, 65535)),
     st.builds(C.Queue.Bind, queue=names, exchange=names, routing_key=names, arguments=tables),
 )
