@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Iterator
 
 import pytest
 from pamqp import commands as C
@@ -109,7 +110,7 @@ class RawClient:
 
 
 @pytest.fixture
-def raw(roost_broker: RoostBroker) -> RawClient:
+def raw(roost_broker: RoostBroker) -> Iterator[RawClient]:
     client = RawClient(roost_broker.port)
-    yield client  # type: ignore[misc]
+    yield client
     client.close()

@@ -9,6 +9,7 @@ from pamqp import commands as C
 from pamqp import frame as pframe
 from pamqp import header as pheader
 from pamqp import heartbeat as pheartbeat
+from pamqp.common import FieldTable
 
 from roost.amqp.decoder import (
     PROTOCOL_HEADER,
@@ -81,7 +82,7 @@ def test_arbitrary_bytes_raise_only_frame_error(data: bytes, cuts: list[int], fm
 
 
 names = st.from_regex(r"[a-zA-Z0-9_.:-]{0,20}", fullmatch=True)
-tables = st.dictionaries(
+tables: st.SearchStrategy[FieldTable] = st.dictionaries(
     st.text("abcdefgh", min_size=1, max_size=8),
     st.one_of(st.integers(-(2**31), 2**31 - 1), st.booleans(), st.text(max_size=20)),
     max_size=5,

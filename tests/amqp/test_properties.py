@@ -71,7 +71,7 @@ def test_scan_reads_the_fields_it_needs(scanned: tuple[str, ...], skipped: tuple
 def test_decode_properties_round_trips(scanned: tuple[str, ...], skipped: tuple[str, ...]) -> None:
     props = _props(scanned + skipped)
     decoded = decode_properties(props.marshal())
-    for name in props.__slots__:  # type: ignore[attr-defined]
+    for name in props.__slots__:
         assert getattr(decoded, name) == getattr(props, name), name
     assert properties.encode_properties(decoded) == props.marshal()
 

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 BROKER_URL = os.environ.get("ROOST_CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
@@ -53,18 +53,18 @@ _attempts: dict[str, int] = {}
 _order: dict[str, list[str]] = {}
 
 
-@app.task
+@app.task  # type: ignore[untyped-decorator]  # celery is untyped
 def add(x: int, y: int) -> int:
     return x + y
 
 
-@app.task
+@app.task  # type: ignore[untyped-decorator]  # celery is untyped
 def stamp() -> float:
     """The worker's wall-clock time when the task ran."""
     return time.time()
 
 
-@app.task
+@app.task  # type: ignore[untyped-decorator]  # celery is untyped
 def delivery() -> dict[str, Any]:
     """How the task's message reached the worker."""
     info = dict(delivery.request.delivery_info or {})
@@ -76,7 +76,7 @@ def delivery() -> dict[str, Any]:
     }
 
 
-@app.task(bind=True, max_retries=5)
+@app.task(bind=True, max_retries=5)  # type: ignore[untyped-decorator]  # celery is untyped
 def flaky(self: Any, key: str, failures: int) -> dict[str, Any]:
     """Fail ``failures`` times (retrying after 1 s each time), then succeed."""
     n = _attempts.get(key, 0) + 1
@@ -86,7 +86,7 @@ def flaky(self: Any, key: str, failures: int) -> dict[str, Any]:
     return {"attempts": n, "retries": self.request.retries}
 
 
-@app.task
+@app.task  # type: ignore[untyped-decorator]  # celery is untyped
 def record(group: str, label: str) -> list[str]:
     """Append ``label`` to ``group``'s run order and return the order so far."""
     order = _order.setdefault(group, [])
@@ -94,6 +94,6 @@ def record(group: str, label: str) -> list[str]:
     return list(order)
 
 
-@app.task
+@app.task  # type: ignore[untyped-decorator]  # celery is untyped
 def boom(message: str) -> None:
     raise ValueError(message)

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 BROKER_URL = os.environ.get("ROOST_CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
@@ -47,12 +47,12 @@ app.conf.update(
 )
 
 
-@app.task
+@app.task  # type: ignore[untyped-decorator]  # celery is untyped
 def add(x: int, y: int) -> int:
     return x + y
 
 
-@app.task
+@app.task  # type: ignore[untyped-decorator]  # celery is untyped
 def delivery() -> dict[str, Any]:
     """How the task's message reached the worker."""
     request = delivery.request

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pika
 import pytest
@@ -71,7 +72,7 @@ def _round_trip(conn: pika.BlockingConnection, queue: str) -> bytes | None:
     ch.queue_declare(queue, auto_delete=True)
     ch.basic_publish("", queue, b"hello " + queue.encode())
     _, _, body = ch.basic_get(queue, auto_ack=True)
-    return body
+    return cast("bytes | None", body)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ disk free-space check; how the two disk alarm sources combine."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import struct
 import threading
@@ -16,6 +17,7 @@ import pytest
 from pamqp import commands as C
 from pamqp import frame as pframe
 from pamqp.body import ContentBody
+from pamqp.common import FieldTable
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
@@ -226,7 +228,7 @@ def test_memory_alarm_pages_out_what_queues_hold() -> None:
         assert b.call(lambda: state("tail"))[1] == 0  # all in memory so far
         b.call(lambda: b.server.broker.set_alarm(MEMORY_ALARM))  # type: ignore[union-attr]
         for name in ("tail", "dtail"):
-            ready, paged, memory = b.call(lambda name=name: state(name))
+            ready, paged, memory = b.call(functools.partial(state, name))
             assert ready + paged == n
             assert paged > n // 2, (name, ready, paged)
             assert memory <= ALARM_QUEUE_MEMORY_LIMIT + n * 24, (name, memory)
@@ -317,8 +319,10 @@ def test_disk_limit_blocks_clients_of_a_running_broker() -> None:
     """An impossible disk_free_limit blocks publishers from the start: a
     client that announces connection.blocked is told so once open."""
     with RoostBroker(disk_free_limit="1000000TB") as b:
-        assert b.call(lambda: set(b.server.broker.alarms)) == {DISK_ALARM}
-        assert b.server.broker.disk_free_limit == 10**18  # as the management API reports
+        server = b.server
+        assert server is not None
+        assert b.call(lambda: set(server.broker.alarms)) == {DISK_ALARM}
+        assert server.broker.disk_free_limit == 10**18  # as the management API reports
         pub = _Publisher(b.port, "q", b"")
         try:
             assert pub.blocked.wait(5)
@@ -391,7 +395,7 @@ class _Publisher:
         s = self.sock
         s.sendall(b"AMQP\x00\x00\x09\x01")
         self._expect(C.Connection.Start)
-        caps = {"connection.blocked": True, "publisher_confirms": True}
+        caps: FieldTable = {"connection.blocked": True, "publisher_confirms": True}
         s.sendall(
             self._frame(
                 C.Connection.StartOk(

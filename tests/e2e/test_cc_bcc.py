@@ -49,7 +49,7 @@ def channel(roost_broker: RoostBroker) -> Iterator[BlockingChannel]:
 
 def drain(ch: BlockingChannel, queue: str) -> list[tuple[str, dict[str, object] | None, bytes]]:
     """(routing key, headers, body) of every message in ``queue``."""
-    out = []
+    out: list[tuple[str, dict[str, object] | None, bytes]] = []
     while True:
         method, props, body = ch.basic_get(queue, auto_ack=True)
         if method is None:

@@ -8,9 +8,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import amqpstorm
 import pytest
-from kombu import Connection, Consumer, Exchange, Producer, Queue
+from amqpstorm.connection import Connection as StormConnection
+from amqpstorm.message import Message as StormMessage
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+from kombu.messaging import Consumer, Producer
 
 from roost.testing import RoostBroker
 
@@ -144,15 +147,15 @@ def test_kombu_direct_reply_to(kombu_conn: Connection) -> None:
 
 
 def test_amqpstorm_publish_get_consume(roost_broker: RoostBroker) -> None:
-    conn = amqpstorm.Connection("127.0.0.1", "guest", "guest", port=roost_broker.port, heartbeat=60)
+    conn = StormConnection("127.0.0.1", "guest", "guest", port=roost_broker.port, heartbeat=60)
     try:
         channel = conn.channel()
         channel.queue.declare("storm", auto_delete=True)
         properties = {"content_type": "text/plain", "headers": {"n": 1}, "message_id": "m1"}
-        message = amqpstorm.Message.create(channel, "first", properties)
+        message = StormMessage.create(channel, "first", properties)
         message.publish("storm")
         got = channel.basic.get("storm", no_ack=False)
-        assert got is not None
+        assert isinstance(got, StormMessage)
         assert got.body == "first"
         assert got.content_type == "text/plain"
         assert got.message_id == "m1"
@@ -162,10 +165,10 @@ def test_amqpstorm_publish_get_consume(roost_broker: RoostBroker) -> None:
 
         channel.confirm_deliveries()
         for i in range(3):
-            assert amqpstorm.Message.create(channel, f"c{i}").publish("storm") is True
-        bodies: list[str] = []
+            assert StormMessage.create(channel, f"c{i}").publish("storm") is True
+        bodies: list[bytes | str | None] = []
 
-        def on_message(msg: amqpstorm.Message) -> None:
+        def on_message(msg: StormMessage) -> None:
             bodies.append(msg.body)
             msg.ack()
             if len(bodies) == 3:
@@ -204,7 +207,7 @@ def test_celery_task_with_rpc_result_backend(roost_broker: RoostBroker) -> None:
         broker_heartbeat=0,
     )
 
-    @app.task(name="roost_e2e.add")
+    @app.task(name="roost_e2e.add")  # type: ignore[untyped-decorator]  # celery is untyped
     def add(x: int, y: int) -> int:
         return x + y
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import cast
 
-import amqpstorm
-import kombu
+import amqpstorm.connection
+import amqpstorm.message
+import kombu.connection
+import kombu.entity
 import pika
 import pytest
 from pamqp import commands as C
@@ -49,8 +52,8 @@ def pika_params(broker: RoostBroker, **kw: object) -> pika.ConnectionParameters:
     return pika.ConnectionParameters(
         host="127.0.0.1",
         port=broker.port,
-        credentials=kw.pop("credentials", pika.PlainCredentials("guest", "guest")),  # type: ignore[arg-type]
-        **kw,  # type: ignore[arg-type]
+        credentials=kw.pop("credentials", pika.PlainCredentials("guest", "guest")),
+        **kw,
     )
 
 
@@ -61,7 +64,7 @@ def round_trip(conn: pika.BlockingConnection, body: bytes = b"ping") -> bytes:
     method, _, got = ch.basic_get(q, auto_ack=True)
     assert method is not None
     ch.close()
-    return got
+    return cast(bytes, got)
 
 
 # -- connection.start and login --------------------------------------------------
@@ -124,9 +127,9 @@ def test_amqplain_wrong_password_raw(raw: RawClient) -> None:
 
 def test_amqplain_login_with_kombu(roost_broker: RoostBroker) -> None:
     url = f"pyamqp://guest:guest@127.0.0.1:{roost_broker.port}//"
-    with kombu.Connection(url, login_method="AMQPLAIN") as conn:
+    with kombu.connection.Connection(url, login_method="AMQPLAIN") as conn:
         conn.connect()
-        queue = kombu.Queue("kombu-amqplain", exclusive=True)
+        queue = kombu.entity.Queue("kombu-amqplain", exclusive=True)
         with conn.Producer() as producer:
             producer.publish({"n": 1}, routing_key="kombu-amqplain", declare=[queue])
         message = conn.SimpleQueue(queue).get(timeout=5)
@@ -136,14 +139,14 @@ def test_amqplain_login_with_kombu(roost_broker: RoostBroker) -> None:
 
 def test_amqplain_wrong_password_with_kombu(roost_broker: RoostBroker) -> None:
     url = f"pyamqp://guest:bad@127.0.0.1:{roost_broker.port}//"
-    with kombu.Connection(url, login_method="AMQPLAIN") as conn:
+    with kombu.connection.Connection(url, login_method="AMQPLAIN") as conn:
         with pytest.raises(Exception, match="AMQPLAIN") as info:
             conn.connect()
         assert "ACCESS_REFUSED" in str(info.value)
 
 
 def test_plain_login_with_amqpstorm(roost_broker: RoostBroker) -> None:
-    conn = amqpstorm.Connection("127.0.0.1", "guest", "guest", port=roost_broker.port)
+    conn = amqpstorm.connection.Connection("127.0.0.1", "guest", "guest", port=roost_broker.port)
     try:
         assert conn.is_open
         assert conn.server_properties["product"] == "roost"
@@ -151,7 +154,7 @@ def test_plain_login_with_amqpstorm(roost_broker: RoostBroker) -> None:
         channel.queue.declare("storm", exclusive=True)
         channel.basic.publish(b"hi", "storm")
         message = channel.basic.get("storm", no_ack=True)
-        assert message is not None and message.body == "hi"
+        assert isinstance(message, amqpstorm.message.Message) and message.body == "hi"
     finally:
         conn.close()
 
@@ -294,7 +297,7 @@ def test_frames_the_broker_sends_respect_negotiated_frame_max(roost_broker: Roos
         client.send_frame(C.Basic.Get(queue="fm", no_ack=True), 1)
         client.expect(C.Basic.GetOk)
         client.expect(pheader.ContentHeader)
-        sizes = []
+        sizes: list[int] = []
         while sum(sizes) < len(data):
             frame = client.expect(pbody.ContentBody)
             assert isinstance(frame, pbody.ContentBody)

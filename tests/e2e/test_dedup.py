@@ -46,7 +46,7 @@ def send(
 
 
 def bodies(ch: BlockingChannel, queue: str) -> list[bytes]:
-    out = []
+    out: list[bytes] = []
     while True:
         method, _, body = ch.basic_get(queue, auto_ack=True)
         if method is None:

@@ -201,6 +201,7 @@ def test_delivered_in_due_order_not_publish_order(ch: BlockingChannel) -> None:
 
 def test_equal_due_times_keep_publish_order(roost_broker: RoostBroker) -> None:
     def run() -> list[bytes]:
+        assert roost_broker.server is not None
         vh = roost_broker.server.broker.vhosts["/"]
         ex = vh.declare_exchange("dx-ties", DX, arguments={"x-delayed-type": "fanout"})
         assert isinstance(ex, DelayedExchange)
@@ -304,6 +305,7 @@ def test_deleting_the_exchange_drops_held_messages(
     ch.basic_publish("dx-del", "k", b"gone", props(150))
 
     def held() -> int:
+        assert roost_broker.server is not None
         ex = roost_broker.server.broker.vhosts["/"].exchanges["dx-del"]
         assert isinstance(ex, DelayedExchange)
         return ex.messages_delayed
@@ -408,6 +410,7 @@ def test_large_backlog_is_compact_and_delivered_in_due_order(roost_broker: Roost
     raw_props = b"\x00\x00"
 
     def schedule() -> tuple[int, int, int]:
+        assert roost_broker.server is not None
         vh = roost_broker.server.broker.vhosts["/"]
         ex = vh.declare_exchange("dx-backlog", DX, arguments={"x-delayed-type": "fanout"})
         q = vh.declare_queue("backlog-q", owner=None)
@@ -434,6 +437,7 @@ def test_large_backlog_is_compact_and_delivered_in_due_order(roost_broker: Roost
     assert grown <= 40 * BACKLOG, f"{grown / BACKLOG:.1f} bytes per held message"
 
     def count() -> int:
+        assert roost_broker.server is not None
         return roost_broker.server.broker.vhosts["/"].queues["backlog-q"].message_count
 
     deadline = time.monotonic() + 25
@@ -442,6 +446,7 @@ def test_large_backlog_is_compact_and_delivered_in_due_order(roost_broker: Roost
     assert roost_broker.call(count) == BACKLOG
 
     def drain() -> list[int]:
+        assert roost_broker.server is not None
         q = roost_broker.server.broker.vhosts["/"].queues["backlog-q"]
         out = []
         while (entry := q.get(no_ack=True)) is not None:

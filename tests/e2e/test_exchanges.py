@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq.exceptions
 import pika
 import pytest
+from pamqp.common import FieldTable
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import ChannelClosedByBroker, ConnectionClosedByBroker
 
@@ -515,7 +516,7 @@ async def test_aio_pika_declare_and_route_each_type(roost_broker: RoostBroker) -
             (aio_pika.ExchangeType.HEADERS, "", {"x-match": "any", "h": 1}),
         ):
             x = await ch.declare_exchange(f"aio-{type_.value}", type_)
-            await q.bind(x, key, arguments=headers)
+            await q.bind(x, key, arguments=cast("FieldTable | None", headers))
             await x.publish(aio_pika.Message(type_.value.encode(), headers={"h": 1}), "k")
         got = []
         for _ in range(4):
@@ -555,7 +556,7 @@ async def test_aio_pika_unknown_type_closes_connection(roost_broker: RoostBroker
     try:
         ch = await conn.channel()
         with pytest.raises(aiormq.exceptions.ConnectionCommandInvalid) as err:
-            await ch.declare_exchange("ex", "bogus")  # type: ignore[arg-type]
+            await ch.declare_exchange("ex", "bogus")
         assert err.value.args[0] == "COMMAND_INVALID - unknown exchange type 'bogus'"
     finally:
         await conn.close()

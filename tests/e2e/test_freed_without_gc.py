@@ -15,6 +15,7 @@ import gc
 import time
 import weakref
 from collections.abc import Iterator
+from typing import cast
 
 import pika
 import pika.exceptions
@@ -114,7 +115,13 @@ def test_closed_connection_freed_without_cycle_collector(
     else:
         assert roost_broker.server is not None
         server = roost_broker.server
-        roost_broker.call(lambda: [c.close() for c in list(server.broker.connections)])
+
+        def close_all() -> None:
+            # Every connection here is an AMQPConnection, whose close() has defaults.
+            for c in list(server.broker.connections):
+                cast(AMQPConnection, c).close()
+
+        roost_broker.call(close_all)
         with pytest.raises(pika.exceptions.ConnectionClosedByBroker):
             while True:
                 conn.process_data_events(0.05)

@@ -167,6 +167,7 @@ async def test_aio_pika_mandatory_unroutable_is_returned(roost_broker: RoostBrok
         assert returned[0].routing_key == "no-such-queue"
         # With a return callback, publish resolves to the returned message.
         assert isinstance(result, aiormq.abc.DeliveredMessage)
+        assert isinstance(result.delivery, C.Basic.Return)
         assert result.delivery.reply_code == 312
 
         raising = await conn.channel(publisher_confirms=True, on_return_raises=True)
@@ -175,6 +176,7 @@ async def test_aio_pika_mandatory_unroutable_is_returned(roost_broker: RoostBrok
                 aio_pika.Message(b"lost again", message_id="r2"), "no-such-queue"
             )
         frame = info.value.frame
+        assert isinstance(frame, C.Basic.Return)
         assert (frame.reply_code, frame.reply_text) == (312, "NO_ROUTE")
 
 

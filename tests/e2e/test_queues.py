@@ -11,12 +11,14 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 import aiormq.exceptions
 import amqp.exceptions
-import kombu
+import kombu.connection
+import kombu.entity
 import pika
 import pytest
 from pamqp import commands as C
@@ -722,7 +724,7 @@ async def test_aio_pika_consumer_cancelled_by_queue_delete(roost_broker: RoostBr
         ch = await conn.channel()
         q = await ch.declare_queue("aq")
         tag = await q.consume(_ignore)
-        underlay = await ch.get_underlay_channel()
+        underlay = cast(aiormq.Channel, await ch.get_underlay_channel())
         assert tag in underlay.consumers
         await (await conn.channel()).queue_delete("aq")
         deadline = time.monotonic() + 2
@@ -754,9 +756,9 @@ def kombu_url(broker: RoostBroker) -> str:
 
 
 def test_kombu_declare_bind_and_route(roost_broker: RoostBroker) -> None:
-    exchange = kombu.Exchange("kx", type="topic")
-    queue = kombu.Queue("kq", exchange=exchange, routing_key="a.*")
-    with kombu.Connection(kombu_url(roost_broker)) as conn:
+    exchange = kombu.entity.Exchange("kx", type="topic")
+    queue = kombu.entity.Queue("kq", exchange=exchange, routing_key="a.*")
+    with kombu.connection.Connection(kombu_url(roost_broker)) as conn:
         bound = queue(conn.default_channel)
         bound.declare()
         producer = conn.Producer()
@@ -771,9 +773,9 @@ def test_kombu_declare_bind_and_route(roost_broker: RoostBroker) -> None:
 
 
 def test_kombu_redeclare_inequivalent_and_passive_missing(roost_broker: RoostBroker) -> None:
-    with kombu.Connection(kombu_url(roost_broker)) as conn:
-        kombu.Queue("kq", queue_arguments={"x-message-ttl": 1000})(conn.channel()).declare()
-        other = kombu.Queue("kq", queue_arguments={"x-message-ttl": 2000})(conn.channel())
+    with kombu.connection.Connection(kombu_url(roost_broker)) as conn:
+        kombu.entity.Queue("kq", queue_arguments={"x-message-ttl": 1000})(conn.channel()).declare()
+        other = kombu.entity.Queue("kq", queue_arguments={"x-message-ttl": 2000})(conn.channel())
         with pytest.raises(amqp.exceptions.PreconditionFailed) as err:
             other.declare()
         assert err.value.reply_text == (
@@ -781,5 +783,5 @@ def test_kombu_redeclare_inequivalent_and_passive_missing(roost_broker: RoostBro
             "received '2000' but current is '1000'"
         )
         with pytest.raises(amqp.exceptions.NotFound) as nf:
-            kombu.Queue("nope")(conn.channel()).queue_declare(passive=True)
+            kombu.entity.Queue("nope")(conn.channel()).queue_declare(passive=True)
         assert nf.value.reply_text == "NOT_FOUND - no queue 'nope' in vhost '/'"

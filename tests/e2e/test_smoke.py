@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pika
 
 from roost.testing import RoostBroker, RoostProcess
@@ -15,7 +17,7 @@ def _round_trip(url: str) -> bytes:
         ch.basic_publish("", q, b"hello")
         method, _, body = ch.basic_get(q, auto_ack=True)
         assert method is not None
-        return body
+        return cast(bytes, body)
     finally:
         conn.close()
 

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from pamqp import commands as C
 from pamqp import heartbeat as pheartbeat
+from pamqp.common import FieldTable
 
 from roost.amqp.connection import AMQPConnection
 from roost.testing import RoostBroker
@@ -41,7 +42,9 @@ def start_ok(
         response = amqplain_response(user, password).decode("ascii")
     else:
         response = f"\0{user}\0{password}"
-    caps = {"authentication_failure_close": True} if capabilities is None else capabilities
+    caps: FieldTable = (
+        {"authentication_failure_close": True} if capabilities is None else capabilities
+    )
     client.send_frame(
         C.Connection.StartOk(
             client_properties={"product": "roost-tests", "capabilities": caps},

@@ -262,8 +262,8 @@ def case_mutated_handshake(rng: random.Random, fm: int) -> tuple[bool, bytes]:
     counts as a failed login and would trip the login throttle)."""
     f = rng.choice(
         [
-            pframe.marshal(C.Connection.TuneOk(2047, 131072, 0), 0),  # type: ignore[arg-type]
-            pframe.marshal(C.Connection.Open(virtual_host="/"), 0),  # type: ignore[arg-type]
+            pframe.marshal(C.Connection.TuneOk(2047, 131072, 0), 0),
+            pframe.marshal(C.Connection.Open(virtual_host="/"), 0),
         ]
     )
     return False, mutate(rng, f)

@@ -4,6 +4,7 @@ for the long version)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import pytest
 from pamqp import commands as C
@@ -14,11 +15,11 @@ from tests.fuzz.harness import ErrorLog, fuzz, nested_table, queue_declare, run_
 
 
 @pytest.fixture
-def error_log() -> ErrorLog:
+def error_log() -> Iterator[ErrorLog]:
     handler = ErrorLog()
     root = logging.getLogger()
     root.addHandler(handler)
-    yield handler  # type: ignore[misc]
+    yield handler
     root.removeHandler(handler)
 
 

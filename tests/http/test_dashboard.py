@@ -171,7 +171,9 @@ def test_dashboard_queues_publish_and_purge(
         wait_for("queue page", lambda: text(browser, "#qd-head h1") == "Queue dash-q")
 
         # Publish through the form; the depth follows.
-        stats = broker.server.broker.stats  # type: ignore[union-attr]
+        server = broker.server
+        assert server is not None
+        stats = server.broker.stats
         broker.call(stats.sample)
         payload = browser.find_element(By.ID, "publish-payload")
         payload.clear()
@@ -204,10 +206,7 @@ def test_dashboard_queues_publish_and_purge(
             break
         wait_for("confirm dialog", lambda: accept_confirm(browser))
         wait_for("purged", lambda: queue_row(browser, "dash-q").get("messages") == "0")
-        assert (
-            broker.call(lambda: broker.server.broker.vhosts["/"].queues["dash-q"].message_count)
-            == 0
-        )  # type: ignore[union-attr]
+        assert broker.call(lambda: server.broker.vhosts["/"].queues["dash-q"].message_count) == 0
 
         browser.find_element(By.CSS_SELECTOR, '#nav a[data-page="overview"]').click()
         wait_for("overview again", lambda: text(browser, "#total-messages .value") == "0")

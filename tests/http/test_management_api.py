@@ -16,7 +16,8 @@ import pytest
 from roost.testing import RoostBroker
 
 pytest.importorskip("requests")  # amqpstorm.management needs it
-from amqpstorm.management import ApiError, ManagementApi
+from amqpstorm.management.api import ManagementApi
+from amqpstorm.management.exception import ApiError
 
 
 def call(

@@ -11,7 +11,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pika
 import pika.exceptions
@@ -291,7 +291,7 @@ def test_exchange_to_exchange_binding(roost_broker: RoostBroker) -> None:
 def _saved_definitions(broker: RoostBroker) -> dict[str, Any]:
     assert broker.server is not None
     path = Path(broker.server.config.data_dir) / "definitions.json"
-    return json.loads(path.read_text())
+    return cast("dict[str, Any]", json.loads(path.read_text()))
 
 
 def test_users_put_delete(roost_broker: RoostBroker) -> None:
@@ -381,7 +381,11 @@ def test_publish_and_get(roost_broker: RoostBroker) -> None:
     first = {"routing_key": "gq", "payload": "hi", "payload_encoding": "string", "properties": {}}
     assert call(roost_broker, publish, "POST", first)[:2] == (200, {"routed": True})
     props = {"delivery_mode": 2, "headers": {"a": 1}, "timestamp": 1700000000, "type": "t"}
-    second = {"routing_key": "gq", "payload": "/w==", "payload_encoding": "base64"}
+    second: dict[str, object] = {
+        "routing_key": "gq",
+        "payload": "/w==",
+        "payload_encoding": "base64",
+    }
     second["properties"] = props
     assert call(roost_broker, publish, "POST", second)[1] == {"routed": True}
     nowhere = {"routing_key": "nope", "payload": "x", "payload_encoding": "string"}

@@ -19,7 +19,8 @@ import pytest
 from roost.testing import RoostBroker
 
 pytest.importorskip("requests")  # amqpstorm.management needs it
-from amqpstorm.management import ApiError, ManagementApi
+from amqpstorm.management.api import ManagementApi
+from amqpstorm.management.exception import ApiError
 
 
 def call(broker: RoostBroker, path: str, auth: str = "guest:guest") -> tuple[int, Any]:

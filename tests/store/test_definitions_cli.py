@@ -187,7 +187,7 @@ def test_imported_exchanges_queues_and_bindings_route(served: RoostProcess) -> N
     ch.basic_publish("with-ae", "nowhere", b"via-ae")
 
     def bodies(queue: str) -> list[bytes]:
-        got = []
+        got: list[bytes] = []
         while True:
             _, _, body = ch.basic_get(queue, auto_ack=True)
             if body is None:

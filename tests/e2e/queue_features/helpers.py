@@ -42,7 +42,7 @@ def get(ch: BlockingChannel, queue: str, timeout: float = 5.0, auto_ack: bool = 
 
 def drain(ch: BlockingChannel, queue: str) -> list[bytes]:
     """Every ready message's body, in delivery order (auto-acked)."""
-    out = []
+    out: list[bytes] = []
     while True:
         m, _, b = ch.basic_get(queue, auto_ack=True)
         if m is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pika
@@ -124,7 +125,7 @@ def test_rejection_cycle_keeps_going_and_counts(ch: BlockingChannel) -> None:
     ch.queue_declare(q, exclusive=True, arguments={"x-dead-letter-exchange": ex})
     ch.queue_bind(q, ex, q)
     ch.basic_publish("", q, b"r")
-    seen = []
+    seen: list[tuple[str, Any]] = []
     for _ in range(3):
         m, p, _ = get(ch, q, auto_ack=False)
         seen.append((m.exchange, (p.headers or {}).get("x-death")))
@@ -218,7 +219,8 @@ async def test_reject_dead_letters_aio_pika(roost_broker: RoostBroker) -> None:
         assert got.routing_key == dlq.name
         deaths = got.headers["x-death"]
         assert isinstance(deaths, list)
-        assert deaths[0]["reason"] == "rejected"  # type: ignore[index]
+        assert isinstance(deaths[0], dict)
+        assert deaths[0]["reason"] == "rejected"
 
 
 def test_dead_lettered_persistent_message_survives_sigkill(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ registered one takes over when it goes."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
@@ -21,7 +21,7 @@ def consumer(ch: BlockingChannel, q: str, name: str, log: Log, ack: bool = True)
         if ack:
             c.basic_ack(m.delivery_tag)
 
-    return ch.basic_consume(q, on_message)
+    return cast(str, ch.basic_consume(q, on_message))
 
 
 def pump(conn: pika.BlockingConnection, cond: Any, timeout: float = 5.0) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pika
 from pamqp import commands as C
 from pamqp import frame as pframe
+from pamqp.common import FieldTable
 
 from roost.broker.broker import Broker
 from roost.testing import RoostBroker
@@ -119,7 +120,7 @@ class Login:
         """Send the header and start-ok; returns Tune or the Connection.Close."""
         self.sock.sendall(b"AMQP\x00\x00\x09\x01")
         assert isinstance(self.recv(), C.Connection.Start)
-        caps = {"authentication_failure_close": True} if capabilities else {}
+        caps: FieldTable = {"authentication_failure_close": True} if capabilities else {}
         self.send(
             C.Connection.StartOk(
                 client_properties={"capabilities": caps},
