@@ -24,11 +24,12 @@ ones.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from roost import properties
@@ -208,11 +209,16 @@ class Queue:
         journal = self.journal
         ready = self.ready
         levels = self._paged_levels
-        if journal is not None and (
-            (self.paged if levels is None else levels.levels[priority])
-            or len(ready) >= self.ready_limit
-            or self.ready_bytes - self._paged_bytes + len(ready) * ENTRY_OVERHEAD
-            > self.vhost.queue_memory_limit
+        if (
+            journal is not None
+            and (
+                (self.paged if levels is None else levels.levels[priority])
+                or len(ready) >= self.ready_limit
+                or self.ready_bytes - self._paged_bytes + len(ready) * ENTRY_OVERHEAD
+                > self.vhost.queue_memory_limit
+            )
+            # The head of each priority level stays in memory (_refill_level).
+            and (isinstance(ready, ReadyFifo) or ready.level(priority))
         ):
             self._page_out(journal, self._seq, message, expires, priority)
         else:
@@ -303,19 +309,12 @@ class Queue:
     def _page_out(
         self, journal: Journal, seq: int, message: Message, expires: int, priority: int
     ) -> None:
+        entry = self._paged_entry(journal, seq, message, expires)
         levels = self._paged_levels
         if levels is None:
-            self.paged.append(*self._paged_entry(journal, seq, message, expires))
-            return
-        ready = self.ready
-        assert isinstance(ready, ReadyByPriority)
-        if not ready.level(priority):
-            # The head of every level stays in memory (see _refill_level).
-            ready.append(QueueEntry(seq, message, False, expires, priority))
-            if expires:
-                self._arm_ttl(expires)
-            return
-        levels.append(priority, *self._paged_entry(journal, seq, message, expires))
+            self.paged.append(*entry)
+        else:
+            levels.append(priority, *entry)
 
     def _paged_entry(
         self, journal: Journal, seq: int, message: Message, expires: int
@@ -341,30 +340,41 @@ class Queue:
         in_memory = self.ready_bytes - self._paged_bytes + len(ready) * ENTRY_OVERHEAD
         paged = 0
         levels = self._paged_levels
-        tails: list[tuple[ReadyFifo, int]] = []
+        # (a FIFO, how many of it stay, how to take its newest, where its
+        # paged entries go): the queue itself, or each priority level.
+        tails: list[
+            tuple[
+                ReadyFifo,
+                int,
+                Callable[[], QueueEntry],
+                Callable[[list[tuple[int, int, int]]], None],
+            ]
+        ] = []
         if isinstance(ready, ReadyFifo):
-            tails.append((ready, 0))
+            tails.append((ready, 0, ready.pop, self.paged.prepend))
         elif levels is not None:
-            tails.extend((ready.level(p), 1) for p in range(len(levels.levels)))
-        for p, (fifo, keep) in enumerate(tails):
+            for p in range(len(levels.levels)):  # lowest first: served last
+                tails.append(
+                    (
+                        ready.level(p),
+                        1,
+                        functools.partial(ready.pop_last, p),
+                        functools.partial(levels.prepend, p),
+                    )
+                )
+        for fifo, keep, pop, prepend in tails:
             items: list[tuple[int, int, int]] = []
             while len(fifo) > keep and in_memory > limit and paged < budget:
                 entry = fifo.peek_last()
                 if entry.redelivered or entry.deliveries:
                     break
-                if isinstance(ready, ReadyByPriority):
-                    ready.pop_last(p)
-                else:
-                    fifo.pop()
+                pop()
                 size = len(entry.message.body)
                 in_memory -= size + ENTRY_OVERHEAD
                 paged += size
                 items.append(self._paged_entry(journal, entry.seq, entry.message, entry.expires))
             items.reverse()
-            if levels is None:
-                self.paged.prepend(items)
-            else:
-                levels.prepend(p, items)
+            prepend(items)
         return paged
 
     def _holds_durable_ref(self, message: Message) -> bool:
@@ -377,12 +387,7 @@ class Queue:
         paged = self.paged
         if journal is None or not paged:
             return
-        ready = self.ready
-        for _ in range(min(len(paged), PAGE_IN_BATCH)):
-            entry = self._read_back(journal, *paged.popleft())
-            ready.append(entry)
-            if entry.expires:
-                self._arm_ttl(entry.expires)
+        self._read_in(journal, paged.popleft, len(paged))
 
     def _refill_level(self, priority: int) -> None:
         """A priority level's in-memory part ran out: read its next paged
@@ -391,11 +396,16 @@ class Queue:
         levels = self._paged_levels
         if journal is None or levels is None:
             return
-        paged = levels.levels[priority]
+        pop = functools.partial(levels.popleft, priority)
+        self._read_in(journal, pop, len(levels.levels[priority]))
+
+    def _read_in(
+        self, journal: Journal, pop: Callable[[], tuple[int, int, int]], available: int
+    ) -> None:
+        """Read up to PAGE_IN_BATCH paged entries back into memory."""
         ready = self.ready
-        for _ in range(min(len(paged), PAGE_IN_BATCH)):
-            entry = self._read_back(journal, *levels.popleft(priority))
-            entry.priority = priority
+        for _ in range(min(available, PAGE_IN_BATCH)):
+            entry = self._read_back(journal, *pop())
             ready.append(entry)
             if entry.expires:
                 self._arm_ttl(entry.expires)
@@ -446,7 +456,7 @@ class Queue:
         journal = self.journal
         levels = self._paged_levels
         ready = self.ready
-        if journal is None or levels is None:
+        if journal is None or levels is None or not isinstance(ready, ReadyByPriority):
             return
         limit = self.vhost.queue_memory_limit
         paged = self.paged
@@ -454,11 +464,8 @@ class Queue:
             entry = self._read_back(journal, *paged.popleft())
             p = entry.priority
             in_memory = self.ready_bytes - self._paged_bytes + len(ready) * ENTRY_OVERHEAD
-            if (
-                isinstance(ready, ReadyByPriority)
-                and ready.level(p)
-                and (levels.levels[p] or in_memory > limit)
-            ):
+            # enqueue()'s rule: behind the level's head, once over the limit.
+            if ready.level(p) and (levels.levels[p] or in_memory > limit):
                 message = entry.message
                 self._paged_bytes += len(message.body)
                 word = entry.seq | (REDELIVERED if entry.redelivered else 0)

@@ -94,10 +94,12 @@ class ReadyByPriority:
         for level in reversed(self._levels):
             yield from level
 
-    def _top(self) -> ReadyFifo:
-        for level in reversed(self._levels):
-            if level:
-                return level
+    def _top(self) -> int:
+        """The highest priority with an entry."""
+        levels = self._levels
+        for p in range(len(levels) - 1, -1, -1):
+            if levels[p]:
+                return p
         raise IndexError("no ready entries")
 
     def append(self, entry: QueueEntry) -> None:
@@ -105,16 +107,13 @@ class ReadyByPriority:
         self._len += 1
 
     def popleft(self) -> QueueEntry:
-        levels = self._levels
-        for p in range(len(levels) - 1, -1, -1):
-            level = levels[p]
-            if level:
-                entry = level.popleft()
-                self._len -= 1
-                if not level and self.on_empty is not None:
-                    self.on_empty(p)
-                return entry
-        raise IndexError("no ready entries")
+        p = self._top()
+        level = self._levels[p]
+        entry = level.popleft()
+        self._len -= 1
+        if not level and self.on_empty is not None:
+            self.on_empty(p)
+        return entry
 
     def level(self, priority: int) -> ReadyFifo:
         """One level, to look at (change it through this class)."""
@@ -127,7 +126,7 @@ class ReadyByPriority:
         return entry
 
     def peek(self) -> QueueEntry:
-        return self._top().peek()
+        return self._levels[self._top()].peek()
 
     def take(self, k: int) -> list[QueueEntry]:
         return [self.popleft() for _ in range(k)]
