@@ -169,8 +169,7 @@ class ResourceMonitor:
     def check_memory(self) -> None:
         if not self.memory_limit:
             return
-        if MEMORY_ALARM in self.broker.alarms:
-            self.broker.page_out_step()
+        self.broker.page_out_step()  # a no-op unless the alarm's page-out is unfinished
         used = self.rss()
         alarmed = self.broker.has_alarm(MEMORY_ALARM, MEMORY_SOURCE)
         if alarmed and used >= self.memory_limit * MEMORY_CLEAR_RATIO:

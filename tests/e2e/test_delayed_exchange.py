@@ -30,15 +30,8 @@ DX = "x-delayed-message"
 
 
 @pytest.fixture
-def conn(roost_broker: RoostBroker) -> Iterator[pika.BlockingConnection]:
-    c = pika.BlockingConnection(pika.URLParameters(roost_broker.url))
-    yield c
-    if c.is_open:
-        c.close()
-
-
-@pytest.fixture
 def ch(conn: pika.BlockingConnection) -> BlockingChannel:
+    """The shared ``ch``, in confirm mode."""
     c = conn.channel()
     c.confirm_delivery()
     return c

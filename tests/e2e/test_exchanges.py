@@ -6,7 +6,7 @@ Reply codes and texts are RabbitMQ 3.10's, checked against a real broker.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, cast
 
 import aio_pika
@@ -20,19 +20,6 @@ from pika.exceptions import ChannelClosedByBroker, ConnectionClosedByBroker
 from roost.testing import RoostBroker
 
 # -- helpers ----------------------------------------------------------------
-
-
-@pytest.fixture
-def conn(roost_broker: RoostBroker) -> Iterator[pika.BlockingConnection]:
-    c = pika.BlockingConnection(pika.URLParameters(roost_broker.url))
-    yield c
-    if c.is_open:
-        c.close()
-
-
-@pytest.fixture
-def ch(conn: pika.BlockingConnection) -> BlockingChannel:
-    return conn.channel()
 
 
 def channel_error(conn: pika.BlockingConnection, fn: Callable[[BlockingChannel], Any]) -> str:

@@ -1,4 +1,5 @@
-"""Fixtures for the queue-feature end-to-end tests."""
+"""Fixtures shared by the end-to-end tests: a pika connection to the
+in-process broker and a channel on it."""
 
 from __future__ import annotations
 
