@@ -223,7 +223,8 @@ def test_memory_alarm_pages_out_what_queues_hold() -> None:
 
         def state(name: str) -> tuple[int, int, int]:
             q = vh.queues[name]
-            return len(q.ready), len(q.paged), q.memory_estimate()
+            in_memory = q.backing.in_memory()
+            return in_memory, len(q.backing) - in_memory, q.memory_estimate()
 
         assert b.call(lambda: state("tail"))[1] == 0  # all in memory so far
         b.call(lambda: b.server.broker.set_alarm(MEMORY_ALARM))  # type: ignore[union-attr]

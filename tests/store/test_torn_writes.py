@@ -27,7 +27,7 @@ def _write_log(directory: Path, n: int = N) -> list[int]:
     store = MessageStore(directory)
     store.recover({QID})
     refs = [
-        store.append(Message("ex", "rk", EMPTY, f"body-{i}".encode(), True, None), [QID], True)
+        store.append(Message("ex", "rk", EMPTY, f"body-{i}".encode(), True, None), [QID])
         for i in range(n)
     ]
     store.close()
@@ -210,7 +210,7 @@ def test_new_messages_after_a_torn_tail_are_kept(
     store = MessageStore(d)
     _, report = store.recover({QID})
     assert len(report.truncated) == 1
-    store.append(Message("ex", "rk", EMPTY, b"after", True, None), [QID], True)
+    store.append(Message("ex", "rk", EMPTY, b"after", True, None), [QID])
     store.close()
     bodies, report, _ = _recover(d)
     assert bodies == [f"body-{i}" for i in range(N - 1)] + ["after"]

@@ -26,13 +26,12 @@ from roost.broker.exchange import EXCHANGE_TYPES, Exchange
 from roost.broker.message import Message, QueueEntry
 from roost.broker.queue import Queue
 from roost.broker.queue_args import parse_expiration
-from roost.broker.vhost import REPLY_TO_QUEUE, generate_name
+from roost.broker.vhost import REPLY_TO_PREFIX, REPLY_TO_QUEUE, generate_name
 
 if TYPE_CHECKING:
     from roost.amqp.connection import AMQPConnection
     from roost.amqp.decoder import PublishReceived
 
-REPLY_TO_PREFIX = REPLY_TO_QUEUE + "."
 _UNLIMITED = 1 << 30
 _DEFINITION_METHODS = frozenset(
     {
@@ -301,27 +300,28 @@ class Channel:
                     raise BrokerError(
                         errors.FRAME_ERROR, f"malformed content header: {exc}"
                     ) from exc
-        msg = Message(ev.exchange, ev.routing_key, props, ev.body, persistent, priority)
-        if cc:
-            msg.cc = cc
+        msg = Message(ev.exchange, ev.routing_key, props, ev.body, persistent, priority, cc)
         if self.tx:
             self._tx_publishes.append((ex, msg, ev.mandatory, ev.routing_key))
             return
-        logged, refused = self._route(ex, msg, ev.mandatory)
+        refused, batch = self._publish(ex, msg, ev.mandatory)
         if self.confirm:
-            if logged or self._unconfirmed:
-                self._await_durable(self.publish_seq, logged, not refused)
+            if batch or self._unconfirmed:
+                self._await_durable(self.publish_seq, batch, not refused)
             else:
                 self._resolve(self.publish_seq, not refused)
 
-    def _await_durable(self, seq: int, logged: bool, ok: bool) -> None:
-        """Confirm ``seq`` once the message store has fsync'd it; confirms
-        stay in publish order, so later transient ones wait behind it."""
+    def _await_durable(self, seq: int, batch: int, ok: bool) -> None:
+        """Confirm ``seq`` once the message store has fsync'd ``batch``;
+        confirms stay in publish order, so later ones wait behind it."""
         journal = self.vhost.journal
-        assert journal is not None or not logged
-        batch = journal.batch if logged and journal is not None else 0
         self._unconfirmed.append((seq, batch, ok))
-        if batch > self._awaited_batch and journal is not None:
+        if journal is None:
+            return
+        # Batches only grow, so one wait for the newest covers all before it.
+        if batch <= journal.durable_batch:
+            self._durable_reached()
+        elif batch > self._awaited_batch:
             self._awaited_batch = batch
             journal.wait_durable(batch, self._durable_reached)
 
@@ -345,37 +345,21 @@ class Channel:
             self.conn.write(encoder.basic_nack(self.number, seq, False))
         self._confirmed_upto = self._confirm_sent = seq
 
-    def _route(self, ex: Exchange, msg: Message, mandatory: bool) -> tuple[bool, bool]:
-        vhost = self.vhost
-        vhost.published += 1  # stats.py
-        ex.published += 1
-        if ex is vhost.default_exchange and msg.routing_key.startswith(REPLY_TO_PREFIX):
-            target = vhost.reply_targets.get(msg.routing_key[len(REPLY_TO_PREFIX) :])
-            if target is not None:
-                target(msg)
-                return False, False
-            queues: list[Queue] = []
-        else:
-            queues = vhost.route(ex, msg)
-        # A delayed exchange that held the message wrote it to the log (its
-        # ref is set): the confirm must wait for that write to be on disk.
-        held = msg.ref != 0
-        if queues:
-            logged, refused = vhost.enqueue(msg, queues)
-            return logged or held, refused
-        if mandatory:
-            # Also for a held message, as the delayed-message plugin does:
-            # its route is empty now, whatever happens when it is due.
-            vhost.returned += 1
+    def _publish(self, ex: Exchange, msg: Message, mandatory: bool) -> tuple[bool, int]:
+        """Hand ``msg`` to the vhost; returns (refused, journal batch to
+        wait for before confirming)."""
+        routed, refused, batch = self.vhost.publish(ex, msg, mandatory=mandatory)
+        if not routed and mandatory:
+            # Also for a message a delayed exchange holds, as the plugin
+            # does: its route is empty now, whatever happens when it is due.
+            self.vhost.returned += 1
             self.conn.write(
                 encoder.basic_return(
                     self.number, errors.NO_ROUTE, "NO_ROUTE", msg.exchange, msg.routing_key
                 )
                 + encoder.content(self.number, msg.properties, msg.body, self.conn.frame_max)
             )
-        elif not held:
-            vhost.dropped += 1
-        return held, False
+        return refused, batch
 
     def _confirm_upto(self, seq: int) -> None:
         if self._confirmed_upto == self._confirm_sent:
@@ -816,7 +800,7 @@ class Channel:
         publishes, self._tx_publishes = self._tx_publishes, []
         settles, self._tx_settles = self._tx_settles, []
         for ex, msg, mandatory, _ in publishes:
-            self._route(ex, msg, mandatory)
+            self._publish(ex, msg, mandatory)
         for d, ack, requeue in settles:
             self._apply_settle([d], ack, requeue)
         journal = self.vhost.journal
@@ -824,7 +808,7 @@ class Channel:
             self.send(C.Tx.CommitOk())
         else:
             # commit-ok only once what the transaction wrote is on disk.
-            journal.wait_durable(journal.batch, self._commit_ok)
+            journal.wait_durable(journal.barrier(), self._commit_ok)
 
     def _commit_ok(self) -> None:
         if not self.closing:

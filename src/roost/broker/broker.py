@@ -60,6 +60,10 @@ class Broker:
         self.definitions_generation = 0
         self.definitions_saved_hook: Callable[[int, Callable[[], None]], None] | None = None
         self.next_queue_id = 1
+        # Log ids of deleted queues and delayed exchanges that may still have
+        # unsettled records on disk: recovery drops those records instead of
+        # refusing to start over data it cannot attribute.
+        self.deleted_store_ids: set[int] = set()
         self.vhosts: dict[str, VirtualHost] = {}
         self.users = UserStore()
         # (user, vhost) -> (configure, write, read) patterns (see access.py).
@@ -132,6 +136,8 @@ class Broker:
                 journal=self.journal,
                 on_definitions_changed=self.definitions_changed,
                 allocate_queue_id=self.allocate_queue_id,
+                retire_store_id=self._retire_store_id,
+                store_id_settled=self._store_id_settled,
             )
             vh.scheduler = self.scheduler
             vh.persist_dedup = self.persist_dedup
@@ -205,6 +211,28 @@ class Broker:
         qid = self.next_queue_id
         self.next_queue_id += 1
         return qid
+
+    def _retire_store_id(self, store_id: int) -> None:
+        self.deleted_store_ids.add(store_id)
+
+    def _store_id_settled(self, store_id: int) -> None:
+        """Everything logged under a deleted id has been settled: forget the
+        id once that is on disk. Not written at once: a stale id in the
+        definitions costs nothing, and the next save drops it."""
+        journal = self.journal
+        if journal is not None:
+            journal.wait_durable(
+                journal.barrier(), lambda: self.deleted_store_ids.discard(store_id)
+            )
+
+    def when_durable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once everything written to the log so far is on
+        disk (at once without a log)."""
+        journal = self.journal
+        if journal is None:
+            callback()
+        else:
+            journal.wait_durable(journal.barrier(), callback)
 
     def definitions_changed(self) -> None:
         self.definitions_generation += 1

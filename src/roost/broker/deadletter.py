@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from roost import properties
 from roost.broker.message import Message
+from roost.broker.origins import DEAD_LETTER
 
 if TYPE_CHECKING:
     from roost.broker.queue import Queue
@@ -54,24 +55,17 @@ def dead_letter(queue: Queue, message: Message, reason: str) -> None:
     if dlx is None:
         return  # as RabbitMQ: a missing DLX drops the message
     keys = routing_keys(message)
-    new = _dead_lettered(message, queue, reason, keys, dlx.name, opts.dead_letter_routing_key)
-    targets: list[Queue] = []
-    for key in [opts.dead_letter_routing_key] if opts.dead_letter_routing_key else keys:
-        probe = new if key == new.routing_key else _with_key(new, key)
-        for q in vhost.route(dlx, probe):
-            if q not in targets:
-                targets.append(q)
+    dlrk = opts.dead_letter_routing_key
+    new = _dead_lettered(message, queue, reason, keys, dlx.name, dlrk)
+    exclude = None
     if reason != REJECTED:
         deaths = new.headers.get("x-death")
         if isinstance(deaths, list):
-            targets = [q for q in targets if not _is_cycle(q.name, deaths)]
-    if targets:
-        vhost.enqueue(new, targets)
 
+            def exclude(q: Queue) -> bool:
+                return _is_cycle(q.name, deaths)
 
-def _with_key(message: Message, key: str) -> Message:
-    m = Message(message.exchange, key, message.properties, message.body)
-    return m
+    vhost.publish(dlx, new, origin=DEAD_LETTER, exclude=exclude)
 
 
 def _is_cycle(queue_name: str, deaths: list[Any]) -> bool:
@@ -130,11 +124,14 @@ def _dead_lettered(
     headers["x-last-death-exchange"] = message.exchange
     props.headers = headers
     raw = properties.encode_properties(props)
+    # Routed with the routing key and the CC keys, or with the dead-letter
+    # routing key alone (rabbit_dead_letter's routing keys).
     return Message(
         dlx,
-        dlrk if dlrk else message.routing_key,
+        dlrk if dlrk else keys[0],
         raw,
         message.body,
         message.persistent,
         message.priority,
+        () if dlrk else tuple(keys[1:]),
     )

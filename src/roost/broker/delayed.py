@@ -37,6 +37,7 @@ from roost.broker import errors, sender_selected
 from roost.broker.errors import BrokerError, precondition
 from roost.broker.exchange import EXCHANGE_TYPES, Exchange
 from roost.broker.message import Message
+from roost.broker.origins import DELAYED
 
 if TYPE_CHECKING:
     from roost.broker.binding import Binding, Destination
@@ -261,32 +262,35 @@ class DelayedExchange(Exchange):
         self._inner.validate_binding(arguments)
 
     def route(self, message: Message) -> list[Destination]:
-        delay = delay_of(message)
-        if delay <= 0 or self.vhost is None:
+        if self.vhost is None or delay_of(message) <= 0:
             return self._inner.route(message)
-        self.hold(message, delay)
-        # "Routed to itself": VirtualHost.route never follows an exchange
-        # twice, and an exchange with a destination does not fall back to
-        # its alternate exchange, so a held message goes nowhere now (and
-        # a mandatory one comes back, as with the plugin).
+        # "Routed to itself": VirtualHost.publish then calls hold(). An
+        # exchange with a destination does not fall back to its alternate
+        # exchange, so a held message goes nowhere now (and a mandatory
+        # one comes back, as with the plugin).
         return [self]
 
-    def hold(self, message: Message, delay: int, now: int | None = None) -> int:
-        """Keep ``message`` until ``delay`` ms after ``now``; returns its due
-        time. Its record location is left in ``message.ref`` (nonzero tells
-        the publishing channel to confirm only once it is on disk)."""
+    def hold(self, message: Message, delay: int | None = None, now: int | None = None) -> int:
+        """Keep ``message`` until ``delay`` ms (default: its ``x-delay``)
+        after ``now``; returns the journal batch that must be on disk before
+        its publish is confirmed (0: none). A persistent message on a durable exchange gets a
+        persistent record under the exchange's id (it survives a crash and
+        is rebuilt from the record's write time plus its delay); any other
+        a paging record, so its body need not stay in memory."""
         vhost = self.vhost
         assert vhost is not None
-        due = min((now_ms() if now is None else now) + delay, _MAX_DUE)
+        if delay is None:
+            delay = delay_of(message)
+        due = min((now_ms() if now is None else now) + max(delay, 0), _MAX_DUE)
         journal = vhost.journal
+        batch = 0
         if journal is None:
             word = self._next_token
             self._next_token += 1
             self._in_memory[word] = message
         elif self.store_id and message.persistent:
-            ref = journal.append(message, [self.store_id], True)
-            message.ref = ref
-            word = ref | DURABLE_RECORD
+            word = journal.append(message, [self.store_id]) | DURABLE_RECORD
+            batch = journal.barrier()
         else:
             word = journal.page_out(message)
         if message.cc:
@@ -294,7 +298,7 @@ class DelayedExchange(Exchange):
         self.schedule.add(due, word)
         if self._timer is None or due < self._timer_due:
             self._arm()
-        return due
+        return batch
 
     def restore(self, refs: list[int]) -> None:
         """Rebuild the schedule from this exchange's persistent records after
@@ -368,7 +372,6 @@ class DelayedExchange(Exchange):
                 journal.ack(self.store_id, ref)
             else:
                 journal.release(ref)
-        message = released(held)
         cc = self._cc.pop(word, None) if self._cc else None
         if cc is None and journal is not None and sender_selected.maybe_present(held.properties):
             # Held across a restart: the CC header is still there.
@@ -376,11 +379,7 @@ class DelayedExchange(Exchange):
                 cc = sender_selected.extract(held.properties)[1]
             except BrokerError:
                 cc = None
-        if cc:
-            message.cc = cc
-        queues = vhost.route(self, message)
-        if queues:
-            vhost.enqueue(message, queues)
+        vhost.publish(self, released(held, cc or ()), origin=DELAYED)
 
     def discard(self) -> None:
         """The exchange is deleted: drop what it holds, as the plugin does
@@ -392,17 +391,19 @@ class DelayedExchange(Exchange):
         journal = vhost.journal if vhost is not None else None
         if journal is not None:
             for _, word in self.schedule:
-                # The exchange's id leaves the definitions with it, so
-                # recovery and compaction no longer count these records.
-                journal.release(word & REF_MASK)
+                if word & DURABLE_RECORD:
+                    journal.ack(self.store_id, word & REF_MASK)
+                else:
+                    journal.release(word)
         self._in_memory.clear()
         self._cc.clear()
         self.schedule.clear()
 
 
-def released(message: Message) -> Message:
+def released(message: Message, cc: tuple[str, ...] = ()) -> Message:
     """A copy of a due message with ``x-delay`` set to minus its delay
-    (``swap_delay_header`` in the plugin), routed as any other."""
+    (``swap_delay_header`` in the plugin), routed as any other (with its
+    CC/BCC keys ``cc``)."""
     delay = delay_of(message)
     try:
         props = properties.replace_header_int(message.properties, DELAY_HEADER, -delay)
@@ -415,6 +416,7 @@ def released(message: Message) -> Message:
         message.body,
         message.persistent,
         message.priority,
+        cc,
     )
 
 

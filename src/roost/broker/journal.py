@@ -1,12 +1,16 @@
 """What the broker model needs from a message store.
 
 The model tells the store what happened (a message was routed to durable
-queues, delivered, settled, paged out); the store never calls up. A broker
-without a store (``Broker(journal=None)``) keeps everything in memory.
+queues, delivered, settled, paged out); the store never calls up. Every
+reference the store hands out belongs to exactly one owner (a queue's
+entry, a delayed exchange's held message), which settles or releases it
+once. A broker without a store (``Broker(journal=None)``) keeps everything
+in memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -14,19 +18,17 @@ if TYPE_CHECKING:
 
 
 class Journal(Protocol):
-    def append(self, message: Message, queue_ids: list[int], persistent: bool) -> int:
-        """Write ``message`` to the log; returns its location (``ref``).
-
-        With ``persistent`` the record survives a restart in the durable
-        queues ``queue_ids`` and holds one reference per queue; otherwise it
-        only lets a long queue keep the body out of memory and holds none.
-        """
+    def append(self, message: Message, queue_ids: list[int]) -> int:
+        """Write ``message`` as a persistent record for the durable queues
+        ``queue_ids``; returns its location (``ref``), on which each of
+        those queues now holds one reference. It survives a restart in
+        each queue until that queue acks it."""
         ...
 
     def page_out(self, message: Message) -> int:
-        """A queue drops ``message``'s body from memory and will read it back
-        from the log: make sure a record exists, take a reference on it and
-        return its location (also left in ``message.ref``)."""
+        """Write ``message`` as a paging record (gone at the next restart)
+        so its owner can drop the body from memory; returns its location,
+        on which the caller holds the one reference."""
         ...
 
     def release(self, ref: int) -> None:
@@ -45,9 +47,9 @@ class Journal(Protocol):
         """Load a message back from the log."""
         ...
 
-    @property
-    def batch(self) -> int:
-        """The commit batch that what is appended now will be part of."""
+    def barrier(self) -> int:
+        """The commit batch that covers everything written so far: once it
+        is durable, so is all of that (0: nothing to wait for)."""
         ...
 
     @property
@@ -55,6 +57,6 @@ class Journal(Protocol):
         """Every batch up to this one is on disk (fsync'd)."""
         ...
 
-    def wait_durable(self, batch: int, callback: object) -> None:
+    def wait_durable(self, batch: int, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once ``batch`` is on disk."""
         ...

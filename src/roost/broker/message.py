@@ -1,8 +1,9 @@
 """Messages as the broker holds them.
 
-A :class:`Message` is shared by every queue it was routed to; each queue
-keeps its own :class:`QueueEntry` recording the entry's position and whether
-it has been delivered before.
+A :class:`Message` is shared by every queue it was routed to and is never
+changed once routed: whatever one queue does with its copy (paging it to
+the log, counting its deliveries) lives in that queue's :class:`QueueEntry`,
+so no queue can disturb another's bookkeeping.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ class Message:
         "persistent",
         "priority",
         "properties",
-        "ref",
         "routing_key",
         "written_ms",
     )
@@ -36,21 +36,23 @@ class Message:
         body: bytes,
         persistent: bool = False,
         priority: int | None = None,
+        cc: tuple[str, ...] = (),
+        written_ms: int = 0,
     ) -> None:
         self.exchange = exchange
         self.routing_key = routing_key
         self.properties = properties  # raw property flags + list, as received
         self.body = body
-        # Extra routing keys from the CC and BCC headers (sender-selected
-        # distribution), set by the publishing channel; used only to route.
-        self.cc: tuple[str, ...] = ()
+        # Extra routing keys (the CC and BCC headers of sender-selected
+        # distribution, or a dead-lettered message's CC keys); used only
+        # to route.
+        self.cc = cc
         self.persistent = persistent
         self.priority = priority
         self._headers: dict[str, Any] | None = None
-        # Location of this message's record in the message log (0: none).
-        self.ref = 0
-        # When the record was written (ms since the epoch; 0: not from the log).
-        self.written_ms = 0
+        # When the message was written to the log (ms since the epoch; 0:
+        # not read back from the log). TTLs of restored messages count from it.
+        self.written_ms = written_ms
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -67,9 +69,14 @@ class Message:
 
 
 class QueueEntry:
-    """One message's place in one queue."""
+    """One message's place in one queue.
 
-    __slots__ = ("deliveries", "expires", "message", "priority", "redelivered", "seq")
+    ``ref`` is this queue's reference on the message's persistent log
+    record (0: none): set only when the record carries the queue's id, so
+    settling the entry acks exactly that record. The backing queue owns it.
+    """
+
+    __slots__ = ("deliveries", "expires", "message", "priority", "redelivered", "ref", "seq")
 
     def __init__(
         self,
@@ -78,6 +85,7 @@ class QueueEntry:
         redelivered: bool = False,
         expires: int = 0,
         priority: int = 0,
+        ref: int = 0,
     ) -> None:
         self.seq = seq
         self.message = message
@@ -85,3 +93,4 @@ class QueueEntry:
         self.expires = expires  # wall-clock ms after which it is dead (0: never)
         self.priority = priority
         self.deliveries = 0  # times handed to a consumer
+        self.ref = ref

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 from roost.broker import errors, fields, stats
 from roost.broker.binding import Binding
 from roost.broker.dedup import DedupHook, exchange_deduplicator
-from roost.broker.delayed import DelayedExchange
+from roost.broker.delayed import DelayedExchange, delay_of
 from roost.broker.errors import BrokerError, not_found, precondition
 from roost.broker.exchange import EXCHANGE_TYPES, DirectExchange, Exchange
 from roost.broker.message import Message
-from roost.broker.queue import Queue
+from roost.broker.origins import CLIENT, DELAYED
+from roost.broker.queue import ACCEPT, DUPLICATE, REFUSE, Queue
 from roost.broker.queue_args import parse_queue_args
 
 if TYPE_CHECKING:
@@ -47,9 +48,14 @@ EQUIVALENCE_ARGS = (
     "x-queue-master-locator",
 )
 REPLY_TO_QUEUE = "amq.rabbitmq.reply-to"
+REPLY_TO_PREFIX = REPLY_TO_QUEUE + "."
 
 
 def _nothing() -> None:
+    pass
+
+
+def _ignore_id(_: int) -> None:
     pass
 
 
@@ -68,11 +74,17 @@ class VirtualHost:
         journal: Journal | None = None,
         on_definitions_changed: Callable[[], None] | None = None,
         allocate_queue_id: Callable[[], int] | None = None,
+        retire_store_id: Callable[[int], None] | None = None,
+        store_id_settled: Callable[[int], None] | None = None,
     ) -> None:
         self.name = name
         self.journal = journal
         self._changed = on_definitions_changed or _nothing
         self._allocate_queue_id = allocate_queue_id
+        # A deleted queue's (or delayed exchange's) log id: remembered as
+        # deleted until everything logged under it is settled on disk.
+        self._retire_store_id = retire_store_id or _ignore_id
+        self.store_id_settled = store_id_settled or _ignore_id
         self.exchanges: dict[str, Exchange] = {}
         self.queues: dict[str, Queue] = {}
         self.default_exchange = DirectExchange(DEFAULT_EXCHANGE, durable=True)
@@ -233,7 +245,11 @@ class VirtualHost:
             self._drop_binding(b, cascade=True)
         self.exchanges.pop(ex.name, None)
         if isinstance(ex, DelayedExchange):
+            if ex.store_id:
+                self._retire_store_id(ex.store_id)
             ex.discard()
+            if ex.store_id:
+                self.store_id_settled(ex.store_id)
         if ex.durable:
             if ex.deduper is not None and self.persist_dedup is not None:
                 self.persist_dedup(self.name, "x", ex.name, None)
@@ -361,7 +377,7 @@ class VirtualHost:
         """Delete a queue, cancelling its consumers; returns the messages dropped."""
         if q.deleted:
             return 0
-        q.deleted = True
+        q.mark_deleted()
         count = q.message_count
         self.queues.pop(q.name, None)
         # The implicit default-exchange binding is not in q.bindings: left
@@ -372,8 +388,12 @@ class VirtualHost:
             self._drop_binding(b, cascade=True)
         for c in q.detach_all_consumers():
             c.sink.cancelled_by_server(c)
+        if q.store_id:
+            self._retire_store_id(q.store_id)
         q.purge()
         q.stop_timers()
+        if q.store_id and not q.unacked:
+            self.store_id_settled(q.store_id)
         stats.retire_queue(self, q)
         for hook in self.on_queue_deleted:
             hook(q)
@@ -464,74 +484,129 @@ class VirtualHost:
         if cascade and src.auto_delete and not src.bindings and self.exchanges.get(src.name) is src:
             self._remove_exchange(src)
 
-    # -- routing --------------------------------------------------------
+    # -- publishing -----------------------------------------------------
 
-    def enqueue(self, message: Message, queues: list[Queue]) -> tuple[bool, bool]:
-        """Put a routed message on its queues; a persistent one is written to
-        the log once for all the durable queues that accept it.
+    def publish(
+        self,
+        exchange: Exchange,
+        message: Message,
+        *,
+        mandatory: bool = False,
+        origin: int = CLIENT,
+        exclude: Callable[[Queue], bool] | None = None,
+    ) -> tuple[bool, bool, int]:
+        """The one way a message enters the vhost, whoever sends it (an AMQP
+        channel, the HTTP API, ``roost ctl``, a delayed exchange whose
+        message fell due, dead-lettering).
 
-        Returns (logged, refused): whether it was written (a publisher
-        confirm must then wait for the fsync) and whether some queue refused
-        it (``x-overflow: reject-publish``; the publisher gets a nack).
+        Routes ``message``, asks every target queue whether it takes it
+        (deduplication, overflow, length limits) *before* anything is
+        written, writes one persistent record for the durable queues that
+        do, then enqueues and counts. ``exclude`` drops target queues
+        (dead-lettering's cycle check).
+
+        Returns ``(routed, refused, batch)``: whether some queue matched
+        (otherwise it is unroutable, and a ``mandatory`` publish goes back
+        to its publisher; held by a delayed exchange counts as unroutable,
+        as with the plugin); whether a queue refused it (``x-overflow:
+        reject-publish``: a confirm is a nack); and the journal batch that
+        must be on disk before the publish may be confirmed (0: none).
         """
-        refused = False
-        accepting = queues
-        for q in queues:
-            if q.guarded:
-                break
-        else:
-            return self._enqueue_accepted(message, queues), False
-        for q in queues:
-            if q.deduper is not None:
-                # Queues with x-message-deduplication drop a duplicate (the
-                # publisher's confirm is still an ack).
-                queues = [
-                    q for q in queues if q.deduper is None or not q.deduper.check_and_add(message)
-                ]
-                if not queues:
-                    return False, False
-                break
-        accepting = queues
-        if any(q.refuses(message) for q in queues):
-            refused = True
-            accepting = []
-            for q in queues:
-                if q.refuses(message):
-                    q.refuse(message)
-                    if q.deduper is not None:
-                        q.deduper.forget(message)  # a resend may still get in
-                else:
-                    accepting.append(q)
-        return self._enqueue_accepted(message, accepting), refused
-
-    def _enqueue_accepted(self, message: Message, queues: list[Queue]) -> bool:
+        client = origin == CLIENT
+        if client:
+            self.published += 1  # stats.py
+            exchange.published += 1
         journal = self.journal
-        logged = False
-        if message.persistent and journal is not None:
-            ids = [q.store_id for q in queues if q.store_id]
-            if ids:
-                message.ref = journal.append(message, ids, True)
-                logged = True
-        for q in queues:
-            q.enqueue(message)
-        return logged
-
-    def route(self, exchange: Exchange, message: Message) -> list[Queue]:
-        """Queues ``message`` goes to: through exchange-to-exchange bindings
-        and alternate exchanges, each queue once.
-
-        An exchange with x-message-deduplication routes a duplicate nowhere
-        (as LavinMQ and the deduplication plugin do, so a mandatory one is
-        returned); a message with CC/BCC keys is routed with all its keys.
-        """
         deduper = exchange.deduper
-        if deduper is not None and deduper.check_and_add(message):
-            return []
+        if deduper is not None and origin != DELAYED and deduper.check_and_add(message):
+            # A duplicate goes nowhere (a mandatory one is returned, as with
+            # LavinMQ and the plugin), and is confirmed only once whatever
+            # carried the original is durable.
+            return False, False, journal.barrier() if journal is not None else 0
+        if (
+            client
+            and exchange is self.default_exchange
+            and message.routing_key.startswith(REPLY_TO_PREFIX)
+        ):
+            target = self.reply_targets.get(message.routing_key[len(REPLY_TO_PREFIX) :])
+            if target is not None:
+                target(message)
+                return True, False, 0
+            targets: list[Destination] = []
+        else:
+            targets = self.route(exchange, message)
+        if exclude is not None:
+            targets = [d for d in targets if not (isinstance(d, Queue) and exclude(d))]
+        queues: list[Queue] = targets  # type: ignore[assignment]
+        holders: list[DelayedExchange] = []
+        refused = False
+        wait = 0
+        for d in targets:
+            if d.kind != "queue" or not d.admits_all:  # type: ignore[union-attr]
+                queues, holders, refused, duplicate = self._admit(message, targets)
+                if duplicate and journal is not None:
+                    wait = journal.barrier()
+                break
+        routed = bool(queues) or refused or wait > 0
+        if queues:
+            ref = 0
+            if message.persistent and journal is not None:
+                ids = [q.store_id for q in queues if q.store_id]
+                if ids:
+                    ref = journal.append(message, ids)
+                    wait = journal.barrier()
+            for q in queues:
+                q.enqueue(message, ref if q.store_id else 0)
+        for h in holders:
+            wait = max(wait, h.hold(message))
+        if not routed and client and not holders and not mandatory:
+            self.dropped += 1
+        return routed, refused, wait
+
+    def _admit(
+        self, message: Message, targets: list[Destination]
+    ) -> tuple[list[Queue], list[DelayedExchange], bool, bool]:
+        """Split routing targets into the queues that take ``message``, the
+        delayed exchanges that hold it, whether a queue refused it and
+        whether one dropped it as a duplicate. Refused and discarded
+        messages are dead-lettered here, before anything is logged."""
+        queues: list[Queue] = []
+        holders: list[DelayedExchange] = []
+        refused = duplicate = matched = False
+        for d in targets:
+            if isinstance(d, DelayedExchange):
+                # (Not when it routed to itself through a binding to itself.)
+                if delay_of(message) > 0:
+                    holders.append(d)
+                continue
+            assert isinstance(d, Queue)
+            matched = True
+            verdict = ACCEPT if d.admits_all else d.admit(message)
+            if verdict == ACCEPT:
+                queues.append(d)
+            elif verdict == DUPLICATE:
+                duplicate = True
+            elif verdict == REFUSE:
+                refused = True
+                d.refuse(message)
+            else:
+                d.discard(message)
+        # A message every matched queue dropped or discarded was still routed.
+        duplicate = duplicate or (matched and not queues and not refused)
+        return queues, holders, refused, duplicate
+
+    def route(self, exchange: Exchange, message: Message) -> list[Destination]:
+        """Where ``message`` goes: queues, through exchange-to-exchange
+        bindings and alternate exchanges, each once; a delayed exchange
+        that holds the message appears as itself.
+
+        A message with CC/BCC keys is routed with all its keys.
+        """
         if message.cc:
             return self._route_keys(exchange, message)
         return self._route(exchange, message)
 
-    def _route_keys(self, exchange: Exchange, message: Message) -> list[Queue]:
+    def _route_keys(self, exchange: Exchange, message: Message) -> list[Destination]:
         """Sender-selected distribution: every exchange on the way matches
         the routing key and each CC/BCC key, and its alternate exchange is
         used only when none matched, as RabbitMQ routes a message's list of
@@ -554,14 +629,14 @@ class VirtualHost:
                         out.append(d)
             return out
 
-        queues: list[Queue] = []
+        queues: list[Destination] = []
         seen_q: set[int] = set()
         seen_x: set[int] = {id(exchange)}
         work: list[tuple[Exchange, list[Destination]]] = [(exchange, hop(exchange))]
         while work:
             ex, ds = work.pop()
             for d in ds:
-                if isinstance(d, Queue):
+                if isinstance(d, Queue) or (d is ex and isinstance(d, DelayedExchange)):
                     if id(d) not in seen_q:
                         seen_q.add(id(d))
                         queues.append(d)
@@ -575,7 +650,7 @@ class VirtualHost:
                     work.append((ae, hop(ae)))
         return queues
 
-    def _route(self, exchange: Exchange, message: Message) -> list[Queue]:
+    def _route(self, exchange: Exchange, message: Message) -> list[Destination]:
         dests = exchange.route(message)
         if not dests and exchange.alternate_exchange is None:
             return []
@@ -585,8 +660,8 @@ class VirtualHost:
                 simple = False
                 break
         if simple and dests:
-            return dests  # type: ignore[return-value]
-        queues: list[Queue] = []
+            return dests
+        queues: list[Destination] = []
         seen_q: set[int] = set()
         seen_x: set[int] = {id(exchange)}
         work: list[tuple[Exchange, list[Destination]]] = [(exchange, dests)]
@@ -594,7 +669,8 @@ class VirtualHost:
             ex, ds = work.pop()
             found = False
             for d in ds:
-                if isinstance(d, Queue):
+                # A delayed exchange routing to itself holds the message.
+                if isinstance(d, Queue) or (d is ex and isinstance(d, DelayedExchange)):
                     found = True
                     if id(d) not in seen_q:
                         seen_q.add(id(d))

@@ -227,15 +227,8 @@ def publish(broker: Broker, args: dict[str, Any]) -> Any:
     props = encode_properties(C.Basic.Properties(delivery_mode=2)) if persistent else EMPTY
     routed = 0
     for _ in range(_count(args)):
-        msg = Message(name, routing_key, props, body, persistent)
-        vh.published += 1  # stats.py, as a channel's publish counts it
-        ex.published += 1
-        queues = vh.route(ex, msg)
-        if queues:
-            vh.enqueue(msg, queues)
+        if vh.publish(ex, Message(name, routing_key, props, body, persistent))[0]:
             routed += 1
-        elif msg.ref == 0:
-            vh.dropped += 1
     return {"message": f"published {_count(args)} message(s), {routed} routed", "routed": routed}
 
 

@@ -103,14 +103,8 @@ async def publish(request: web.Request) -> web.Response:
         persistent=scanned.delivery_mode == 2,
         priority=scanned.priority,
     )
-    vh.published += 1  # stats.py, as a channel counts its publishes
-    ex.published += 1
-    queues = vh.route(ex, msg)
-    if queues:
-        vh.enqueue(msg, queues)
-    else:
-        vh.dropped += 1
-    return json_response({"routed": bool(queues)})
+    routed, _, _ = vh.publish(ex, msg)
+    return json_response({"routed": routed})
 
 
 _ACKMODES = ("ack_requeue_true", "ack_requeue_false", "reject_requeue_true", "reject_requeue_false")

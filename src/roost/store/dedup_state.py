@@ -4,24 +4,26 @@ Each durable queue or exchange with ``x-message-deduplication`` has a small
 JSON file, ``dedup/<vhost hex>/<q|x>-<name hex>.json``, holding its cache's
 keys oldest first with their expiry (wall-clock ms, 0: none). A cache that
 changed is rewritten whole (write to a temporary file, fsync, rename) at
-most once per event-loop iteration, on the message store's writer thread,
-and always *before* the next message batch: a publish whose key went into
-the cache is confirmed only after a batch taken later is on disk, so a
-confirmed message's key survives a crash (SIGKILL, power loss).
+most once per commit batch of the message store, on its writer thread,
+*after* the batch's records are on disk and before its confirms go out.
+So a key is never durable before the message that added it (a crash in
+between would make the publisher's re-send look like a duplicate of a
+message that is gone), and a confirmed message's key survives a crash
+(SIGKILL, power loss).
 
-The crash window left: a key added by a message that was not logged
-(transient, or to a non-durable target alongside) may be lost if the broker
-dies before that iteration's write finishes; its publisher got no
-persistence promise either. Keys that are neither strings, numbers, booleans
-nor byte strings (a header holding a timestamp or a decimal) are not kept.
+The crash window left: between a batch's records and its caches, a crash
+keeps the message but not its key, so a re-send (the publisher had no
+confirm yet) is taken again: a duplicate, never a loss. Keys that are
+neither strings, numbers, booleans nor byte strings (a header holding a
+timestamp or a decimal) are not kept.
 The files are not encrypted, even with encryption at rest: they hold
 deduplication keys (message ids or header values), never bodies.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -31,7 +33,7 @@ from typing import Any
 
 from roost.broker.dedup import Deduplicator
 from roost.store import definitions
-from roost.store.message_store import MessageStore
+from roost.store.message_store import Batch, MessageStore
 
 log = logging.getLogger("roost.store")
 
@@ -84,18 +86,17 @@ class DedupState:
         # same name deleted a moment ago may not be gone yet).
         self.recovering = True
         self._dirty: dict[Path, Deduplicator | None] = {}
-        self._scheduled = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        store.before_batch = self.flush
+        self._started = False
+        store.batch_hooks.append(self._add_to_batch)
 
     def path(self, vhost: str, kind: str, name: str) -> Path:
         return self.dir / vhost.encode().hex() / f"{kind}-{name.encode().hex()}.json"
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def start(self) -> None:
         self.recovering = False
+        self._started = True
         if self._dirty:
-            self._schedule()
+            self.store.request_batch()
 
     def attach(self, vhost: str, kind: str, name: str, deduper: Deduplicator | None) -> None:
         """Broker hook: a durable queue or exchange with a cache was declared
@@ -130,14 +131,9 @@ class DedupState:
         deduper.cache.load(items)
 
     def _mark(self, path: Path, deduper: Deduplicator | None) -> None:
+        if not self._dirty and self._started:
+            self.store.request_batch()
         self._dirty[path] = deduper
-        if not self._scheduled:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        if self._loop is not None:
-            self._scheduled = True
-            self._loop.call_soon(self.flush)
 
     def _contents(self) -> list[tuple[Path, bytes | None]]:
         dirty, self._dirty = self._dirty, {}
@@ -156,25 +152,16 @@ class DedupState:
             out.append((path, json.dumps({"keys": keys}, separators=(",", ":")).encode()))
         return out
 
-    def flush(self) -> None:
-        """Hand changed caches to the writer thread (ahead of any batch
-        submitted after this call)."""
-        self._scheduled = False
+    def _add_to_batch(self, batch: Batch) -> None:
+        """Store hook: write changed caches once this batch's records are
+        on disk."""
         for path, content in self._contents():
-            fut = self.store.run_in_writer(_write, path, content)
-            fut.add_done_callback(_report)
+            batch.after_records.append(functools.partial(_write, path, content))
 
     def flush_sync(self) -> None:
         """At shutdown, on the calling thread."""
-        self._scheduled = False
         for path, content in self._contents():
             try:
                 _write(path, content)
             except OSError as exc:
                 log.error("saving dedup cache %s failed: %s", path, exc)
-
-
-def _report(fut: Any) -> None:
-    exc = fut.exception()
-    if exc is not None:
-        log.error("saving a dedup cache failed: %s", exc)

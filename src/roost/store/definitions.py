@@ -7,6 +7,15 @@ every change to a durable definition. It is RabbitMQ's export format plus a
 ``roost`` section mapping durable queues to their ids in the message log,
 so ``roost definitions export``/``import`` and RabbitMQ's own files are
 interchangeable.
+
+The ``roost`` section (``format`` 2) holds the id counter, the ids of
+durable queues and delayed exchanges, and the ids of deleted ones whose
+records may still be unsettled on disk. Together they attribute every
+record in the log: at start-up a record whose id is neither defined nor
+deleted means the file is not the one the log was written with (missing,
+emptied, hand-edited, a RabbitMQ export copied over it), and the broker
+refuses to start rather than delete what it cannot attribute
+(:class:`Attribution`).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from roost.broker.queue import Queue
 from roost.broker.users import SHA256, User, hash_password
 
 FILENAME = "definitions.json"
+# The roost section's format: 2 records deleted ids (see Attribution).
+FORMAT = 2
 _SYSTEM_OWNER = object()  # owner for queues created from definitions (never exclusive)
 
 
@@ -117,23 +128,30 @@ def export(broker: Broker, include_internal: bool = False) -> dict[str, Any]:
     }
     if include_internal:
         out["roost"] = {
+            "format": FORMAT,
             "next_queue_id": broker.next_queue_id,
             "queue_ids": queue_ids,
             "exchange_ids": exchange_ids,
+            "deleted_ids": sorted(broker.deleted_store_ids),
         }
     return out
 
 
-def apply(broker: Broker, data: dict[str, Any]) -> list[str]:
+def apply(broker: Broker, data: dict[str, Any], *, own: bool = False) -> list[str]:
     """Create what ``data`` defines (merging into what exists); returns
-    problems found, one line each, without stopping at the first."""
+    problems found, one line each, without stopping at the first.
+
+    Only a data directory's own file (``own``, see :func:`restore`) gives
+    queues their ids in the message log: ids from anywhere else would map
+    stored messages onto the wrong queues."""
     if not isinstance(data, dict):
         raise DefinitionsError("definitions must be a JSON object")
     problems: list[str] = []
-    internal = data.get("roost") or {}
+    internal = (data.get("roost") or {}) if own else {}
     ids = {(v, n): i for v, n, i in internal.get("queue_ids", [])}
     exchange_ids = {(v, n): i for v, n, i in internal.get("exchange_ids", [])}
     broker.next_queue_id = max(broker.next_queue_id, int(internal.get("next_queue_id", 1)))
+    broker.deleted_store_ids.update(int(i) for i in internal.get("deleted_ids", []))
     for u in data.get("users", []):
         try:
             tags = u.get("tags", [])
@@ -225,9 +243,79 @@ def restore(broker: Broker, saved: dict[str, Any]) -> list[str]:
     default user back (a broker nobody could log in to is no use)."""
     broker.users.users.clear()
     broker.permissions.clear()
-    problems = apply(broker, saved)
+    problems = apply(broker, saved, own=True)
     broker.ensure_default_user()
     return problems
+
+
+class Attribution:
+    """Whether the log's records can all be attributed to what a data
+    directory's definitions (``saved``, None when the file is missing)
+    define or record as deleted.
+
+    :meth:`check` is given the ids that still hold unsettled records but
+    were not restored as queues or delayed exchanges; any that the
+    definitions do not record as deleted make it raise DefinitionsError,
+    before recovery changes anything on disk. Files written before format
+    2 did not record deleted ids: there an id below the saved counter is
+    taken as deleted, as those versions did.
+    """
+
+    def __init__(self, path: Path, saved: dict[str, Any] | None, problems: list[str]) -> None:
+        self.path = path
+        internal = saved.get("roost") if saved is not None else None
+        self.internal = internal if isinstance(internal, dict) else None
+        fmt = self.internal.get("format", 1) if self.internal is not None else 0
+        self.deleted: set[int] = set()
+        self.legacy_below = 0
+        self.listed: dict[int, str] = {}
+        if self.internal is not None:
+            if fmt >= FORMAT:
+                self.deleted = {int(i) for i in self.internal.get("deleted_ids", [])}
+            else:
+                self.legacy_below = int(self.internal.get("next_queue_id", 1))
+            for kind, key in (("queue", "queue_ids"), ("exchange", "exchange_ids")):
+                for vhost, name, qid in self.internal.get(key, []):
+                    self.listed[int(qid)] = f"{kind} '{name}' in vhost '{vhost}'"
+        self.saved = saved
+        self.problems = problems
+
+    def check(self, live: dict[int, int]) -> None:
+        lost = {
+            qid: n
+            for qid, n in live.items()
+            if qid not in self.deleted and not qid < self.legacy_below
+        }
+        if not lost:
+            return
+        total = sum(lost.values())
+        if self.saved is None:
+            why = f"{self.path} is missing"
+        elif self.internal is None:
+            why = (
+                f"{self.path} has no 'roost' section (a file not written by this broker, "
+                "such as a RabbitMQ export, or one edited by hand)"
+            )
+        else:
+            named = [
+                f"{self.listed[qid]} (id {qid}) could not be restored"
+                for qid in sorted(lost)
+                if qid in self.listed
+            ]
+            unnamed = [str(qid) for qid in sorted(lost) if qid not in self.listed]
+            parts = named
+            if unnamed:
+                parts.append(f"id(s) {', '.join(unnamed)} are neither defined nor deleted")
+            why = f"in {self.path}, " + "; ".join(parts)
+            if self.problems:
+                why += " (" + "; ".join(self.problems[:3]) + ")"
+        raise DefinitionsError(
+            f"the message store holds {total} unsettled message(s) that the definitions do "
+            f"not account for: {why}. roost refuses to start rather than delete them; "
+            "nothing was changed. Restore the definitions.json this data directory was "
+            "written with (or fix the queue definitions it names), or move the data "
+            "directory aside to start empty."
+        )
 
 
 def _restore_id(queue: Queue, qid: int | None, existed: bool) -> None:

@@ -1,9 +1,18 @@
 """Wires a broker to its data directory: recovery at start-up, definitions
-saved on every durable change, everything flushed at shutdown."""
+saved on every durable change, everything flushed at shutdown.
+
+Definitions are written by the message store's writer, as the first job of
+the commit batch that follows a change: a record of a queue declared a
+moment ago is never durable before the queue is, a segment is never
+unlinked (nor a record punched out by compaction) before the queue that
+kept it alive is durably gone, and a declare-ok or confirm never runs ahead
+of either.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -14,7 +23,7 @@ from roost.broker.delayed import DelayedExchange
 from roost.store import definitions, encryption
 from roost.store.datadir import MESSAGES_DIR, DataDirLock
 from roost.store.dedup_state import DedupState
-from roost.store.message_store import DEFAULT_SEGMENT_SIZE, MessageStore
+from roost.store.message_store import DEFAULT_SEGMENT_SIZE, Batch, MessageStore
 
 log = logging.getLogger("roost.store")
 DISK_ALARM = "disk"
@@ -28,6 +37,12 @@ def _delayed_exchanges(broker: Broker) -> dict[int, DelayedExchange]:
         for ex in vh.exchanges.values()
         if isinstance(ex, DelayedExchange) and ex.store_id
     }
+
+
+def _store_ids(broker: Broker) -> set[int]:
+    """Ids under which durable queues and delayed exchanges log messages."""
+    ids = {q.store_id for vh in broker.vhosts.values() for q in vh.queues.values() if q.store_id}
+    return ids | set(_delayed_exchanges(broker))
 
 
 class DurableState:
@@ -50,33 +65,48 @@ class DurableState:
             self.lock.release()
             raise
         self.broker: Broker | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._save_scheduled = False
-        self._defs_failed = False
+        self._started = False
+        # Generations of the definitions: handed to a batch, and on disk.
+        self._submitted_generation = 0
         self._saved_generation = 0
         self._save_waiters: list[tuple[int, Callable[[], None]]] = []
+        # Store ids in the definitions last made durable: compaction keeps
+        # their records until a deletion is on disk.
+        self._durable_ids: set[int] = set()
 
     def recover(self, broker: Broker) -> None:
-        """Load definitions and queue contents into a fresh broker."""
+        """Load definitions and queue contents into a fresh broker.
+
+        Refuses (``definitions.DefinitionsError``, nothing on disk changed)
+        when the log holds unsettled messages of a queue the definitions
+        neither define nor record as deleted: a missing, emptied or
+        hand-edited definitions.json must never make start-up delete them.
+        """
         started = time.monotonic()
         self.broker = broker
         self.store.on_error = self._store_error
         # Before the definitions: durable queues and exchanges declared from
         # them load their dedup caches.
         broker.set_dedup_persistence(self.dedup.attach)
-        saved = definitions.load(self.data_dir / definitions.FILENAME)
-        if saved is not None:
-            for problem in definitions.restore(broker, saved):
-                log.error("recovering definitions: %s", problem)
+        path = self.data_dir / definitions.FILENAME
+        saved = definitions.load(path)
+        problems = definitions.restore(broker, saved) if saved is not None else []
+        for problem in problems:
+            log.error("recovering definitions: %s", problem)
         by_id = {
             q.store_id: q for vh in broker.vhosts.values() for q in vh.queues.values() if q.store_id
         }
         delayed = _delayed_exchanges(broker)
+        attribution = definitions.Attribution(path, saved, problems)
         try:
-            recovered, report = self.store.recover(set(by_id) | set(delayed))
-        except encryption.EncryptionError:
+            recovered, report = self.store.recover(set(by_id) | set(delayed), attribution.check)
+        except (encryption.EncryptionError, definitions.DefinitionsError):
             self.broker = None  # so close() does not rewrite the definitions either
             raise
+        # Never hand out an id that records on disk already carry; forget
+        # deleted ids nothing on disk needs any more.
+        broker.next_queue_id = max(broker.next_queue_id, report.max_queue_id + 1)
+        broker.deleted_store_ids = attribution.deleted & set(report.live_ids)
         keyring = self.store.keyring
         if keyring is not None and encryption.read_marker(self.data_dir) != keyring.current_id:
             # Remember the key in use (first enabled, or rotated), so a later
@@ -103,24 +133,24 @@ class DurableState:
         )
         broker.on_definitions_changed = self.schedule_save
         broker.definitions_saved_hook = self._when_saved
-        # Delayed exchanges' ids too: compaction must keep their records.
-        self.store.queue_ids = lambda: (
-            {q.store_id for vh in broker.vhosts.values() for q in vh.queues.values() if q.store_id}
-            | set(_delayed_exchanges(broker))
-        )
+        self._durable_ids = _store_ids(broker) | broker.deleted_store_ids
+        # Compaction keeps the records of every id defined now or in the
+        # definitions on disk (a deletion not yet durable).
+        self.store.queue_ids = lambda: _store_ids(broker) | self._durable_ids
+        self.store.batch_hooks.insert(0, self._add_to_batch)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
         self.store.start(loop)
-        self.dedup.start(loop)
+        self.dedup.start()
         self.save_now()
+        self._started = True
 
     # -- definitions ----------------------------------------------------
 
     def schedule_save(self) -> None:
-        if not self._save_scheduled and self._loop is not None:
-            self._save_scheduled = True
-            self._loop.call_soon(self._save)
+        """The broker's definitions changed: write them with the next batch."""
+        if self._started:
+            self.store.request_batch()
 
     def _when_saved(self, generation: int, callback: Callable[[], None]) -> None:
         if generation <= self._saved_generation:
@@ -128,45 +158,37 @@ class DurableState:
         else:
             self._save_waiters.append((generation, callback))
 
-    def _save(self) -> None:
-        self._save_scheduled = False
+    def _snapshot(self) -> tuple[int, bytes, set[int]]:
         assert self.broker is not None
-        generation = self.broker.definitions_generation
-        content = definitions.encode(definitions.export(self.broker, include_internal=True))
-        path = self.data_dir / definitions.FILENAME
-        # Through the store's writer thread: written before any message
-        # batch submitted after it, so a confirmed message's queue exists.
-        fut = self.store.run_in_writer(definitions.write_atomic, path, content)
-        fut.add_done_callback(lambda f: self._saved_threadsafe(f, generation))
+        broker = self.broker
+        content = definitions.encode(definitions.export(broker, include_internal=True))
+        return broker.definitions_generation, content, _store_ids(broker)
 
-    def _saved_threadsafe(self, fut: object, generation: int) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._saved, fut, generation)
-
-    def _saved(self, fut: object, generation: int) -> None:
-        exc = fut.exception()  # type: ignore[attr-defined]
-        if exc is None:
-            self._saved_generation = max(self._saved_generation, generation)
-            ready = [w for w in self._save_waiters if w[0] <= self._saved_generation]
-            self._save_waiters = [w for w in self._save_waiters if w[0] > self._saved_generation]
-            for _, cb in ready:
-                cb()
-            if self._defs_failed:
-                self._defs_failed = False
-                self._store_error(False)
+    def _add_to_batch(self, batch: Batch) -> None:
+        """Store hook: changed definitions go first in the batch being cut."""
+        assert self.broker is not None
+        if self.broker.definitions_generation <= self._submitted_generation:
             return
-        log.error("saving definitions failed: %s; retrying", exc)
-        if not self._defs_failed:
-            self._defs_failed = True
-            self._store_error(True)
-        assert self._loop is not None
-        self._loop.call_later(1.0, self.schedule_save)
+        generation, content, ids = self._snapshot()
+        self._submitted_generation = generation
+        path = self.data_dir / definitions.FILENAME
+        batch.before.append(functools.partial(definitions.write_atomic, path, content))
+        batch.committed.append(functools.partial(self._saved, generation, ids))
+
+    def _saved(self, generation: int, ids: set[int]) -> None:
+        assert self.broker is not None
+        self._durable_ids = ids | self.broker.deleted_store_ids
+        self._saved_generation = max(self._saved_generation, generation)
+        ready = [w for w in self._save_waiters if w[0] <= self._saved_generation]
+        self._save_waiters = [w for w in self._save_waiters if w[0] > self._saved_generation]
+        for _, cb in ready:
+            cb()
 
     def save_now(self) -> None:
-        assert self.broker is not None
-        self._saved_generation = self.broker.definitions_generation
-        content = definitions.encode(definitions.export(self.broker, include_internal=True))
+        generation, content, ids = self._snapshot()
         definitions.write_atomic(self.data_dir / definitions.FILENAME, content)
+        self._submitted_generation = max(self._submitted_generation, generation)
+        self._saved(generation, ids)
 
     # -- disk alarm -----------------------------------------------------
 
@@ -176,7 +198,7 @@ class DurableState:
         if failing:
             log.error("disk alarm set: writes to %s are failing", self.data_dir)
             self.broker.set_alarm(DISK_ALARM)
-        elif not self._defs_failed and not self.store.failing:
+        elif not self.store.failing:
             log.info("disk alarm cleared")
             self.broker.clear_alarm(DISK_ALARM)
 

@@ -76,14 +76,23 @@ def _acks_name(n: int) -> str:
 
 
 @dataclass
-class _Batch:
-    """Everything to write in one group commit."""
+class Batch:
+    """Everything to write in one group commit, in this order: ``before``
+    jobs (definitions.json: a record's queue must be defined before the
+    record is durable), the records, ``after_records`` jobs (deduplication
+    caches: a key must never be durable before its message), the ``.acks``
+    entries, then segment deletions (after definitions drop a queue).
+    ``committed`` callbacks run on the event loop once all of it is on disk.
+    Jobs are re-run if the batch is retried, so they must be idempotent."""
 
     number: int
     chunks: list[tuple[int, int, bytearray]] = field(default_factory=list)  # seg, offset, data
     acks: list[tuple[int, int, bytes]] = field(default_factory=list)  # seg, offset, data
     delete: list[int] = field(default_factory=list)
     new_files: bool = False
+    before: list[Callable[[], None]] = field(default_factory=list)
+    after_records: list[Callable[[], None]] = field(default_factory=list)
+    committed: list[Callable[[], None]] = field(default_factory=list)
 
 
 class StoreError(Exception):
@@ -108,6 +117,10 @@ class RecoveryReport:
     messages: int = 0
     truncated: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    # The highest queue id any record carries: ids are never handed out again.
+    max_queue_id: int = 0
+    # Queue ids that still hold unsettled records, and how many.
+    live_ids: dict[int, int] = field(default_factory=dict)
 
 
 class MessageStore:
@@ -150,27 +163,36 @@ class MessageStore:
         self._new_files = False
         self._batch_no = 1
         self._durable = 0
-        self._inflight: _Batch | None = None
+        self._inflight: Batch | None = None
         self._inflight_future: Future[None] | None = None
         self._scheduled = False
-        self._failed: _Batch | None = None
+        self._failed: Batch | None = None
         self._waiters: dict[int, list[Callable[[], None]]] = {}
         self._read_cache: tuple[int, int, bytes] | None = None  # seg, offset, data
         # Recovery: records sealed under a key the keyring lacks, by ref.
         self._foreign: dict[int, bytes] = {}
-        # Called on the loop before each batch is handed to the writer:
-        # whatever it submits with run_in_writer is written first.
-        self.before_batch: Callable[[], None] | None = None
+        # Called on the loop with each batch as it is cut, to add the jobs
+        # that must be written in order with its records (see Batch).
+        self.batch_hooks: list[Callable[[Batch], None]] = []
         self.closed = False
 
     # -- start-up -------------------------------------------------------
 
     def recover(
-        self, known_queue_ids: set[int]
+        self,
+        known_queue_ids: set[int],
+        attribute: Callable[[dict[int, int]], None] | None = None,
     ) -> tuple[dict[int, RecoveredQueue], RecoveryReport]:
-        """Scan the segments, drop torn or corrupt records, rebuild queues."""
+        """Scan the segments, drop torn or corrupt records, rebuild queues.
+
+        ``attribute`` is called with the ids *not* in ``known_queue_ids``
+        that still hold unsettled records (id -> how many) before anything
+        on disk changes; it raises to refuse the recovery, leaving the
+        store exactly as it was. Without it such records are dropped.
+        """
         report = RecoveryReport()
         queues: dict[int, RecoveredQueue] = {}
+        unknown: dict[int, list[int]] = {}
         settled: set[tuple[int, int]] = set()
         delivered: dict[tuple[int, int], int] = {}
         seg_numbers = sorted(
@@ -184,7 +206,9 @@ class MessageStore:
             report.segments += 1
             path = self.dir / _seg_name(n)
             data = path.read_bytes()
-            good_end = self._scan_segment(n, data, known_queue_ids, queues, settled, report)
+            good_end = self._scan_segment(
+                n, data, known_queue_ids, queues, unknown, settled, report
+            )
             if good_end < len(data):
                 cuts.append((path, good_end, True))
             acks_path = self.dir / _acks_name(n)
@@ -202,6 +226,12 @@ class MessageStore:
                     cuts.append((acks_path, whole, False))
                 self._ack_size[n] = whole
         self._check_keys(queues, settled)
+        for qid, refs in unknown.items():
+            left = sum(1 for ref in refs if (qid, ref) not in settled)
+            if left:
+                report.live_ids[qid] = left
+        if attribute is not None and report.live_ids:
+            attribute(dict(report.live_ids))
         for path, size, sync in cuts:
             with open(path, "r+b") as fh:
                 fh.truncate(size)
@@ -222,6 +252,8 @@ class MessageStore:
                     rq.delivered[ref] = count
             rq.refs = kept
             report.messages += len(kept)
+            if kept:
+                report.live_ids[qid] = len(kept)
         self.live = live
         for n in seg_numbers:
             if not live.get(n):
@@ -270,6 +302,7 @@ class MessageStore:
         data: bytes,
         known: set[int],
         queues: dict[int, RecoveredQueue],
+        unknown: dict[int, list[int]],
         settled: set[tuple[int, int]],
         report: RecoveryReport,
     ) -> int:
@@ -317,10 +350,14 @@ class MessageStore:
                     self._foreign[ref] = kid
                 self.total[n] = self.total.get(n, 0) + len(qids)
                 for qid in qids:
+                    if qid > report.max_queue_id:
+                        report.max_queue_id = qid
                     if qid in known:
                         queues.setdefault(qid, RecoveredQueue()).refs.append(ref)
-                        if moved_from is not None:
-                            settled.add((qid, make_ref(*moved_from)))
+                    else:
+                        unknown.setdefault(qid, []).append(ref)
+                    if moved_from is not None:
+                        settled.add((qid, make_ref(*moved_from)))
             pos = end
         return pos
 
@@ -329,15 +366,17 @@ class MessageStore:
 
     # -- Journal: appending ---------------------------------------------
 
-    @property
-    def batch(self) -> int:
-        return self._batch_no
+    def barrier(self) -> int:
+        return self._batch_no if self._has_pending() else self._batch_no - 1
 
     @property
     def durable_batch(self) -> int:
         return self._durable
 
-    def append(self, message: Message, queue_ids: list[int], persistent: bool) -> int:
+    def append(self, message: Message, queue_ids: list[int]) -> int:
+        return self._append_message(message, queue_ids, True)
+
+    def _append_message(self, message: Message, queue_ids: list[int], persistent: bool) -> int:
         record = records.encode_message(
             records.PERSISTENT if persistent else records.PAGED,
             queue_ids,
@@ -391,15 +430,10 @@ class MessageStore:
             self._pending = bytearray()
 
     def page_out(self, message: Message) -> int:
-        ref = message.ref
+        # A record of its own, never a persistent one shared: compaction
+        # frees a persistent record once its durable queues settle it.
+        ref = self._append_message(message, [], False)
         seg = ref_segment(ref)
-        if not ref or message.persistent or (seg != self._seg and not self.live.get(seg)):
-            # No paging record yet, or its segment is on its way out. A
-            # persistent record is never shared for paging: compaction
-            # frees it once its durable queues settle it.
-            ref = self.append(message, [], persistent=False)
-            message.ref = ref
-            seg = ref_segment(ref)
         # Paging references are not counted in ``total``: compaction only
         # frees settled persistent records, so paging churn must not trigger it.
         self.live[seg] = self.live.get(seg, 0) + 1
@@ -431,8 +465,7 @@ class MessageStore:
         buf += ACK_ENTRY.pack(kind, queue_id, ref_offset(ref))
         self._schedule()
 
-    def wait_durable(self, batch: int, callback: object) -> None:
-        assert callable(callback)
+    def wait_durable(self, batch: int, callback: Callable[[], None]) -> None:
         if batch == self._batch_no and not self._has_pending():
             batch -= 1  # nothing new since the batch in flight (if any)
         if batch <= self._durable:
@@ -447,17 +480,15 @@ class MessageStore:
         payload = self._payload(seg, offset)
         stored = records.decode_message(payload, self.keyring)
         scanned = properties.scan(stored.properties)
-        msg = Message(
+        return Message(
             stored.exchange,
             stored.routing_key,
             stored.properties,
             stored.body,
             scanned.delivery_mode == 2,
             scanned.priority,
+            written_ms=stored.timestamp,
         )
-        msg.ref = ref
-        msg.written_ms = stored.timestamp
-        return msg
 
     def _payload(self, seg: int, offset: int) -> bytes:
         # Not yet handed to the writer, or being written right now?
@@ -503,18 +534,30 @@ class MessageStore:
         self._scheduled = False
         if self._inflight is not None or self._failed is not None or self.closed:
             return
-        if self.before_batch is not None:
-            self.before_batch()
         batch = self._take_batch()
         if batch is None:
             return
         self._run(batch, self._done_threadsafe)
 
-    def _take_batch(self) -> _Batch | None:
+    def request_batch(self) -> None:
+        """A batch hook has something to write: cut a batch soon, even
+        without messages."""
+        self._schedule()
+
+    def _take_batch(self) -> Batch | None:
         self._cut_pending()
-        if not (self._chunks or self._acks or self._deletes):
+        batch = Batch(self._batch_no)
+        for hook in self.batch_hooks:
+            hook(batch)
+        if not (
+            self._chunks
+            or self._acks
+            or self._deletes
+            or batch.before
+            or batch.after_records
+            or batch.committed
+        ):
             return None
-        batch = _Batch(self._batch_no)
         self._batch_no += 1
         batch.chunks, self._chunks = self._chunks, []
         for seg, buf in self._acks.items():
@@ -532,8 +575,10 @@ class MessageStore:
         self._new_files = False
         return batch
 
-    def _write_batch(self, batch: _Batch) -> None:
+    def _write_batch(self, batch: Batch) -> None:
         """Runs on the writer thread."""
+        for job in batch.before:
+            job()
         # Records are made durable before the .acks entries of the same
         # batch: a dead-lettered copy must never be lost while the ack of
         # its original survives.
@@ -547,6 +592,8 @@ class MessageStore:
             t0 = time.perf_counter()
             os.fdatasync(fd)
             observe(time.perf_counter() - t0)
+        for job in batch.after_records:
+            job()
         touched = set()
         for seg, off, data in batch.acks:
             afd = self._ack_fds.get(seg)
@@ -565,7 +612,7 @@ class MessageStore:
         for seg in batch.delete:
             self._unlink(seg)
 
-    def _run(self, batch: _Batch, done: Callable[[Future[None]], None]) -> None:
+    def _run(self, batch: Batch, done: Callable[[Future[None]], None]) -> None:
         self._inflight = batch
         fut = self._executor.submit(self._write_batch, batch)
         self._inflight_future = fut
@@ -597,12 +644,14 @@ class MessageStore:
         self._schedule()
         self._maybe_compact()
 
-    def _committed(self, batch: _Batch) -> None:
+    def _committed(self, batch: Batch) -> None:
         for seg in batch.delete:
             self._close_segment(seg)
             self.total.pop(seg, None)
             self._compacted_at.pop(seg, None)
         self._durable = batch.number
+        for cb in batch.committed:
+            cb()
         ready = [b for b in self._waiters if b <= batch.number]
         for b in sorted(ready):
             for cb in self._waiters.pop(b):

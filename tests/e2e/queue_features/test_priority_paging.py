@@ -47,7 +47,7 @@ class Model:
 def paged(b: RoostBroker, name: str) -> int:
     assert b.server is not None
     q: Queue = b.server.broker.vhosts["/"].queues[name]
-    return b.call(lambda: q.message_count - len(q.ready))
+    return b.call(lambda: q.message_count - q.backing.in_memory())
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["transient", "persistent"])
