@@ -503,7 +503,13 @@ class Channel:
         self._check(READ, "queue", name)
         n = self.vhost.purge_queue(name, self.owner)
         if not m.nowait:
-            self.send(C.Queue.PurgeOk(message_count=n))
+            # purge-ok only once the purge is on disk: purged messages
+            # must not come back after a crash.
+            self.conn.broker.when_durable(
+                lambda: self._late_reply(
+                    encoder.method(self.number, C.Queue.PurgeOk(message_count=n))
+                )
+            )
 
     def _queue_delete(self, m: C.Queue.Delete) -> None:
         name = self._queue_name(m.queue)

@@ -128,7 +128,9 @@ class ControlServer:
                 if not saved.done():
                     saved.set_result(None)
 
-            self.broker.when_definitions_saved(on_saved)
+            # A reply means what the AMQP one does: definitions changed and
+            # messages published or purged are on disk.
+            self.broker.when_definitions_saved(lambda: self.broker.when_durable(on_saved))
             await saved
         return {"ok": True, "result": result}
 

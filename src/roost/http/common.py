@@ -170,6 +170,20 @@ def listing(request: web.Request, items: list[dict[str, Any]]) -> web.Response:
     )
 
 
+async def durable(broker: Broker) -> None:
+    """Wait until everything written to the message log so far is on disk
+    (a purge's settlements, a persistent publish), as purge-ok and
+    publisher confirms wait over AMQP."""
+    done = asyncio.get_running_loop().create_future()
+
+    def written() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    broker.when_durable(written)
+    await done
+
+
 async def definitions_saved(broker: Broker) -> None:
     """Wait until every definition change so far is on disk, so a 2xx from
     the API means as much as declare-ok does over AMQP."""

@@ -14,7 +14,15 @@ from pamqp import commands as C
 
 from roost.broker.message import Message, QueueEntry
 from roost.broker.queue import Queue
-from roost.http.common import bad_request, json_body, json_response, not_found, vhost_of
+from roost.http.common import (
+    bad_request,
+    broker_of,
+    durable,
+    json_body,
+    json_response,
+    not_found,
+    vhost_of,
+)
 from roost.properties import decode_properties, encode_properties
 from roost.store.definitions import _jsonable
 
@@ -104,6 +112,7 @@ async def publish(request: web.Request) -> web.Response:
         priority=scanned.priority,
     )
     routed, _, _ = vh.publish(ex, msg)
+    await durable(broker_of(request))
     return json_response({"routed": routed})
 
 

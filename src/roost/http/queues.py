@@ -16,6 +16,7 @@ from roost.http.common import (
     INFO,
     broker_of,
     definitions_saved,
+    durable,
     json_body,
     json_response,
     listing,
@@ -125,6 +126,7 @@ async def delete(request: web.Request) -> web.Response:
 async def purge(request: web.Request) -> web.Response:
     vh = vhost_of(request, write=True)
     _queue(request, vh).purge()
+    await durable(broker_of(request))
     return web.Response(status=204)
 
 

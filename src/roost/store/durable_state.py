@@ -93,11 +93,19 @@ class DurableState:
         problems = definitions.restore(broker, saved) if saved is not None else []
         for problem in problems:
             log.error("recovering definitions: %s", problem)
-        by_id = {
-            q.store_id: q for vh in broker.vhosts.values() for q in vh.queues.values() if q.store_id
-        }
-        delayed = _delayed_exchanges(broker)
         attribution = definitions.Attribution(path, saved, problems)
+        # Only ids the file itself gives attribute records: a queue that got
+        # a fresh id while the file was loaded (a file without roost's own
+        # section) must not take over records that happen to carry it.
+        by_id = {
+            q.store_id: q
+            for vh in broker.vhosts.values()
+            for q in vh.queues.values()
+            if q.store_id in attribution.listed
+        }
+        delayed = {
+            i: ex for i, ex in _delayed_exchanges(broker).items() if i in attribution.listed
+        }
         try:
             recovered, report = self.store.recover(set(by_id) | set(delayed), attribution.check)
         except (encryption.EncryptionError, definitions.DefinitionsError):
@@ -106,7 +114,22 @@ class DurableState:
         # Never hand out an id that records on disk already carry; forget
         # deleted ids nothing on disk needs any more.
         broker.next_queue_id = max(broker.next_queue_id, report.max_queue_id + 1)
-        broker.deleted_store_ids = attribution.deleted & set(report.live_ids)
+        # What check() let through unknown is deleted (an older file's
+        # counter implied it): recorded as such from now on.
+        known = set(by_id) | set(delayed)
+        broker.deleted_store_ids.intersection_update(set(report.live_ids))
+        broker.deleted_store_ids.update(i for i in report.live_ids if i not in known)
+        for vh in broker.vhosts.values():
+            for q in vh.queues.values():
+                if q.store_id and q.store_id not in attribution.listed:
+                    q.store_id = broker.allocate_queue_id()
+            for ex in vh.exchanges.values():
+                if (
+                    isinstance(ex, DelayedExchange)
+                    and ex.store_id
+                    and ex.store_id not in attribution.listed
+                ):
+                    ex.store_id = broker.allocate_queue_id()
         keyring = self.store.keyring
         if keyring is not None and encryption.read_marker(self.data_dir) != keyring.current_id:
             # Remember the key in use (first enabled, or rotated), so a later
