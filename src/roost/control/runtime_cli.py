@@ -17,13 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from roost.cli_messages import CommandFailed, say
 from roost.config import Config, ConfigError, load_config
 from roost.control import cli as ctl
 from roost.control.commands import ControlError
 from roost.control.runtime import MAX_BATCH
 from roost.control.socket_path import control_socket
 from roost.store import definitions_cli
-from roost.store.definitions_cli import SECTIONS, _Failed
+from roost.store.definitions_cli import SECTIONS
 
 LIST_KINDS = ("queues", "exchanges", "bindings", "connections", "consumers", "channels")
 ACTIONS = frozenset({"list", "purge", "delete", "publish", "get", "status", "export", "import"})
@@ -88,16 +89,16 @@ def run(args: argparse.Namespace) -> int:
         try:
             return _online(action, args, path)
         except ctl.ControlUnavailable:
-            ctl._say(f"no broker running on {data_dir}")
+            say(f"no broker running on {data_dir}")
             return 1
     except ConfigError as exc:
-        ctl._say(str(exc))
+        say(str(exc))
         return 2
     except ControlError as exc:
-        ctl._say(str(exc))
+        say(str(exc))
         return 1
-    except _Failed as exc:
-        ctl._say(str(exc))
+    except CommandFailed as exc:
+        say(str(exc))
         return exc.code
 
 
@@ -188,14 +189,14 @@ def _definitions(action: str, args: argparse.Namespace, config: Config, path: Pa
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:
                     fh.write(content)
             except OSError as exc:
-                raise _Failed(f"cannot write {args.file}: {exc.strerror}", 1) from exc
-        ctl._say(f"exported {definitions_cli._summary(data)} from the running broker")
+                raise CommandFailed(f"cannot write {args.file}: {exc.strerror}", 1) from exc
+        say(f"exported {definitions_cli.summary(data)} from the running broker")
         return 0
-    data = definitions_cli._read(args.file)
+    data = definitions_cli.read_definitions(args.file)
     label = "standard input" if args.file == "-" else args.file
     shape = definitions_cli._shape_errors(data)
     if shape:
-        raise _Failed(f"{label} is not a definitions file: " + "; ".join(shape[:10]), 2)
+        raise CommandFailed(f"{label} is not a definitions file: " + "; ".join(shape[:10]), 2)
     batches = _import_batches(data)
     problems = definitions_cli._unusable_users(data)
     try:
@@ -214,11 +215,11 @@ def _definitions(action: str, args: argparse.Namespace, config: Config, path: Pa
         done += _entries(batch)
         bar.update(done)
     bar.finish()
-    ctl._say(f"imported {definitions_cli._summary(data)} from {label} into the running broker")
-    for warning in definitions_cli._warnings(data):
-        ctl._say(f"warning: {warning}")
+    say(f"imported {definitions_cli.summary(data)} from {label} into the running broker")
+    for warning in definitions_cli.import_warnings(data):
+        say(f"warning: {warning}")
     for problem in problems:
-        ctl._say(f"problem: {problem}")
+        say(f"problem: {problem}")
     return 1 if problems else 0
 
 
@@ -248,7 +249,7 @@ def _output(columns: tuple[str, ...], rows: list[dict[str, Any]], as_json: bool)
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        print(ctl._table(columns, rows), end="")
+        print(ctl.table(columns, rows), end="")
 
 
 def _size(n: int) -> str:

@@ -12,6 +12,7 @@ from roost.amqp.channel import Channel
 from roost.amqp.connection import AMQPConnection
 from roost.broker.consumer import Consumer
 from roost.broker.errors import CONNECTION_FORCED
+from roost.broker.fields import jsonable
 from roost.http.common import (
     INFO,
     broker_of,
@@ -23,7 +24,6 @@ from roost.http.common import (
     user_of,
     vhost_of,
 )
-from roost.store.definitions import _jsonable
 
 
 def _conn_name(conn: AMQPConnection) -> str:
@@ -61,7 +61,7 @@ def connection_json(request: web.Request, conn: AMQPConnection) -> dict[str, Any
     name = _conn_name(conn)
     host, port = _host_port(name.partition(" -> ")[2])
     peer_host, peer_port = _host_port(conn.peer)
-    props = _jsonable(conn.client_properties)
+    props = jsonable(conn.client_properties)
     ssl = conn.transport is not None and conn.transport.get_extra_info("ssl_object") is not None
     return {
         "name": name,
@@ -136,7 +136,7 @@ def consumer_json(request: web.Request, ch: Channel, c: Consumer) -> dict[str, A
         "ack_required": not c.no_ack,
         "prefetch_count": c.prefetch or ch.prefetch_count,
         "exclusive": c.exclusive,
-        "arguments": _jsonable(c.arguments),
+        "arguments": jsonable(c.arguments),
         "active": active is None or active is c,
         "activity_status": "up" if active is None or active is c else "waiting",
     }

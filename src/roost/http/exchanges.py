@@ -8,6 +8,7 @@ from aiohttp import web
 
 from roost.broker.broker import Broker
 from roost.broker.exchange import Exchange
+from roost.broker.fields import jsonable
 from roost.broker.vhost import VirtualHost
 from roost.http.common import (
     broker_of,
@@ -19,7 +20,6 @@ from roost.http.common import (
     vhost_of,
     visible_vhosts,
 )
-from roost.store.definitions import _jsonable
 
 
 def exchange_json(broker: Broker, vh: VirtualHost, ex: Exchange) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def exchange_json(broker: Broker, vh: VirtualHost, ex: Exchange) -> dict[str, An
         "durable": ex.durable,
         "auto_delete": ex.auto_delete,
         "internal": ex.internal,
-        "arguments": _jsonable(ex.arguments),
+        "arguments": jsonable(ex.arguments),
         "user_who_performed_action": "rmq-internal",
     }
     # As RabbitMQ: message_stats appear once something was published.

@@ -12,11 +12,11 @@ from typing import Any
 from aiohttp import web
 from pamqp import commands as C
 
+from roost.broker.fields import jsonable
 from roost.broker.message import Message, QueueEntry
 from roost.broker.queue import Queue
 from roost.http.common import bad_request, json_body, json_response, not_found, vhost_of
 from roost.properties import decode_properties, encode_properties
-from roost.store.definitions import _jsonable
 
 _PROPERTY_NAMES = (
     "content_type",
@@ -66,7 +66,7 @@ def _properties_json(raw: bytes) -> dict[str, Any] | list[Any]:
                 value = value.replace(tzinfo=datetime.UTC)
             value = int(value.timestamp())
         elif isinstance(value, dict):
-            value = _jsonable(value)
+            value = jsonable(value)
         out[_JSON_NAMES.get(name, name)] = value
     # RabbitMQ shows no properties as an empty list (an empty proplist).
     return out or []

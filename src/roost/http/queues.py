@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from roost.broker.binding import Binding, args_key
+from roost.broker.fields import jsonable
 from roost.broker.queue import Queue
 from roost.broker.vhost import VirtualHost
 from roost.http.common import (
@@ -23,7 +24,6 @@ from roost.http.common import (
     vhost_of,
     visible_vhosts,
 )
-from roost.store.definitions import _jsonable
 
 # The owner of queues declared through the API (never exclusive).
 _API_OWNER = object()
@@ -40,7 +40,7 @@ def queue_json(request: web.Request, q: Queue) -> dict[str, Any]:
         "durable": q.durable,
         "auto_delete": q.auto_delete,
         "exclusive": q.exclusive,
-        "arguments": _jsonable(q.arguments),
+        "arguments": jsonable(q.arguments),
         "type": str(q.arguments.get("x-queue-type", "classic")),
         "node": request.app[INFO]["node"],
         "state": "running",
@@ -148,7 +148,7 @@ def binding_json(vhost: str, b: Binding) -> dict[str, Any]:
         "destination": b.destination.name,
         "destination_type": b.destination.kind,
         "routing_key": b.routing_key,
-        "arguments": _jsonable(b.arguments),
+        "arguments": jsonable(b.arguments),
         "properties_key": props,
     }
 
