@@ -29,7 +29,7 @@ from roost.broker.queue import Queue
 from roost.broker.vhost import VirtualHost
 from roost.control.commands import ControlError, str_arg, vhost_name_arg
 from roost.properties import EMPTY, encode_properties
-from roost.store import definitions
+from roost.store import definitions, definitions_import
 
 # ``publish`` is about to be replaced by the core's single publish entry
 # point; until then it keeps calling the argument check by its old name.
@@ -307,13 +307,10 @@ def import_definitions(broker: Broker, args: dict[str, Any]) -> Any:
     data = args.get("definitions")
     if not isinstance(data, dict):
         raise ControlError("'definitions' must be an object")
-    data.pop("roost", None)  # another data directory's queue ids mean nothing here
     try:
-        problems = definitions.apply(broker, data)
+        problems = definitions_import.import_into(broker, data)
     except definitions.DefinitionsError as exc:
         raise ControlError(str(exc)) from None
-    # Users and permissions are not vhost definitions: have them saved too.
-    broker.definitions_changed()
     return {"message": "imported", "problems": problems}
 
 

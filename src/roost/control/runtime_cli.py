@@ -23,8 +23,8 @@ from roost.control import cli as ctl
 from roost.control.commands import ControlError
 from roost.control.runtime import MAX_BATCH
 from roost.control.socket_path import control_socket
-from roost.store import definitions_cli
-from roost.store.definitions_cli import SECTIONS
+from roost.store import definitions_cli, definitions_import
+from roost.store.definitions_import import SECTIONS
 
 LIST_KINDS = ("queues", "exchanges", "bindings", "connections", "consumers", "channels")
 ACTIONS = frozenset({"list", "purge", "delete", "publish", "get", "status", "export", "import"})
@@ -194,18 +194,20 @@ def _definitions(action: str, args: argparse.Namespace, config: Config, path: Pa
         return 0
     data = definitions_cli.read_definitions(args.file)
     label = "standard input" if args.file == "-" else args.file
-    shape = definitions_cli._shape_errors(data)
-    if shape:
-        raise CommandFailed(f"{label} is not a definitions file: " + "; ".join(shape[:10]), 2)
+    # All of it before the first batch: the broker checks each batch too,
+    # but a batch it refused would leave the ones before it imported.
+    try:
+        data = definitions_import.validated(data)
+    except definitions_import.ImportRefused as exc:
+        raise CommandFailed(f"{label} is {exc}", 2) from exc
     batches = _import_batches(data)
-    problems = definitions_cli._unusable_users(data)
     try:
         first = ctl.request(path, "import_definitions", {"definitions": batches[0]})
     except ctl.ControlUnavailable:
         # No broker: edit the stopped data directory, as `roost definitions import`.
         definitions_cli.import_data(config, data, label)
         return 0
-    problems += first["problems"]
+    problems: list[str] = first["problems"]
     total = sum(_entries(b) for b in batches)
     bar = Progress("importing", total)
     done = _entries(batches[0])
@@ -230,7 +232,9 @@ def _entries(batch: dict[str, Any]) -> int:
 def _import_batches(data: dict[str, Any]) -> list[dict[str, Any]]:
     """``data`` cut into requests of at most ``IMPORT_BATCH`` entries, in
     the order ``apply`` needs (users, vhosts, ... bindings last)."""
-    batches: list[dict[str, Any]] = [{}]
+    # Each batch has to be definitions on its own: the first one carries
+    # every section ``data`` has, even if all of them are empty.
+    batches: list[dict[str, Any]] = [{s: [] for s in SECTIONS if s in data}]
     size = 0
     for section in SECTIONS:
         for entry in data.get(section) or []:

@@ -20,28 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from roost.broker.broker import Broker
-from roost.broker.users import MD5, SHA256, SHA512
 from roost.cli_messages import CommandFailed, say
 from roost.config import Config, ConfigError, load_config
-from roost.store import definitions
+from roost.store import definitions, definitions_import
 from roost.store.datadir import DataDirInUse, DataDirLock
-
-SECTIONS = ("users", "vhosts", "permissions", "exchanges", "queues", "bindings")
-# RabbitMQ sections roost has no equivalent for. ``global_parameters`` is
-# left out: every RabbitMQ export carries its cluster name and id there.
-UNSUPPORTED = ("topic_permissions", "parameters", "policies")
-_ALGORITHMS = (SHA256, SHA512, MD5)
-_STR_FIELDS = {
-    "users": ("name",),
-    "vhosts": ("name",),
-    "permissions": ("user", "vhost", "configure", "write", "read"),
-    "exchanges": ("name",),
-    "queues": ("name",),
-    "bindings": ("source", "destination"),
-}
-_OPTIONAL_STR = ("vhost", "type", "routing_key", "destination_type", "password_hash")
-_OPTIONAL_BOOL = ("durable", "auto_delete", "internal")
-_MAX_SHAPE_ERRORS = 10
+from roost.store.definitions_import import SECTIONS, UNSUPPORTED
 
 USAGE = """\
 examples:
@@ -147,17 +130,13 @@ def import_definitions(config: Config, source: str) -> None:
     import_data(config, data, "standard input" if source == "-" else source)
 
 
-def import_data(config: Config, data: dict[str, Any], label: str) -> None:
+def import_data(config: Config, data: Any, label: str) -> None:
     """Import definitions already read from ``label`` (``roost ctl import``
     reads them first to try a running broker)."""
-    shape = _shape_errors(data)
-    if shape:
-        raise CommandFailed(
-            f"{label} is not a definitions file: " + "; ".join(shape[:_MAX_SHAPE_ERRORS]), 2
-        )
-    # An exported data directory's queue ids mean nothing here: new queues
-    # get ids from this directory's counter.
-    data.pop("roost", None)
+    try:
+        data = definitions_import.validated(data)
+    except definitions_import.ImportRefused as exc:
+        raise CommandFailed(f"{label} is {exc}", 2) from exc
     data_dir = config.resolved_data_dir()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +145,7 @@ def import_data(config: Config, data: dict[str, Any], label: str) -> None:
     lock = _lock(data_dir)
     try:
         broker = load_broker(config, data_dir)
-        problems = _unusable_users(data) + definitions.apply(broker, data)
+        problems = definitions_import.import_into(broker, data)
         _assign_queue_ids(broker)
         content = definitions.encode(definitions.export(broker, include_internal=True))
         try:
@@ -206,7 +185,7 @@ def new_broker(config: Config) -> Broker:
 
 def load_broker(config: Config, data_dir: Path) -> Broker:
     """The data directory's definitions, loaded as ``roost serve`` would
-    (``roost ctl`` edits a stopped broker's through it too)."""
+    (``roost ctl`` loads a stopped broker with it too)."""
     broker = new_broker(config)
     path = data_dir / definitions.FILENAME
     try:
@@ -230,7 +209,7 @@ def _assign_queue_ids(broker: Broker) -> None:
                 q.store_id = broker.allocate_queue_id()
 
 
-def read_definitions(source: str) -> dict[str, Any]:
+def read_definitions(source: str) -> Any:
     label = "standard input" if source == "-" else source
     try:
         raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
@@ -240,60 +219,7 @@ def read_definitions(source: str) -> dict[str, Any]:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise CommandFailed(f"{label} is not valid JSON: {exc}", 2) from exc
-    if not isinstance(data, dict):
-        raise CommandFailed(
-            f"{label} is not a definitions file: expected a JSON object, got {type(data).__name__}",
-            2,
-        )
     return data
-
-
-def _shape_errors(data: dict[str, Any]) -> list[str]:
-    """What would stop ``definitions.apply`` from reading ``data`` at all."""
-    if not any(key in data for key in SECTIONS):
-        return ["it has none of " + ", ".join(repr(s) for s in SECTIONS)]
-    errors: list[str] = []
-    for section in (*SECTIONS, *UNSUPPORTED):
-        entries = data.get(section)
-        if entries is None:
-            continue
-        if not isinstance(entries, list):
-            errors.append(f"{section!r} must be a list")
-            continue
-        if section in UNSUPPORTED:
-            continue
-        for i, entry in enumerate(entries):
-            where = f"{section}[{i}]"
-            if not isinstance(entry, dict):
-                errors.append(f"{where} must be an object")
-                continue
-            for key in _STR_FIELDS[section]:
-                if not isinstance(entry.get(key), str):
-                    errors.append(f"{where} needs a string {key!r}")
-            for key in _OPTIONAL_STR:
-                if key in entry and not isinstance(entry[key], str):
-                    errors.append(f"{where}: {key!r} must be a string")
-            for key in _OPTIONAL_BOOL:
-                if key in entry and not isinstance(entry[key], bool):
-                    errors.append(f"{where}: {key!r} must be true or false")
-            if entry.get("arguments") is not None and not isinstance(entry["arguments"], dict):
-                errors.append(f"{where}: 'arguments' must be an object")
-            tags = entry.get("tags")
-            if section == "users" and tags is not None and not isinstance(tags, str | list):
-                errors.append(f"{where}: 'tags' must be a list or a string")
-    return errors
-
-
-def _unusable_users(data: dict[str, Any]) -> list[str]:
-    problems = []
-    for u in data.get("users") or []:
-        algorithm = u.get("hashing_algorithm", SHA256)
-        if "password_hash" in u and algorithm not in _ALGORITHMS:
-            problems.append(
-                f"user {u['name']!r}: unsupported hashing_algorithm {algorithm!r}; "
-                "the user cannot log in until its password is set again"
-            )
-    return problems
 
 
 def import_warnings(data: dict[str, Any]) -> list[str]:
