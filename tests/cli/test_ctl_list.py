@@ -20,6 +20,9 @@ from pika.exceptions import ChannelClosedByBroker
 
 from roost import __version__
 from roost.cli import main
+from roost.control import cli as control_cli
+from roost.control.commands import ControlError
+from roost.control.socket_path import control_socket
 from roost.testing import RoostProcess
 
 Ctl = tuple[int, str, str]
@@ -507,6 +510,17 @@ def test_bad_import_file(
     path.write_text('{"queues": "nope"}')
     rc, _, err = ctl(capsys, broker.data_dir, "import", str(path))
     assert (rc, err) == (2, f"roost: {path} is not a definitions file: 'queues' must be a list\n")
+
+
+def test_broker_refuses_bad_definitions_whole(broker: RoostProcess, name: str) -> None:
+    # The broker checks each import request as the client checks the file,
+    # so another client of the control socket cannot half-apply one either.
+    path = control_socket(broker.data_dir)
+    bad = {"users": [{"name": name, "password": "pw"}], "queues": "nope"}
+    with pytest.raises(ControlError, match=r"^not a definitions file: 'queues' must be a list$"):
+        control_cli.request(path, "import_definitions", {"definitions": bad})
+    users = control_cli.request(path, "list_users", {})
+    assert name not in [u["name"] for u in users]
 
 
 # -- progress bars --------------------------------------------------------------

@@ -8,11 +8,13 @@ import json
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pika
 import pytest
 
+from roost.cli import main
 from roost.testing import RoostBroker
 
 pytest.importorskip("requests")  # amqpstorm.management needs it
@@ -39,6 +41,13 @@ def call(
     except urllib.error.HTTPError as exc:
         raw, status = exc.read(), exc.code
     return status, json.loads(raw) if raw else None
+
+
+def saved_definitions(broker: RoostBroker) -> dict[str, Any]:
+    """The data directory's definitions.json, as the store last wrote it."""
+    assert broker.server is not None
+    path = Path(broker.server.config.data_dir) / "definitions.json"
+    return cast("dict[str, Any]", json.loads(path.read_text()))
 
 
 def add_user(broker: RoostBroker, name: str, tags: tuple[str, ...]) -> None:
@@ -217,6 +226,95 @@ def test_definitions_export_and_import(roost_broker: RoostBroker) -> None:
     )
     assert call(roost_broker, "/api/definitions", "POST", defs) == (204, None)
     assert call(roost_broker, "/api/queues/%2F/imported")[1]["durable"] is True
+
+
+# Bodies `roost definitions import` refuses; each has a good entry before the
+# bad one, which an import that does not check everything first applies.
+REFUSED_DEFINITIONS = [
+    {
+        "users": [{"name": "mallory", "password": "x", "tags": "administrator"}],
+        "queues": "nope",
+    },
+    {
+        "queues": [
+            {"name": "first-q", "vhost": "/", "durable": True},
+            {"name": "second-q", "vhost": "/", "durable": "yes"},
+        ]
+    },
+    {"vhosts": [{"name": "v-ok"}, {"nom": "v-bad"}]},
+    {
+        "exchanges": [{"name": "x-ok", "vhost": "/", "type": "fanout"}],
+        "bindings": [{"source": "x-ok", "destination": 5}],
+    },
+    {"hello": 1},
+]
+
+
+@pytest.mark.parametrize("body", REFUSED_DEFINITIONS)
+def test_definitions_import_refuses_what_the_cli_refuses_and_changes_nothing(
+    roost_broker: RoostBroker,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    body: dict[str, Any],
+) -> None:
+    path = tmp_path / "defs.json"
+    path.write_text(json.dumps(body))
+    assert main(["definitions", "import", "--data-dir", str(tmp_path / "data"), str(path)]) == 2
+    cli_message = capsys.readouterr().err
+    before = call(roost_broker, "/api/definitions")[1]
+
+    status, reply = call(roost_broker, "/api/definitions", "POST", body)
+    assert status == 400
+    assert reply["error"] == "bad_request"
+    assert reply["reason"].startswith("not a definitions file: ")
+    assert cli_message == f"roost: {path} is {reply['reason']}\n"
+    assert call(roost_broker, "/api/definitions")[1] == before
+    assert call(roost_broker, "/api/queues/%2F/first-q")[0] == 404
+    assert call(roost_broker, "/api/exchanges/%2F/x-ok")[0] == 404
+
+
+def test_definitions_import_problems_are_a_400_and_the_rest_is_imported(
+    roost_broker: RoostBroker,
+) -> None:
+    # As `roost definitions import` (which exits 1): what only applying
+    # finds is reported, and the rest is imported and saved.
+    ttl = {"durable": True, "arguments": {"x-message-ttl": 1000}}
+    assert call(roost_broker, "/api/queues/%2F/clash-q", "PUT", ttl)[0] == 201
+    body = {
+        "queues": [
+            {"name": "clash-q", "vhost": "/", "durable": True, "arguments": {}},
+            {"name": "after-clash", "vhost": "/", "durable": True},
+        ]
+    }
+    status, reply = call(roost_broker, "/api/definitions", "POST", body)
+    assert status == 400
+    assert reply["error"] == "bad_request"
+    assert "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl'" in reply["reason"]
+    assert call(roost_broker, "/api/queues/%2F/after-clash")[1]["durable"] is True
+    assert "after-clash" in [q["name"] for q in saved_definitions(roost_broker)["queues"]]
+
+
+def test_definitions_import_is_saved_and_ignores_another_data_dirs_queue_ids(
+    roost_broker: RoostBroker,
+) -> None:
+    body = {
+        "users": [{"name": "imported-user", "password": "pw", "tags": "management"}],
+        "queues": [{"name": "ids-q", "vhost": "/", "durable": True}],
+        # A data directory's own file: its log ids belong to that directory.
+        "roost": {"next_queue_id": 1_000_000, "queue_ids": [["/", "ids-q", 4242]]},
+    }
+    assert call(roost_broker, "/api/definitions", "POST", body) == (204, None)
+    # Saved before the reply, as the other writes of the API are.
+    saved = saved_definitions(roost_broker)
+    assert "imported-user" in [u["name"] for u in saved["users"]]
+    assert "ids-q" in [q["name"] for q in saved["queues"]]
+    srv = roost_broker.server
+    assert srv is not None
+    store_id, next_id = roost_broker.call(
+        lambda: (srv.broker.vhosts["/"].queues["ids-q"].store_id, srv.broker.next_queue_id)
+    )
+    assert store_id != 4242
+    assert next_id < 1_000_000
 
 
 def test_http_port_off() -> None:

@@ -26,6 +26,7 @@ from roost.broker.exchange import EXCHANGE_TYPES, Exchange
 from roost.broker.message import Message, QueueEntry
 from roost.broker.queue import Queue
 from roost.broker.queue_args import parse_expiration
+from roost.broker.read_models import ChannelView
 from roost.broker.vhost import REPLY_TO_PREFIX, REPLY_TO_QUEUE, generate_name
 
 if TYPE_CHECKING:
@@ -123,6 +124,22 @@ class Channel:
     def owner(self) -> object:
         """Exclusive queues belong to the connection."""
         return self.conn
+
+    def describe(self) -> ChannelView:
+        """This channel for the management adapters (see
+        ``AMQPConnection.describe``)."""
+        return ChannelView(
+            number=self.number,
+            state="running" if self.flow_active else "flow",
+            consumers=tuple(self.consumers.values()),
+            messages_unacknowledged=len(self.unacked),
+            messages_uncommitted=len(self._tx_publishes),
+            acks_uncommitted=len(self._tx_settles),
+            prefetch_count=self.prefetch_count,
+            global_prefetch_count=self.global_prefetch,
+            confirm=self.confirm,
+            transactional=self.tx,
+        )
 
     def send(self, frame: MethodFrame) -> None:
         self._reply(encoder.method(self.number, frame))

@@ -34,6 +34,7 @@ from roost.amqp.decoder import (
 )
 from roost.broker import access, errors
 from roost.broker.errors import BrokerError
+from roost.broker.read_models import ConnectionView
 from roost.tls import peer_common_name
 
 if TYPE_CHECKING:
@@ -716,6 +717,35 @@ class AMQPConnection(asyncio.Protocol):
     ) -> None:
         """Server-initiated close (shutdown, management)."""
         self._connection_error(code, text, 0, 0)
+
+    def describe(self) -> ConnectionView:
+        """``broker.ClientConnection.describe``: this connection for the
+        management adapters."""
+        local = ""
+        tls = False
+        if self.transport is not None:
+            sock = self.transport.get_extra_info("sockname")
+            if isinstance(sock, tuple):
+                local = f"{sock[0]}:{sock[1]}"
+            elif sock:
+                local = str(sock)
+            tls = self.transport.get_extra_info("ssl_object") is not None
+        return ConnectionView(
+            peer=self.peer,
+            peer_host=self.peer_host,
+            local=local,
+            user=self.username,
+            vhost=self.vhost.name if self.vhost is not None else None,
+            state="running" if self.state == "open" else self.state,
+            channel_max=self.channel_max,
+            frame_max=self.frame_max,
+            heartbeat=self.heartbeat,
+            client_properties=self.client_properties,
+            tls=tls,
+            auth_mechanism="EXTERNAL" if self.cert_name else "PLAIN",
+            connected_for=self.loop.time() - self.opened_at,
+            channels=tuple(ch.describe() for _, ch in sorted(self.channels.items())),
+        )
 
     def _close_transport(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

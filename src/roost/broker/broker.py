@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from roost.broker import errors, stats
 from roost.broker.access import LoginThrottle, Permissions
@@ -13,6 +13,9 @@ from roost.broker.errors import BrokerError
 from roost.broker.journal import Journal
 from roost.broker.users import UserStore
 from roost.broker.vhost import VirtualHost
+
+if TYPE_CHECKING:
+    from roost.broker.read_models import ConnectionView
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 DEFAULT_QUEUE_MEMORY_LIMIT = 128 * 1024 * 1024
@@ -26,12 +29,15 @@ INGRESS_CHECK_BYTES = 4 * 1024 * 1024
 
 class ClientConnection(Protocol):
     """What the broker needs of an open client connection (AMQP or other):
-    who it is, where, and a way to close it."""
+    who it is, where, a way to close it, and a description of itself and
+    its channels for the management adapters."""
 
     username: str
     vhost: VirtualHost | None
 
     def close(self, code: int, text: str) -> None: ...
+
+    def describe(self) -> ConnectionView: ...
 
 
 class Broker:

@@ -1,4 +1,5 @@
-"""Field-table values as RabbitMQ compares and names them in its error texts.
+"""Field-table values as RabbitMQ compares and names them in its error texts,
+and as JSON shows them (definitions, the management API, ``roost ctl``).
 
 RabbitMQ keeps each argument's wire type (``signedint``, ``longstr`` ...)
 and prints it in messages such as ``inequivalent arg 'x-message-ttl' ...:
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+from collections.abc import Mapping
 from typing import Any
 
 # rabbit_misc:type_class/1: integer types compare equal across widths, as do
@@ -148,3 +150,19 @@ def inequivalence(table_have: dict[str, Any], table_want: dict[str, Any], key: s
             return None
         return f"received {plain(want)} but current is {plain(have)}"
     return f"received {typed(want)} but current is {typed(have)}"
+
+
+def jsonable(table: Mapping[str, Any]) -> dict[str, Any]:
+    """``table`` as JSON can carry it: binary values as UTF-8 text, nested
+    tables likewise, and values JSON has no type for (timestamps, decimals)
+    as their ``str``."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        if isinstance(v, bytes | bytearray):
+            v = bytes(v).decode("utf-8", "replace")
+        elif isinstance(v, dict):
+            v = jsonable(v)
+        elif not isinstance(v, str | int | float | bool | list | type(None)):
+            v = str(v)
+        out[k] = v
+    return out

@@ -17,13 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from roost.cli_messages import CommandFailed, say
 from roost.config import ConfigError, load_config
 from roost.control import runtime_cli
 from roost.control.commands import READ_ONLY, ControlError, execute
 from roost.control.socket_path import control_socket, reachable
 from roost.store import definitions
 from roost.store.datadir import DataDirInUse, DataDirLock
-from roost.store.definitions_cli import _Failed, _new_broker, _open
+from roost.store.definitions_cli import load_broker, new_broker
 
 TIMEOUT = 30.0
 
@@ -133,13 +134,13 @@ def run(args: argparse.Namespace) -> int:
         except ControlUnavailable:
             result = _offline(data_dir, command, request_args, config)
     except ConfigError as exc:
-        _say(str(exc))
+        say(str(exc))
         return 2
     except ControlError as exc:
-        _say(str(exc))
+        say(str(exc))
         return 1
-    except _Failed as exc:
-        _say(str(exc))
+    except CommandFailed as exc:
+        say(str(exc))
         return exc.code
     _print(command, result, args.json)
     return 0
@@ -188,11 +189,13 @@ def _offline(data_dir: Path, command: str, args: dict[str, Any], config: Any) ->
     if not data_dir.is_dir():
         if command in READ_ONLY:
             # Nothing stored yet: what the first ``roost serve`` would start with.
-            return execute(_new_broker(config), command, args)
+            return execute(new_broker(config), command, args)
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _Failed(f"cannot create data directory {data_dir}: {exc.strerror}", 1) from exc
+            raise CommandFailed(
+                f"cannot create data directory {data_dir}: {exc.strerror}", 1
+            ) from exc
     lock = DataDirLock(data_dir)
     try:
         lock.acquire()
@@ -202,7 +205,7 @@ def _offline(data_dir: Path, command: str, args: dict[str, Any], config: Any) ->
     except OSError as exc:
         raise ControlError(f"cannot use data directory {data_dir}: {exc.strerror}") from exc
     try:
-        broker = _open(config, data_dir)
+        broker = load_broker(config, data_dir)
         result = execute(broker, command, args)
         if command not in READ_ONLY:
             path = data_dir / definitions.FILENAME
@@ -210,7 +213,7 @@ def _offline(data_dir: Path, command: str, args: dict[str, Any], config: Any) ->
             try:
                 definitions.write_atomic(path, content)
             except OSError as exc:
-                raise _Failed(f"cannot write {path}: {exc.strerror or exc}", 1) from exc
+                raise CommandFailed(f"cannot write {path}: {exc.strerror or exc}", 1) from exc
     finally:
         lock.release()
     return result
@@ -259,19 +262,15 @@ def _print(command: str, result: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
     elif command in _COLUMNS:
-        print(_table(_COLUMNS[command], result), end="")
+        print(table(_COLUMNS[command], result), end="")
     else:
         print(result["message"])
 
 
-def _table(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
+def table(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
     cells = [list(columns)] + [
         [", ".join(v) if isinstance(v := row[c], list) else str(v) for c in columns] for row in rows
     ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     return "\n".join(lines) + "\n"
-
-
-def _say(text: str) -> None:
-    print(f"roost: {text}", file=sys.stderr)

@@ -29,7 +29,7 @@ class ControlError(Exception):
     """A command that cannot be done; the message is for the user."""
 
 
-def _str(args: dict[str, Any], key: str, default: str | None = None) -> str:
+def str_arg(args: dict[str, Any], key: str, default: str | None = None) -> str:
     value = args.get(key, default)
     if not isinstance(value, str):
         raise ControlError(f"'{key}' must be a string")
@@ -53,8 +53,8 @@ def _user(broker: Broker, name: str) -> User:
     return user
 
 
-def _vhost_name(broker: Broker, args: dict[str, Any]) -> str:
-    name = _str(args, "vhost", "/")
+def vhost_name_arg(broker: Broker, args: dict[str, Any]) -> str:
+    name = str_arg(args, "vhost", "/")
     if name not in broker.vhosts:
         raise ControlError(f"vhost '{name}' does not exist")
     return name
@@ -68,18 +68,18 @@ def _done(message: str) -> dict[str, str]:
 
 
 def add_user(broker: Broker, args: dict[str, Any]) -> Any:
-    name = _str(args, "name")
+    name = str_arg(args, "name")
     if not name:
         raise ControlError("user name must not be empty")
     if name in broker.users.users:
         raise ControlError(f"user '{name}' already exists")
-    broker.users.put(User(name, hash_password(_str(args, "password")), _tags(args)))
+    broker.users.put(User(name, hash_password(str_arg(args, "password")), _tags(args)))
     broker.definitions_changed()
     return _done(f"added user '{name}'")
 
 
 def delete_user(broker: Broker, args: dict[str, Any]) -> Any:
-    name = _str(args, "name")
+    name = str_arg(args, "name")
     _user(broker, name)
     del broker.users.users[name]
     # As in RabbitMQ, a user's permissions go with it.
@@ -93,16 +93,16 @@ def delete_user(broker: Broker, args: dict[str, Any]) -> Any:
 
 
 def change_password(broker: Broker, args: dict[str, Any]) -> Any:
-    name = _str(args, "name")
+    name = str_arg(args, "name")
     user = _user(broker, name)
     # Always stored with the default algorithm, whatever an import used.
-    broker.users.put(User(name, hash_password(_str(args, "password")), user.tags))
+    broker.users.put(User(name, hash_password(str_arg(args, "password")), user.tags))
     broker.definitions_changed()
     return _done(f"changed the password of user '{name}'")
 
 
 def set_tags(broker: Broker, args: dict[str, Any]) -> Any:
-    name = _str(args, "name")
+    name = str_arg(args, "name")
     user = _user(broker, name)
     user.tags = _tags(args)
     broker.definitions_changed()
@@ -115,16 +115,16 @@ def put_user(broker: Broker, args: dict[str, Any]) -> Any:
     with a ``password``, a ``password_hash`` (and ``hashing_algorithm``) in
     RabbitMQ's format, or neither (then no password logs it in, or an
     existing user keeps its own). ``created`` tells which it was."""
-    name = _str(args, "name")
+    name = str_arg(args, "name")
     if not name:
         raise ControlError("user name must not be empty")
     tags = _tags(args)
     existing = broker.users.users.get(name)
-    algorithm = _str(args, "hashing_algorithm", SHA256)
+    algorithm = str_arg(args, "hashing_algorithm", SHA256)
     if algorithm not in (SHA256, SHA512, MD5):
         raise ControlError(f"unknown hashing algorithm '{algorithm}'")
     if "password_hash" in args:
-        password_hash = _str(args, "password_hash")
+        password_hash = str_arg(args, "password_hash")
         try:
             valid = password_hash == "" or len(base64.b64decode(password_hash, validate=True)) > 4
         except (ValueError, binascii.Error):
@@ -132,7 +132,7 @@ def put_user(broker: Broker, args: dict[str, Any]) -> Any:
         if not valid:
             raise ControlError("invalid password_hash: not a salted hash in base64")
     elif "password" in args:
-        password_hash, algorithm = hash_password(_str(args, "password")), SHA256
+        password_hash, algorithm = hash_password(str_arg(args, "password")), SHA256
     elif existing is not None:
         password_hash, algorithm = existing.password_hash, existing.algorithm
     else:
@@ -154,7 +154,7 @@ def list_users(broker: Broker, args: dict[str, Any]) -> Any:
 
 
 def add_vhost(broker: Broker, args: dict[str, Any]) -> Any:
-    name = _str(args, "name")
+    name = str_arg(args, "name")
     if not name:
         raise ControlError("vhost name must not be empty")
     if name in broker.vhosts:
@@ -164,7 +164,7 @@ def add_vhost(broker: Broker, args: dict[str, Any]) -> Any:
 
 
 def delete_vhost(broker: Broker, args: dict[str, Any]) -> Any:
-    name = _str(args, "name")
+    name = str_arg(args, "name")
     vh = broker.vhosts.get(name)
     if vh is None:
         raise ControlError(f"vhost '{name}' does not exist")
@@ -192,12 +192,12 @@ def list_vhosts(broker: Broker, args: dict[str, Any]) -> Any:
 
 
 def set_permissions(broker: Broker, args: dict[str, Any]) -> Any:
-    vhost = _vhost_name(broker, args)
-    user = _str(args, "user")
+    vhost = vhost_name_arg(broker, args)
+    user = str_arg(args, "user")
     _user(broker, user)
     patterns = []
     for key in ("configure", "write", "read"):
-        pattern = _str(args, key)
+        pattern = str_arg(args, key)
         try:
             re.compile(pattern)
         except re.error as exc:
@@ -209,8 +209,8 @@ def set_permissions(broker: Broker, args: dict[str, Any]) -> Any:
 
 
 def clear_permissions(broker: Broker, args: dict[str, Any]) -> Any:
-    vhost = _vhost_name(broker, args)
-    user = _str(args, "user")
+    vhost = vhost_name_arg(broker, args)
+    user = str_arg(args, "user")
     _user(broker, user)
     if broker.permissions.pop((user, vhost), None) is not None:
         broker.definitions_changed()
@@ -218,7 +218,7 @@ def clear_permissions(broker: Broker, args: dict[str, Any]) -> Any:
 
 
 def list_permissions(broker: Broker, args: dict[str, Any]) -> Any:
-    vhost = _vhost_name(broker, args)
+    vhost = vhost_name_arg(broker, args)
     return [
         {"user": user, "configure": c, "write": w, "read": r}
         for (user, vh), (c, w, r) in sorted(broker.permissions.items())

@@ -21,14 +21,15 @@ from typing import Any
 from pamqp import commands as C
 
 from roost import __version__
+from roost.broker import read_models
 from roost.broker.broker import Broker
 from roost.broker.errors import BrokerError
 from roost.broker.message import Message
 from roost.broker.queue import Queue
 from roost.broker.vhost import VirtualHost
-from roost.control.commands import ControlError, _str, _vhost_name
+from roost.control.commands import ControlError, str_arg, vhost_name_arg
 from roost.properties import EMPTY, encode_properties
-from roost.store import definitions
+from roost.store import definitions, definitions_import
 
 # Most messages one ``publish`` or ``get`` request handles: the client splits
 # larger counts into several requests (and shows its progress between them).
@@ -36,12 +37,12 @@ MAX_BATCH = 10_000
 
 
 def _vhost(broker: Broker, args: dict[str, Any]) -> VirtualHost:
-    return broker.vhosts[_vhost_name(broker, args)]
+    return broker.vhosts[vhost_name_arg(broker, args)]
 
 
 def _queue(broker: Broker, args: dict[str, Any]) -> Queue:
     vh = _vhost(broker, args)
-    name = _str(args, "name")
+    name = str_arg(args, "name")
     q = vh.queues.get(name)
     if q is None:
         raise ControlError(f"queue '{name}' does not exist in vhost '{vh.name}'")
@@ -55,129 +56,108 @@ def _count(args: dict[str, Any]) -> int:
     return count
 
 
-def _connections(broker: Broker, vhost: str | None = None) -> list[Any]:
-    # AMQPConnection objects (the broker knows them only as ClientConnection).
-    conns: list[Any] = [c for c in broker.connections if getattr(c, "vhost", None) is not None]
-    if vhost is not None:
-        conns = [c for c in conns if c.vhost.name == vhost]
-    return sorted(conns, key=lambda c: str(getattr(c, "peer", "")))
-
-
 # -- listings -------------------------------------------------------------
 
 
 def list_queues(broker: Broker, args: dict[str, Any]) -> Any:
     vh = _vhost(broker, args)
+    views = (read_models.queue_view(broker, q) for q in vh.queues.values())
     return [
         {
-            "name": q.name,
-            "messages": q.message_count + q.unacked,
-            "ready": q.message_count,
-            "unacked": q.unacked,
-            "consumers": q.consumer_count,
-            "durable": q.durable,
-            "auto_delete": q.auto_delete,
-            "exclusive": q.exclusive,
+            "name": v.name,
+            "messages": v.messages,
+            "ready": v.messages_ready,
+            "unacked": v.messages_unacknowledged,
+            "consumers": v.consumers,
+            "durable": v.durable,
+            "auto_delete": v.auto_delete,
+            "exclusive": v.exclusive,
         }
-        for q in sorted(vh.queues.values(), key=lambda q: q.name)
+        for v in sorted(views, key=lambda v: v.name)
     ]
 
 
 def list_exchanges(broker: Broker, args: dict[str, Any]) -> Any:
     vh = _vhost(broker, args)
+    views = (read_models.exchange_view(broker, vh, ex) for ex in vh.exchanges.values())
     return [
         {
-            "name": ex.name,
-            "type": ex.type_name,
-            "durable": ex.durable,
-            "auto_delete": ex.auto_delete,
-            "internal": ex.internal,
+            "name": v.name,
+            "type": v.type,
+            "durable": v.durable,
+            "auto_delete": v.auto_delete,
+            "internal": v.internal,
         }
-        for ex in sorted(vh.exchanges.values(), key=lambda ex: ex.name)
+        for v in sorted(views, key=lambda v: v.name)
     ]
+
+
+def _binding_row(b: read_models.BindingView) -> dict[str, Any]:
+    return {
+        "source": b.source,
+        "destination": b.destination,
+        "destination_type": b.destination_type,
+        "routing_key": b.routing_key,
+        "arguments": {k: str(v) for k, v in b.arguments.items()},
+    }
 
 
 def list_bindings(broker: Broker, args: dict[str, Any]) -> Any:
     vh = _vhost(broker, args)
-    rows = [
-        {
-            "source": b.source.name,
-            "destination": b.destination.name,
-            "destination_type": b.destination.kind,
-            "routing_key": b.routing_key,
-            "arguments": {k: str(v) for k, v in (b.arguments or {}).items()},
-        }
-        for ex in vh.exchanges.values()
-        for b in ex.bindings.values()
-    ]
-    # The default exchange's implicit bindings, as rabbitmqctl lists them.
-    implicit = [
-        {
-            "source": "",
-            "destination": q.name,
-            "destination_type": "queue",
-            "routing_key": q.name,
-            "arguments": {},
-        }
-        for q in vh.queues.values()
-    ]
+    # The default exchange's implicit bindings first, as rabbitmqctl lists them.
+    implicit = [_binding_row(read_models.default_binding(q)) for q in vh.queues.values()]
+    rows = [_binding_row(b) for b in read_models.bindings(vh) if b.source != ""]
     key = lambda r: (r["source"], r["destination"], r["routing_key"])  # noqa: E731
-    return sorted(implicit, key=key) + sorted((r for r in rows if r["source"] != ""), key=key)
+    return sorted(implicit, key=key) + sorted(rows, key=key)
 
 
 def list_connections(broker: Broker, args: dict[str, Any]) -> Any:
-    vhost = _vhost_name(broker, args) if "vhost" in args else None
+    vhost = vhost_name_arg(broker, args) if "vhost" in args else None
     return [
         {
             "peer": c.peer,
-            "user": c.username,
-            "vhost": c.vhost.name,
+            "user": c.user,
+            "vhost": c.vhost,
             "channels": len(c.channels),
-            "tls": c.transport is not None and c.transport.get_extra_info("ssl_object") is not None,
-            "connected_s": round(c.loop.time() - c.opened_at, 1),
+            "tls": c.tls,
+            "connected_s": round(c.connected_for, 1),
             "client": str(c.client_properties.get("product", "")),
         }
-        for c in _connections(broker, vhost)
+        for c in read_models.connections(broker, vhost)
     ]
 
 
 def list_channels(broker: Broker, args: dict[str, Any]) -> Any:
-    vhost = _vhost_name(broker, args) if "vhost" in args else None
+    vhost = vhost_name_arg(broker, args) if "vhost" in args else None
     return [
         {
             "connection": c.peer,
             "number": ch.number,
-            "user": c.username,
+            "user": c.user,
             "consumers": len(ch.consumers),
-            "unacked": len(ch.unacked),
+            "unacked": ch.messages_unacknowledged,
             "prefetch": ch.prefetch_count,
             "confirm": ch.confirm,
-            "tx": ch.tx,
+            "tx": ch.transactional,
         }
-        for c in _connections(broker, vhost)
-        for ch in sorted(c.channels.values(), key=lambda ch: ch.number)
+        for c in read_models.connections(broker, vhost)
+        for ch in c.channels
     ]
 
 
 def list_consumers(broker: Broker, args: dict[str, Any]) -> Any:
-    vh = _vhost(broker, args)
-    rows = []
-    for q in sorted(vh.queues.values(), key=lambda q: q.name):
-        for consumer in q.consumers():
-            ch = consumer.sink
-            conn = getattr(ch, "conn", None)
-            rows.append(
-                {
-                    "queue": q.name,
-                    "tag": consumer.tag,
-                    "connection": getattr(conn, "peer", ""),
-                    "channel": getattr(ch, "number", 0),
-                    "ack_required": not consumer.no_ack,
-                    "prefetch": consumer.prefetch,
-                    "exclusive": consumer.exclusive,
-                }
-            )
-    return rows
+    return [
+        {
+            "queue": c.queue,
+            "tag": c.tag,
+            "connection": c.connection.peer if c.connection is not None else "",
+            "channel": c.channel.number if c.channel is not None else 0,
+            "ack_required": c.ack_required,
+            "prefetch": c.prefetch_count,
+            "exclusive": c.exclusive,
+        }
+        for c in read_models.queue_consumers(broker, _vhost(broker, args))
+    ]
 
 
 # -- queue operations -----------------------------------------------------
@@ -198,7 +178,7 @@ def delete_queue(broker: Broker, args: dict[str, Any]) -> Any:
 
 def delete_exchange(broker: Broker, args: dict[str, Any]) -> Any:
     vh = _vhost(broker, args)
-    name = _str(args, "name")
+    name = str_arg(args, "name")
     if name == "" or name.startswith("amq."):
         raise ControlError(f"exchange '{name}' is built in and cannot be deleted")
     if name not in vh.exchanges:
@@ -212,15 +192,15 @@ def delete_exchange(broker: Broker, args: dict[str, Any]) -> Any:
 
 def publish(broker: Broker, args: dict[str, Any]) -> Any:
     vh = _vhost(broker, args)
-    name = _str(args, "exchange", "")
+    name = str_arg(args, "exchange", "")
     ex = vh.exchanges.get(name)
     if ex is None:
         raise ControlError(f"exchange '{name}' does not exist in vhost '{vh.name}'")
     if ex.internal:
         raise ControlError(f"cannot publish to internal exchange '{name}'")
-    routing_key = _str(args, "routing_key")
+    routing_key = str_arg(args, "routing_key")
     try:
-        body = base64.b64decode(_str(args, "body_base64", ""), validate=True)
+        body = base64.b64decode(str_arg(args, "body_base64", ""), validate=True)
     except binascii.Error as exc:
         raise ControlError(f"'body_base64' is not base64: {exc}") from None
     persistent = bool(args.get("persistent"))
@@ -287,7 +267,7 @@ def _dir_size(path: str) -> int:
 
 def status(broker: Broker, args: dict[str, Any], info: dict[str, Any] | None = None) -> Any:
     info = info or {}
-    queues = [q for vh in broker.vhosts.values() for q in vh.queues.values()]
+    totals = read_models.totals(broker.vhosts.values())
     started = info.get("started")
     data_dir = info.get("data_dir", "")
     return {
@@ -295,12 +275,12 @@ def status(broker: Broker, args: dict[str, Any], info: dict[str, Any] | None = N
         "pid": os.getpid(),
         "uptime_s": round(time.time() - started, 1) if started else None,
         "listeners": info.get("listeners", []),
-        "connections": len(_connections(broker)),
+        "connections": len(read_models.connections(broker)),
         "vhosts": len(broker.vhosts),
-        "queues": len(queues),
-        "messages": sum(q.message_count + q.unacked for q in queues),
-        "messages_ready": sum(q.message_count for q in queues),
-        "messages_unacked": sum(q.unacked for q in queues),
+        "queues": totals.queues,
+        "messages": totals.messages,
+        "messages_ready": totals.messages_ready,
+        "messages_unacked": totals.messages_unacknowledged,
         "memory_rss": _rss(),
         "alarms": sorted(broker.alarms),
         "data_dir": data_dir,
@@ -316,13 +296,10 @@ def import_definitions(broker: Broker, args: dict[str, Any]) -> Any:
     data = args.get("definitions")
     if not isinstance(data, dict):
         raise ControlError("'definitions' must be an object")
-    data.pop("roost", None)  # another data directory's queue ids mean nothing here
     try:
-        problems = definitions.apply(broker, data)
+        problems = definitions_import.import_into(broker, data)
     except definitions.DefinitionsError as exc:
         raise ControlError(str(exc)) from None
-    # Users and permissions are not vhost definitions: have them saved too.
-    broker.definitions_changed()
     return {"message": "imported", "problems": problems}
 
 

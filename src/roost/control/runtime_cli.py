@@ -17,13 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from roost.cli_messages import CommandFailed, say
 from roost.config import Config, ConfigError, load_config
 from roost.control import cli as ctl
 from roost.control.commands import ControlError
 from roost.control.runtime import MAX_BATCH
 from roost.control.socket_path import control_socket
-from roost.store import definitions_cli
-from roost.store.definitions_cli import SECTIONS, _Failed
+from roost.store import definitions_cli, definitions_import
+from roost.store.definitions_import import SECTIONS
 
 LIST_KINDS = ("queues", "exchanges", "bindings", "connections", "consumers", "channels")
 ACTIONS = frozenset({"list", "purge", "delete", "publish", "get", "status", "export", "import"})
@@ -88,16 +89,16 @@ def run(args: argparse.Namespace) -> int:
         try:
             return _online(action, args, path)
         except ctl.ControlUnavailable:
-            ctl._say(f"no broker running on {data_dir}")
+            say(f"no broker running on {data_dir}")
             return 1
     except ConfigError as exc:
-        ctl._say(str(exc))
+        say(str(exc))
         return 2
     except ControlError as exc:
-        ctl._say(str(exc))
+        say(str(exc))
         return 1
-    except _Failed as exc:
-        ctl._say(str(exc))
+    except CommandFailed as exc:
+        say(str(exc))
         return exc.code
 
 
@@ -188,23 +189,25 @@ def _definitions(action: str, args: argparse.Namespace, config: Config, path: Pa
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:
                     fh.write(content)
             except OSError as exc:
-                raise _Failed(f"cannot write {args.file}: {exc.strerror}", 1) from exc
-        ctl._say(f"exported {definitions_cli._summary(data)} from the running broker")
+                raise CommandFailed(f"cannot write {args.file}: {exc.strerror}", 1) from exc
+        say(f"exported {definitions_cli.summary(data)} from the running broker")
         return 0
-    data = definitions_cli._read(args.file)
+    data = definitions_cli.read_definitions(args.file)
     label = "standard input" if args.file == "-" else args.file
-    shape = definitions_cli._shape_errors(data)
-    if shape:
-        raise _Failed(f"{label} is not a definitions file: " + "; ".join(shape[:10]), 2)
+    # All of it before the first batch: the broker checks each batch too,
+    # but a batch it refused would leave the ones before it imported.
+    try:
+        data = definitions_import.validated(data)
+    except definitions_import.ImportRefused as exc:
+        raise CommandFailed(f"{label} is {exc}", 2) from exc
     batches = _import_batches(data)
-    problems = definitions_cli._unusable_users(data)
     try:
         first = ctl.request(path, "import_definitions", {"definitions": batches[0]})
     except ctl.ControlUnavailable:
         # No broker: edit the stopped data directory, as `roost definitions import`.
         definitions_cli.import_data(config, data, label)
         return 0
-    problems += first["problems"]
+    problems: list[str] = first["problems"]
     total = sum(_entries(b) for b in batches)
     bar = Progress("importing", total)
     done = _entries(batches[0])
@@ -214,11 +217,11 @@ def _definitions(action: str, args: argparse.Namespace, config: Config, path: Pa
         done += _entries(batch)
         bar.update(done)
     bar.finish()
-    ctl._say(f"imported {definitions_cli._summary(data)} from {label} into the running broker")
-    for warning in definitions_cli._warnings(data):
-        ctl._say(f"warning: {warning}")
+    say(f"imported {definitions_cli.summary(data)} from {label} into the running broker")
+    for warning in definitions_cli.import_warnings(data):
+        say(f"warning: {warning}")
     for problem in problems:
-        ctl._say(f"problem: {problem}")
+        say(f"problem: {problem}")
     return 1 if problems else 0
 
 
@@ -229,7 +232,9 @@ def _entries(batch: dict[str, Any]) -> int:
 def _import_batches(data: dict[str, Any]) -> list[dict[str, Any]]:
     """``data`` cut into requests of at most ``IMPORT_BATCH`` entries, in
     the order ``apply`` needs (users, vhosts, ... bindings last)."""
-    batches: list[dict[str, Any]] = [{}]
+    # Each batch has to be definitions on its own: the first one carries
+    # every section ``data`` has, even if all of them are empty.
+    batches: list[dict[str, Any]] = [{s: [] for s in SECTIONS if s in data}]
     size = 0
     for section in SECTIONS:
         for entry in data.get(section) or []:
@@ -248,7 +253,7 @@ def _output(columns: tuple[str, ...], rows: list[dict[str, Any]], as_json: bool)
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        print(ctl._table(columns, rows), end="")
+        print(ctl.table(columns, rows), end="")
 
 
 def _size(n: int) -> str:

@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from roost.broker import read_models
 from roost.broker.broker import Broker
 from roost.broker.vhost import VirtualHost
 from roost.http.common import (
@@ -18,8 +19,7 @@ from roost.http.common import (
 
 
 def vhost_json(broker: Broker, vh: VirtualHost) -> dict[str, Any]:
-    ready = sum(q.message_count for q in vh.queues.values())
-    unacked = sum(q.unacked for q in vh.queues.values())
+    totals = read_models.totals([vh])
     description = "Default virtual host" if vh.name == "/" else ""
     return {
         "name": vh.name,
@@ -28,9 +28,9 @@ def vhost_json(broker: Broker, vh: VirtualHost) -> dict[str, Any]:
         "metadata": {"description": description, "tags": []},
         "default_queue_type": "undefined",
         "tracing": False,
-        "messages": ready + unacked,
-        "messages_ready": ready,
-        "messages_unacknowledged": unacked,
+        "messages": totals.messages,
+        "messages_ready": totals.messages_ready,
+        "messages_unacknowledged": totals.messages_unacknowledged,
         "message_stats": broker.stats.message_stats(("vhost", vh.name)),
     }
 

@@ -1,18 +1,22 @@
-"""Creating, showing and deleting bindings, as RabbitMQ's
+"""Listing bindings (/api/bindings, per vhost, per exchange, per queue) and
+creating, showing and deleting them, as RabbitMQ's
 /api/bindings/{vhost}/e/{source}/q/{queue} (and .../e/{destination})
-with a binding named by its ``properties_key``, and the per-exchange and
-per-queue binding lists."""
+with a binding named by its ``properties_key``."""
 
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
+from roost.broker import read_models
 from roost.broker.binding import Binding
 from roost.broker.exchange import Exchange
+from roost.broker.fields import jsonable
 from roost.broker.queue import Queue
+from roost.broker.read_models import BindingView
 from roost.broker.vhost import VirtualHost
 from roost.http.common import (
     bad_request,
@@ -22,8 +26,34 @@ from roost.http.common import (
     json_response,
     not_found,
     vhost_of,
+    visible_vhosts,
 )
-from roost.http.queues import binding_json, properties_key
+
+
+def binding_json(b: BindingView) -> dict[str, Any]:
+    return {
+        "source": b.source,
+        "vhost": b.vhost,
+        "destination": b.destination,
+        "destination_type": b.destination_type,
+        "routing_key": b.routing_key,
+        "arguments": jsonable(b.arguments),
+        "properties_key": b.properties_key,
+    }
+
+
+def _json(vh: VirtualHost, bindings: Iterable[Binding]) -> list[dict[str, Any]]:
+    return [binding_json(read_models.binding_view(vh.name, b)) for b in bindings]
+
+
+async def list_all(request: web.Request) -> web.Response:
+    return json_response(
+        [binding_json(b) for vh in visible_vhosts(request) for b in read_models.bindings(vh)]
+    )
+
+
+async def list_vhost(request: web.Request) -> web.Response:
+    return json_response([binding_json(b) for b in read_models.bindings(vhost_of(request))])
 
 
 def _exchange_name(name: str) -> str:
@@ -52,7 +82,7 @@ async def list_between(request: web.Request) -> web.Response:
     # As RabbitMQ: a missing source or destination lists nothing.
     if source is None or dest is None:
         return json_response([])
-    return json_response([binding_json(vh.name, b) for b in _between(source, dest)])
+    return json_response(_json(vh, _between(source, dest)))
 
 
 async def create(request: web.Request) -> web.Response:
@@ -71,7 +101,9 @@ async def create(request: web.Request) -> web.Response:
         for b in _between(source, dest)
         if b.routing_key == routing_key and b.arguments == dict(arguments)
     ]
-    props = properties_key(made[0]) if made else routing_key or "~"
+    props = (
+        read_models.properties_key(routing_key, made[0].arguments) if made else routing_key or "~"
+    )
     # RabbitMQ's Location: the new binding, relative to the request's URL.
     location = urllib.parse.quote(dest.name, safe="") + "/" + urllib.parse.quote(props, safe="~")
     await definitions_saved(broker_of(request))
@@ -84,14 +116,14 @@ def _binding(request: web.Request, vh: VirtualHost) -> Binding:
         not_found()
     props = request.match_info["props"]
     for b in _between(source, dest):
-        if properties_key(b) == props:
+        if read_models.properties_key(b.routing_key, b.arguments) == props:
             return b
     not_found()
 
 
 async def show(request: web.Request) -> web.Response:
     vh = vhost_of(request)
-    return json_response(binding_json(vh.name, _binding(request, vh)))
+    return json_response(binding_json(read_models.binding_view(vh.name, _binding(request, vh))))
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -112,13 +144,13 @@ def _exchange(request: web.Request, vh: VirtualHost) -> Exchange:
 async def exchange_source(request: web.Request) -> web.Response:
     vh = vhost_of(request)
     ex = _exchange(request, vh)
-    return json_response([binding_json(vh.name, b) for b in ex.bindings.values()])
+    return json_response(_json(vh, ex.bindings.values()))
 
 
 async def exchange_destination(request: web.Request) -> web.Response:
     vh = vhost_of(request)
     ex = _exchange(request, vh)
-    return json_response([binding_json(vh.name, b) for b in ex.inbound])
+    return json_response(_json(vh, ex.inbound))
 
 
 async def queue_bindings(request: web.Request) -> web.Response:
@@ -127,20 +159,13 @@ async def queue_bindings(request: web.Request) -> web.Response:
     if q is None:
         not_found()
     # The default exchange's implicit binding first, as RabbitMQ lists it.
-    implicit: dict[str, Any] = {
-        "source": "",
-        "vhost": vh.name,
-        "destination": q.name,
-        "destination_type": "queue",
-        "routing_key": q.name,
-        "arguments": {},
-        "properties_key": q.name.replace("%", "%25").replace("~", "%7E") or "~",
-    }
-    explicit = [binding_json(vh.name, b) for b in q.bindings if b.source.name]
-    return json_response([implicit, *explicit])
+    implicit = binding_json(read_models.default_binding(q))
+    return json_response([implicit, *_json(vh, (b for b in q.bindings if b.source.name))])
 
 
 def register(app: web.Application) -> None:
+    app.router.add_get("/api/bindings", list_all)
+    app.router.add_get("/api/bindings/{vhost}", list_vhost)
     for kind in ("q", "e"):
         base = "/api/bindings/{vhost}/e/{source}/" + kind + "/{destination}"
         app.router.add_get(base, list_between)

@@ -1,6 +1,7 @@
-"""/api/connections, /api/channels and /api/consumers, with RabbitMQ's
-names: a connection is "peer -> local" ("127.0.0.1:54321 ->
-127.0.0.1:5672"), its channels that name followed by " (number)"."""
+"""/api/connections, /api/channels and /api/consumers, from the core's read
+models, with RabbitMQ's names: a connection is "peer -> local"
+("127.0.0.1:54321 -> 127.0.0.1:5672"), its channels that name followed by
+" (number)"."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Any
 
 from aiohttp import web
 
-from roost.amqp.channel import Channel
-from roost.amqp.connection import AMQPConnection
-from roost.broker.consumer import Consumer
+from roost.broker import read_models
 from roost.broker.errors import CONNECTION_FORCED
+from roost.broker.fields import jsonable
+from roost.broker.read_models import ChannelView, ConnectionView, ConsumerView, host_port
 from roost.http.common import (
     INFO,
     broker_of,
@@ -23,127 +24,101 @@ from roost.http.common import (
     user_of,
     vhost_of,
 )
-from roost.store.definitions import _jsonable
 
 
-def _conn_name(conn: AMQPConnection) -> str:
-    local = ""
-    if conn.transport is not None:
-        sock = conn.transport.get_extra_info("sockname")
-        if isinstance(sock, tuple):
-            local = f"{sock[0]}:{sock[1]}"
-        elif sock:
-            local = str(sock)
-    return f"{conn.peer} -> {local}"
-
-
-def _host_port(address: str) -> tuple[str, int | None]:
-    host, _, port = address.rpartition(":")
-    return (host, int(port)) if port.isdigit() else (address, None)
-
-
-def _connections(request: web.Request, vhost: str | None = None) -> list[AMQPConnection]:
-    """Open AMQP connections the user may see: all of them for
-    administrators and monitoring users, otherwise its own (as RabbitMQ)."""
+def _connections(request: web.Request, vhost: str | None = None) -> list[ConnectionView]:
+    """Open connections the user may see: all of them for administrators
+    and monitoring users, otherwise its own (as RabbitMQ)."""
     user = user_of(request)
-    out = []
-    for conn in broker_of(request).connections:
-        if not isinstance(conn, AMQPConnection) or conn.vhost is None:
-            continue
-        if vhost is not None and conn.vhost.name != vhost:
-            continue
-        if sees_all(user) or conn.username == user.name:
-            out.append(conn)
-    return sorted(out, key=_conn_name)
+    return [
+        c
+        for c in read_models.connections(broker_of(request), vhost)
+        if sees_all(user) or c.user == user.name
+    ]
 
 
-def connection_json(request: web.Request, conn: AMQPConnection) -> dict[str, Any]:
-    name = _conn_name(conn)
-    host, port = _host_port(name.partition(" -> ")[2])
-    peer_host, peer_port = _host_port(conn.peer)
-    props = _jsonable(conn.client_properties)
-    ssl = conn.transport is not None and conn.transport.get_extra_info("ssl_object") is not None
+def connection_json(request: web.Request, c: ConnectionView) -> dict[str, Any]:
+    host, port = host_port(c.local)
+    peer_host, peer_port = host_port(c.peer)
+    props = jsonable(c.client_properties)
     return {
-        "name": name,
+        "name": c.name,
         "node": request.app[INFO]["node"],
         "type": "network",
         "protocol": "AMQP 0-9-1",
-        "user": conn.username,
-        "vhost": conn.vhost.name if conn.vhost is not None else None,
-        "state": "running" if conn.state == "open" else conn.state,
-        "channels": len(conn.channels),
-        "channel_max": conn.channel_max,
-        "frame_max": conn.frame_max,
-        "timeout": conn.heartbeat,
+        "user": c.user,
+        "vhost": c.vhost,
+        "state": c.state,
+        "channels": len(c.channels),
+        "channel_max": c.channel_max,
+        "frame_max": c.frame_max,
+        "timeout": c.heartbeat,
         "client_properties": props,
-        "user_provided_name": props.get("connection_name") if isinstance(props, dict) else None,
+        "user_provided_name": props.get("connection_name"),
         "host": host,
         "port": port,
-        "peer_host": conn.peer_host or peer_host,
+        "peer_host": c.peer_host or peer_host,
         "peer_port": peer_port,
-        "ssl": ssl,
-        "auth_mechanism": "EXTERNAL" if conn.cert_name else "PLAIN",
+        "ssl": c.tls,
+        "auth_mechanism": c.auth_mechanism,
     }
 
 
-def _channel_name(ch: Channel) -> str:
-    return f"{_conn_name(ch.conn)} ({ch.number})"
-
-
-def channel_json(request: web.Request, ch: Channel) -> dict[str, Any]:
-    conn = ch.conn
-    peer_host, peer_port = _host_port(conn.peer)
+def channel_json(request: web.Request, conn: ConnectionView, ch: ChannelView) -> dict[str, Any]:
+    peer_host, peer_port = host_port(conn.peer)
     return {
-        "name": _channel_name(ch),
+        "name": conn.channel_name(ch),
         "node": request.app[INFO]["node"],
         "number": ch.number,
-        "user": conn.username,
-        "vhost": ch.vhost.name,
-        "state": "running" if ch.flow_active else "flow",
+        "user": conn.user,
+        "vhost": conn.vhost,
+        "state": ch.state,
         "consumer_count": len(ch.consumers),
-        "messages_unacknowledged": len(ch.unacked),
+        "messages_unacknowledged": ch.messages_unacknowledged,
         "messages_unconfirmed": 0,
-        "messages_uncommitted": len(ch._tx_publishes),
-        "acks_uncommitted": len(ch._tx_settles),
+        "messages_uncommitted": ch.messages_uncommitted,
+        "acks_uncommitted": ch.acks_uncommitted,
         "prefetch_count": ch.prefetch_count,
-        "global_prefetch_count": ch.global_prefetch,
+        "global_prefetch_count": ch.global_prefetch_count,
         "confirm": ch.confirm,
-        "transactional": ch.tx,
+        "transactional": ch.transactional,
         "connection_details": {
-            "name": _conn_name(conn),
+            "name": conn.name,
             "peer_host": conn.peer_host or peer_host,
             "peer_port": peer_port,
         },
     }
 
 
-def consumer_json(request: web.Request, ch: Channel, c: Consumer) -> dict[str, Any]:
-    conn = ch.conn
-    peer_host, peer_port = _host_port(conn.peer)
-    active = c.queue.active_consumer
+def consumer_json(request: web.Request, c: ConsumerView) -> dict[str, Any]:
+    # Listed from its connection's channels, so it always has both.
+    conn, ch = c.connection, c.channel
+    assert conn is not None and ch is not None
+    peer_host, peer_port = host_port(conn.peer)
     return {
         "consumer_tag": c.tag,
-        "queue": {"name": c.queue.name, "vhost": c.queue.vhost.name},
+        "queue": {"name": c.queue, "vhost": c.vhost},
         "channel_details": {
-            "name": _channel_name(ch),
-            "connection_name": _conn_name(conn),
+            "name": conn.channel_name(ch),
+            "connection_name": conn.name,
             "node": request.app[INFO]["node"],
             "number": ch.number,
             "peer_host": conn.peer_host or peer_host,
             "peer_port": peer_port,
-            "user": conn.username,
+            "user": conn.user,
         },
-        "ack_required": not c.no_ack,
-        "prefetch_count": c.prefetch or ch.prefetch_count,
+        "ack_required": c.ack_required,
+        # A consumer without a limit of its own shows its channel's.
+        "prefetch_count": c.prefetch_count or ch.prefetch_count,
         "exclusive": c.exclusive,
-        "arguments": _jsonable(c.arguments),
-        "active": active is None or active is c,
-        "activity_status": "up" if active is None or active is c else "waiting",
+        "arguments": jsonable(c.arguments),
+        "active": c.active,
+        "activity_status": "up" if c.active else "waiting",
     }
 
 
-def _channels(conns: list[AMQPConnection]) -> list[Channel]:
-    return [ch for conn in conns for _, ch in sorted(conn.channels.items())]
+def _channels(conns: list[ConnectionView]) -> list[tuple[ConnectionView, ChannelView]]:
+    return [(conn, ch) for conn in conns for ch in conn.channels]
 
 
 async def list_connections(request: web.Request) -> web.Response:
@@ -156,10 +131,10 @@ async def list_vhost_connections(request: web.Request) -> web.Response:
     return listing(request, [connection_json(request, c) for c in conns])
 
 
-def _connection(request: web.Request) -> AMQPConnection:
+def _connection(request: web.Request) -> ConnectionView:
     name = request.match_info["name"]
     for conn in _connections(request):
-        if _conn_name(conn) == name:
+        if conn.name == name:
             return conn
     not_found()
 
@@ -169,39 +144,41 @@ async def show_connection(request: web.Request) -> web.Response:
 
 
 async def close_connection(request: web.Request) -> web.Response:
-    conn = _connection(request)
+    view = _connection(request)
     user = user_of(request)
     # As RabbitMQ: administrators close any connection, others their own.
-    if not (is_admin(user) or conn.username == user.name):
+    if not (is_admin(user) or view.user == user.name):
         not_found()
     reason = request.headers.get("X-Reason", "Closed via management plugin")
-    conn.close(CONNECTION_FORCED, reason)
+    for conn in list(broker_of(request).connections):
+        if conn.vhost is not None and conn.describe().name == view.name:
+            conn.close(CONNECTION_FORCED, reason)
     return web.Response(status=204)
 
 
 async def connection_channels(request: web.Request) -> web.Response:
     conn = _connection(request)
-    return json_response([channel_json(request, ch) for ch in _channels([conn])])
+    return json_response([channel_json(request, conn, ch) for ch in conn.channels])
 
 
 async def list_channels(request: web.Request) -> web.Response:
     chans = _channels(_connections(request))
-    return listing(request, [channel_json(request, ch) for ch in chans])
+    return listing(request, [channel_json(request, conn, ch) for conn, ch in chans])
 
 
 async def list_vhost_channels(request: web.Request) -> web.Response:
     vh = vhost_of(request)
     chans = _channels(_connections(request, vh.name))
-    return listing(request, [channel_json(request, ch) for ch in chans])
+    return listing(request, [channel_json(request, conn, ch) for conn, ch in chans])
 
 
 async def show_channel(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    for ch in _channels(_connections(request)):
-        if _channel_name(ch) == name:
-            data = channel_json(request, ch)
+    for conn, ch in _channels(_connections(request)):
+        if conn.channel_name(ch) == name:
+            data = channel_json(request, conn, ch)
             data["consumer_details"] = [
-                consumer_json(request, ch, c) for c in ch.consumers.values()
+                consumer_json(request, read_models.consumer_view(c, conn, ch)) for c in ch.consumers
             ]
             return json_response(data)
     not_found()
@@ -209,9 +186,8 @@ async def show_channel(request: web.Request) -> web.Response:
 
 def _consumers(request: web.Request, vhost: str | None = None) -> list[dict[str, Any]]:
     return [
-        consumer_json(request, ch, c)
-        for ch in _channels(_connections(request, vhost))
-        for c in ch.consumers.values()
+        consumer_json(request, c)
+        for c in read_models.channel_consumers(_connections(request, vhost))
     ]
 
 

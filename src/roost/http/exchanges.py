@@ -6,8 +6,10 @@ from typing import Any
 
 from aiohttp import web
 
+from roost.broker import read_models
 from roost.broker.broker import Broker
 from roost.broker.exchange import Exchange
+from roost.broker.fields import jsonable
 from roost.broker.vhost import VirtualHost
 from roost.http.common import (
     broker_of,
@@ -19,23 +21,22 @@ from roost.http.common import (
     vhost_of,
     visible_vhosts,
 )
-from roost.store.definitions import _jsonable
 
 
 def exchange_json(broker: Broker, vh: VirtualHost, ex: Exchange) -> dict[str, Any]:
+    v = read_models.exchange_view(broker, vh, ex)
     data: dict[str, Any] = {
-        "name": ex.name,
-        "vhost": vh.name,
-        "type": ex.type_name,
-        "durable": ex.durable,
-        "auto_delete": ex.auto_delete,
-        "internal": ex.internal,
-        "arguments": _jsonable(ex.arguments),
+        "name": v.name,
+        "vhost": v.vhost,
+        "type": v.type,
+        "durable": v.durable,
+        "auto_delete": v.auto_delete,
+        "internal": v.internal,
+        "arguments": jsonable(v.arguments),
         "user_who_performed_action": "rmq-internal",
     }
-    # As RabbitMQ: message_stats appear once something was published.
-    if ex.published:
-        data["message_stats"] = broker.stats.message_stats(("exchange", vh.name, ex.name))
+    if v.message_stats is not None:
+        data["message_stats"] = v.message_stats
     return data
 
 

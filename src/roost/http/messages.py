@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from pamqp import commands as C
 
+from roost.broker.fields import jsonable
 from roost.broker.message import Message, QueueEntry
 from roost.broker.queue import Queue
 from roost.http.common import (
@@ -24,7 +25,6 @@ from roost.http.common import (
     vhost_of,
 )
 from roost.properties import decode_properties, encode_properties
-from roost.store.definitions import _jsonable
 
 _PROPERTY_NAMES = (
     "content_type",
@@ -74,7 +74,7 @@ def _properties_json(raw: bytes) -> dict[str, Any] | list[Any]:
                 value = value.replace(tzinfo=datetime.UTC)
             value = int(value.timestamp())
         elif isinstance(value, dict):
-            value = _jsonable(value)
+            value = jsonable(value)
         out[_JSON_NAMES.get(name, name)] = value
     # RabbitMQ shows no properties as an empty list (an empty proplist).
     return out or []

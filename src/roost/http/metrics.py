@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from roost.broker import stats
+from roost.broker import read_models, stats
 from roost.store.message_store import MessageStore
 
 if TYPE_CHECKING:
@@ -149,8 +149,8 @@ def render(broker: Broker) -> str:
     event loop (it reads the broker's live state)."""
     w = _Writer()
     queues = [(vname, q) for vname, vh in broker.vhosts.items() for q in vh.queues.values()]
-    channels = sum(len(getattr(c, "channels", ())) for c in broker.connections)
-    consumers = sum(q.consumer_count for _, q in queues)
+    channels = sum(len(c.channels) for c in read_models.connections(broker))
+    consumers = read_models.totals(broker.vhosts.values()).consumers
 
     # -- totals ------------------------------------------------------------
     w.one("rabbitmq_connections", "gauge", "Connections currently open", len(broker.connections))

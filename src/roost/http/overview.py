@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from roost import __version__
+from roost.broker import read_models
 from roost.broker.exchange import EXCHANGE_TYPES
 from roost.http.common import (
     INFO,
@@ -29,11 +30,9 @@ async def overview(request: web.Request) -> web.Response:
     broker = broker_of(request)
     info = request.app[INFO]
     vhosts = visible_vhosts(request)
-    queues = [q for vh in vhosts for q in vh.queues.values()]
-    ready = sum(q.message_count for q in queues)
-    unacked = sum(q.unacked for q in queues)
+    totals = read_models.totals(vhosts)
     names = {vh.name for vh in vhosts}
-    conns = [c for c in broker.connections if c.vhost is not None and c.vhost.name in names]
+    conns = [c for c in read_models.connections(broker) if c.vhost in names]
     data: dict[str, Any] = {
         "management_version": RABBITMQ_VERSION,
         "rates_mode": "none",
@@ -49,19 +48,19 @@ async def overview(request: web.Request) -> web.Response:
         "enable_queue_totals": False,
         "message_stats": broker.stats.message_stats(("overall",)),
         "queue_totals": {
-            "messages": ready + unacked,
-            "messages_details": _rate(ready + unacked),
-            "messages_ready": ready,
-            "messages_ready_details": _rate(ready),
-            "messages_unacknowledged": unacked,
-            "messages_unacknowledged_details": _rate(unacked),
+            "messages": totals.messages,
+            "messages_details": _rate(totals.messages),
+            "messages_ready": totals.messages_ready,
+            "messages_ready_details": _rate(totals.messages_ready),
+            "messages_unacknowledged": totals.messages_unacknowledged,
+            "messages_unacknowledged_details": _rate(totals.messages_unacknowledged),
         },
         "object_totals": {
-            "channels": sum(len(getattr(c, "channels", ())) for c in conns),
+            "channels": sum(len(c.channels) for c in conns),
             "connections": len(conns),
-            "consumers": sum(q.consumer_count for q in queues),
-            "exchanges": sum(len(vh.exchanges) for vh in vhosts),
-            "queues": len(queues),
+            "consumers": totals.consumers,
+            "exchanges": totals.exchanges,
+            "queues": totals.queues,
         },
         "statistics_db_event_queue": 0,
         "node": info["node"],

@@ -1,18 +1,16 @@
-"""/api/queues (list, show, declare, delete, purge) and /api/bindings."""
+"""/api/queues: list, show, declare (PUT), delete and purge."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from typing import Any
 
 from aiohttp import web
 
-from roost.broker.binding import Binding, args_key
+from roost.broker import read_models
+from roost.broker.fields import jsonable
 from roost.broker.queue import Queue
 from roost.broker.vhost import VirtualHost
 from roost.http.common import (
-    BROKER,
     INFO,
     broker_of,
     definitions_saved,
@@ -24,43 +22,37 @@ from roost.http.common import (
     vhost_of,
     visible_vhosts,
 )
-from roost.store.definitions import _jsonable
 
 # The owner of queues declared through the API (never exclusive).
 _API_OWNER = object()
 
 
 def queue_json(request: web.Request, q: Queue) -> dict[str, Any]:
-    ready = q.message_count
-    unacked = q.unacked
-    active = q.active_consumer
-    broker = request.app[BROKER]
+    v = read_models.queue_view(broker_of(request), q)
     return {
-        "name": q.name,
-        "vhost": q.vhost.name,
-        "durable": q.durable,
-        "auto_delete": q.auto_delete,
-        "exclusive": q.exclusive,
-        "arguments": _jsonable(q.arguments),
-        "type": str(q.arguments.get("x-queue-type", "classic")),
+        "name": v.name,
+        "vhost": v.vhost,
+        "durable": v.durable,
+        "auto_delete": v.auto_delete,
+        "exclusive": v.exclusive,
+        "arguments": jsonable(v.arguments),
+        "type": v.type,
         "node": request.app[INFO]["node"],
-        "state": "running",
-        "consumers": q.consumer_count,
-        "messages": ready + unacked,
+        "state": v.state,
+        "consumers": v.consumers,
+        "messages": v.messages,
         "messages_details": {"rate": 0.0},
-        "messages_ready": ready,
+        "messages_ready": v.messages_ready,
         "messages_ready_details": {"rate": 0.0},
-        "messages_unacknowledged": unacked,
+        "messages_unacknowledged": v.messages_unacknowledged,
         "messages_unacknowledged_details": {"rate": 0.0},
-        "message_bytes_ready": q.ready_bytes,
-        "memory": q.memory_estimate(),
+        "message_bytes_ready": v.message_bytes_ready,
+        "memory": v.memory,
         "policy": None,
         "operator_policy": None,
         "exclusive_consumer_tag": None,
-        "single_active_consumer_tag": (
-            active.tag if active is not None and q.options.single_active_consumer else None
-        ),
-        "message_stats": broker.stats.message_stats(("queue", q.vhost.name, q.name)),
+        "single_active_consumer_tag": v.single_active_consumer_tag,
+        "message_stats": v.message_stats,
     }
 
 
@@ -130,43 +122,6 @@ async def purge(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def properties_key(b: Binding) -> str:
-    """RabbitMQ's ``properties_key``, a binding's name within its source
-    and destination: the routing key ("%" and "~" escaped; "~" when
-    empty), then "~" and a short hash of the arguments when it has any
-    (stable across restarts: a digest of the arguments, not ``hash``)."""
-    key = b.routing_key.replace("%", "%25").replace("~", "%7E")
-    if not b.arguments:
-        return key or "~"
-    digest = hashlib.sha1(args_key(b.arguments).encode()).digest()[:4]
-    return f"{key}~{base64.urlsafe_b64encode(digest).decode().rstrip('=')}"
-
-
-def binding_json(vhost: str, b: Binding) -> dict[str, Any]:
-    props = properties_key(b)
-    return {
-        "source": b.source.name,
-        "vhost": vhost,
-        "destination": b.destination.name,
-        "destination_type": b.destination.kind,
-        "routing_key": b.routing_key,
-        "arguments": _jsonable(b.arguments),
-        "properties_key": props,
-    }
-
-
-def _bindings(vh: VirtualHost) -> list[dict[str, Any]]:
-    return [binding_json(vh.name, b) for ex in vh.exchanges.values() for b in ex.bindings.values()]
-
-
-async def list_bindings(request: web.Request) -> web.Response:
-    return json_response([b for vh in visible_vhosts(request) for b in _bindings(vh)])
-
-
-async def list_vhost_bindings(request: web.Request) -> web.Response:
-    return json_response(_bindings(vhost_of(request)))
-
-
 def register(app: web.Application) -> None:
     app.router.add_get("/api/queues", list_all)
     app.router.add_get("/api/queues/{vhost}", list_vhost)
@@ -174,5 +129,3 @@ def register(app: web.Application) -> None:
     app.router.add_put("/api/queues/{vhost}/{name}", put)
     app.router.add_delete("/api/queues/{vhost}/{name}", delete)
     app.router.add_delete("/api/queues/{vhost}/{name}/contents", purge)
-    app.router.add_get("/api/bindings", list_bindings)
-    app.router.add_get("/api/bindings/{vhost}", list_vhost_bindings)

@@ -29,6 +29,7 @@ from roost import __version__
 from roost.broker.broker import Broker
 from roost.broker.delayed import DelayedExchange
 from roost.broker.errors import BrokerError
+from roost.broker.fields import jsonable
 from roost.broker.queue import Queue
 from roost.broker.users import SHA256, User, hash_password
 
@@ -73,7 +74,7 @@ def export(broker: Broker, include_internal: bool = False) -> dict[str, Any]:
                     "vhost": vname,
                     "durable": True,
                     "auto_delete": q.auto_delete,
-                    "arguments": _jsonable(q.arguments),
+                    "arguments": jsonable(q.arguments),
                 }
             )
             if q.store_id:
@@ -91,7 +92,7 @@ def export(broker: Broker, include_internal: bool = False) -> dict[str, Any]:
                     "durable": True,
                     "auto_delete": ex.auto_delete,
                     "internal": ex.internal,
-                    "arguments": _jsonable(ex.arguments),
+                    "arguments": jsonable(ex.arguments),
                 }
             )
         for ex in vh.exchanges.values():
@@ -107,7 +108,7 @@ def export(broker: Broker, include_internal: bool = False) -> dict[str, Any]:
                         "destination": b.destination.name,
                         "destination_type": b.destination.kind,
                         "routing_key": b.routing_key,
-                        "arguments": _jsonable(b.arguments),
+                        "arguments": jsonable(b.arguments),
                     }
                 )
     out: dict[str, Any] = {
@@ -321,19 +322,6 @@ class Attribution:
 def _restore_id(queue: Queue, qid: int | None, existed: bool) -> None:
     if qid is not None and not existed and queue.store_id != qid:
         queue.store_id = qid
-
-
-def _jsonable(table: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        if isinstance(v, bytes | bytearray):
-            v = bytes(v).decode("utf-8", "replace")
-        elif isinstance(v, dict):
-            v = _jsonable(v)
-        elif not isinstance(v, str | int | float | bool | list | type(None)):
-            v = str(v)
-        out[k] = v
-    return out
 
 
 def encode(data: dict[str, Any]) -> bytes:

@@ -20,27 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from roost.broker.broker import Broker
-from roost.broker.users import MD5, SHA256, SHA512
+from roost.cli_messages import CommandFailed, say
 from roost.config import Config, ConfigError, load_config
-from roost.store import definitions
+from roost.store import definitions, definitions_import
 from roost.store.datadir import DataDirInUse, DataDirLock
-
-SECTIONS = ("users", "vhosts", "permissions", "exchanges", "queues", "bindings")
-# RabbitMQ sections roost has no equivalent for. ``global_parameters`` is
-# left out: every RabbitMQ export carries its cluster name and id there.
-UNSUPPORTED = ("topic_permissions", "parameters", "policies")
-_ALGORITHMS = (SHA256, SHA512, MD5)
-_STR_FIELDS = {
-    "users": ("name",),
-    "vhosts": ("name",),
-    "permissions": ("user", "vhost", "configure", "write", "read"),
-    "exchanges": ("name",),
-    "queues": ("name",),
-    "bindings": ("source", "destination"),
-}
-_OPTIONAL_STR = ("vhost", "type", "routing_key", "destination_type", "password_hash")
-_OPTIONAL_BOOL = ("durable", "auto_delete", "internal")
-_MAX_SHAPE_ERRORS = 10
+from roost.store.definitions_import import SECTIONS, UNSUPPORTED
 
 USAGE = """\
 examples:
@@ -50,14 +34,6 @@ examples:
 
 Both commands need the broker using the data directory to be stopped.
 """
-
-
-class _Failed(Exception):
-    """Ends a command with a message for the user and an exit code."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def add_parser(sub: Any) -> None:
@@ -114,10 +90,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             import_definitions(config, args.file)
     except ConfigError as exc:
-        _say(str(exc))
+        say(str(exc))
         return 2
-    except _Failed as exc:
-        _say(str(exc))
+    except CommandFailed as exc:
+        say(str(exc))
         return exc.code
     return 0
 
@@ -127,12 +103,12 @@ def export_definitions(config: Config, target: str) -> None:
     if data_dir.is_dir():
         lock = _lock(data_dir)
         try:
-            broker = _open(config, data_dir)
+            broker = load_broker(config, data_dir)
         finally:
             lock.release()
     else:
         # Nothing stored yet: what the first ``roost serve`` would start with.
-        broker = _new_broker(config)
+        broker = new_broker(config)
     data = definitions.export(broker)
     content = definitions.encode(data)
     if target == "-":
@@ -145,57 +121,50 @@ def export_definitions(config: Config, target: str) -> None:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(content)
         except OSError as exc:
-            raise _Failed(f"cannot write {target}: {exc.strerror}", 1) from exc
-    _say(f"exported {_summary(data)} from {data_dir}")
+            raise CommandFailed(f"cannot write {target}: {exc.strerror}", 1) from exc
+    say(f"exported {summary(data)} from {data_dir}")
 
 
 def import_definitions(config: Config, source: str) -> None:
-    data = _read(source)
+    data = read_definitions(source)
     import_data(config, data, "standard input" if source == "-" else source)
 
 
-def import_data(config: Config, data: dict[str, Any], label: str) -> None:
+def import_data(config: Config, data: Any, label: str) -> None:
     """Import definitions already read from ``label`` (``roost ctl import``
     reads them first to try a running broker)."""
-    shape = _shape_errors(data)
-    if shape:
-        raise _Failed(
-            f"{label} is not a definitions file: " + "; ".join(shape[:_MAX_SHAPE_ERRORS]), 2
-        )
-    # An exported data directory's queue ids mean nothing here: new queues
-    # get ids from this directory's counter.
-    data.pop("roost", None)
+    try:
+        data = definitions_import.validated(data)
+    except definitions_import.ImportRefused as exc:
+        raise CommandFailed(f"{label} is {exc}", 2) from exc
     data_dir = config.resolved_data_dir()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _Failed(f"cannot create data directory {data_dir}: {exc.strerror}", 1) from exc
+        raise CommandFailed(f"cannot create data directory {data_dir}: {exc.strerror}", 1) from exc
     lock = _lock(data_dir)
     try:
-        broker = _open(config, data_dir)
-        problems = _unusable_users(data) + definitions.apply(broker, data)
+        broker = load_broker(config, data_dir)
+        problems = definitions_import.import_into(broker, data)
         _assign_queue_ids(broker)
         content = definitions.encode(definitions.export(broker, include_internal=True))
         try:
             definitions.write_atomic(data_dir / definitions.FILENAME, content)
         except OSError as exc:
-            raise _Failed(f"cannot write {data_dir / definitions.FILENAME}: {exc}", 1) from exc
+            path = data_dir / definitions.FILENAME
+            raise CommandFailed(f"cannot write {path}: {exc}", 1) from exc
     finally:
         lock.release()
-    _say(f"imported {_summary(data)} from {label} into {data_dir}")
-    for warning in _warnings(data):
-        _say(f"warning: {warning}")
+    say(f"imported {summary(data)} from {label} into {data_dir}")
+    for warning in import_warnings(data):
+        say(f"warning: {warning}")
     for problem in problems:
-        _say(f"problem: {problem}")
+        say(f"problem: {problem}")
     if problems:
-        raise _Failed(f"{_count(len(problems), 'problems')} in {label}", 1)
+        raise CommandFailed(f"{_count(len(problems), 'problems')} in {label}", 1)
 
 
 # -- helpers ------------------------------------------------------------
-
-
-def _say(text: str) -> None:
-    print(f"roost: {text}", file=sys.stderr)
 
 
 def _lock(data_dir: Path) -> DataDirLock:
@@ -203,30 +172,31 @@ def _lock(data_dir: Path) -> DataDirLock:
     try:
         lock.acquire()
     except DataDirInUse as exc:
-        raise _Failed(f"{exc}; stop it first", 1) from exc
+        raise CommandFailed(f"{exc}; stop it first", 1) from exc
     except OSError as exc:
-        raise _Failed(f"cannot use data directory {data_dir}: {exc.strerror}", 1) from exc
+        raise CommandFailed(f"cannot use data directory {data_dir}: {exc.strerror}", 1) from exc
     return lock
 
 
-def _new_broker(config: Config) -> Broker:
+def new_broker(config: Config) -> Broker:
     # No journal: the message log stays closed (see the module docstring).
     return Broker(default_user=config.default_user, default_password=config.default_password)
 
 
-def _open(config: Config, data_dir: Path) -> Broker:
-    """The data directory's definitions, loaded as ``roost serve`` would."""
-    broker = _new_broker(config)
+def load_broker(config: Config, data_dir: Path) -> Broker:
+    """The data directory's definitions, loaded as ``roost serve`` would
+    (``roost ctl`` loads a stopped broker with it too)."""
+    broker = new_broker(config)
     path = data_dir / definitions.FILENAME
     try:
         saved = definitions.load(path)
     except definitions.DefinitionsError as exc:
-        raise _Failed(str(exc), 1) from exc
+        raise CommandFailed(str(exc), 1) from exc
     except OSError as exc:
-        raise _Failed(f"cannot read {path}: {exc.strerror}", 1) from exc
+        raise CommandFailed(f"cannot read {path}: {exc.strerror}", 1) from exc
     if saved is not None:
         for problem in definitions.restore(broker, saved):
-            _say(f"warning: {path}: {problem}")
+            say(f"warning: {path}: {problem}")
     return broker
 
 
@@ -239,73 +209,20 @@ def _assign_queue_ids(broker: Broker) -> None:
                 q.store_id = broker.allocate_queue_id()
 
 
-def _read(source: str) -> dict[str, Any]:
+def read_definitions(source: str) -> Any:
     label = "standard input" if source == "-" else source
     try:
         raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as exc:
-        raise _Failed(f"cannot read {label}: {exc.strerror}", 2) from exc
+        raise CommandFailed(f"cannot read {label}: {exc.strerror}", 2) from exc
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise _Failed(f"{label} is not valid JSON: {exc}", 2) from exc
-    if not isinstance(data, dict):
-        raise _Failed(
-            f"{label} is not a definitions file: expected a JSON object, got {type(data).__name__}",
-            2,
-        )
+        raise CommandFailed(f"{label} is not valid JSON: {exc}", 2) from exc
     return data
 
 
-def _shape_errors(data: dict[str, Any]) -> list[str]:
-    """What would stop ``definitions.apply`` from reading ``data`` at all."""
-    if not any(key in data for key in SECTIONS):
-        return ["it has none of " + ", ".join(repr(s) for s in SECTIONS)]
-    errors: list[str] = []
-    for section in (*SECTIONS, *UNSUPPORTED):
-        entries = data.get(section)
-        if entries is None:
-            continue
-        if not isinstance(entries, list):
-            errors.append(f"{section!r} must be a list")
-            continue
-        if section in UNSUPPORTED:
-            continue
-        for i, entry in enumerate(entries):
-            where = f"{section}[{i}]"
-            if not isinstance(entry, dict):
-                errors.append(f"{where} must be an object")
-                continue
-            for key in _STR_FIELDS[section]:
-                if not isinstance(entry.get(key), str):
-                    errors.append(f"{where} needs a string {key!r}")
-            for key in _OPTIONAL_STR:
-                if key in entry and not isinstance(entry[key], str):
-                    errors.append(f"{where}: {key!r} must be a string")
-            for key in _OPTIONAL_BOOL:
-                if key in entry and not isinstance(entry[key], bool):
-                    errors.append(f"{where}: {key!r} must be true or false")
-            if entry.get("arguments") is not None and not isinstance(entry["arguments"], dict):
-                errors.append(f"{where}: 'arguments' must be an object")
-            tags = entry.get("tags")
-            if section == "users" and tags is not None and not isinstance(tags, str | list):
-                errors.append(f"{where}: 'tags' must be a list or a string")
-    return errors
-
-
-def _unusable_users(data: dict[str, Any]) -> list[str]:
-    problems = []
-    for u in data.get("users") or []:
-        algorithm = u.get("hashing_algorithm", SHA256)
-        if "password_hash" in u and algorithm not in _ALGORITHMS:
-            problems.append(
-                f"user {u['name']!r}: unsupported hashing_algorithm {algorithm!r}; "
-                "the user cannot log in until its password is set again"
-            )
-    return problems
-
-
-def _warnings(data: dict[str, Any]) -> list[str]:
+def import_warnings(data: dict[str, Any]) -> list[str]:
     out = []
     for section in UNSUPPORTED:
         n = len(data.get(section) or [])
@@ -322,7 +239,7 @@ def _warnings(data: dict[str, Any]) -> list[str]:
     return out
 
 
-def _summary(data: dict[str, Any]) -> str:
+def summary(data: dict[str, Any]) -> str:
     return ", ".join(_count(len(data.get(s) or []), s) for s in SECTIONS)
 
 
