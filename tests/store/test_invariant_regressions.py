@@ -513,3 +513,33 @@ def test_importing_a_rabbitmq_export_never_remaps_stored_messages(
     assert [b for b, _ in drain(proc.port, "q")] == ["in-q"]
     assert [b for b, _ in drain(proc.port, "r")] == ["in-r"]
     assert message_count(proc.port, "s") == 0
+
+
+def test_import_refuses_a_data_directory_whose_definitions_lost_their_ids(
+    proc: RoostProcess, tmp_path: Path
+) -> None:
+    conn = connect(proc.port)
+    ch = conn.channel()
+    ch.queue_declare("q", durable=True)
+    ch.queue_declare("r", durable=True)
+    conn.close()
+    confirmed_publish(proc.port, "", "q", [b"in-q"])
+    proc.terminate()
+    # definitions.json replaced by a RabbitMQ export listing the queues in
+    # another order: ids handed out now would give q's messages to r.
+    export = dict(RABBITMQ_EXPORT)
+    export["queues"] = [
+        {"name": n, "vhost": "/", "durable": True, "auto_delete": False, "arguments": {}}
+        for n in ("r", "q")
+    ]
+    path = proc.data_dir / definitions.FILENAME
+    path.write_text(json.dumps(export))
+    before = path.read_bytes()
+    source = tmp_path / "more.json"
+    source.write_text(json.dumps({**RABBITMQ_EXPORT, "queues": []}))
+    cmd = [sys.executable, "-m", "roost", "definitions", "import", str(source)]
+    out = subprocess.run(
+        [*cmd, "--data-dir", str(proc.data_dir)], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 1 and "has no roost section" in out.stderr, out.stderr
+    assert path.read_bytes() == before

@@ -205,7 +205,7 @@ def _offline(data_dir: Path, command: str, args: dict[str, Any], config: Any) ->
     except OSError as exc:
         raise ControlError(f"cannot use data directory {data_dir}: {exc.strerror}") from exc
     try:
-        broker = load_broker(config, data_dir)
+        broker = load_broker(config, data_dir, writing=command not in READ_ONLY)
         result = execute(broker, command, args)
         if command not in READ_ONLY:
             path = data_dir / definitions.FILENAME

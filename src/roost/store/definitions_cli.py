@@ -23,7 +23,7 @@ from roost.broker.broker import Broker
 from roost.cli_messages import CommandFailed, say
 from roost.config import Config, ConfigError, load_config
 from roost.store import definitions, definitions_import
-from roost.store.datadir import DataDirInUse, DataDirLock
+from roost.store.datadir import MESSAGES_DIR, DataDirInUse, DataDirLock
 from roost.store.definitions_import import SECTIONS, UNSUPPORTED
 
 USAGE = """\
@@ -144,7 +144,7 @@ def import_data(config: Config, data: Any, label: str) -> None:
         raise CommandFailed(f"cannot create data directory {data_dir}: {exc.strerror}", 1) from exc
     lock = _lock(data_dir)
     try:
-        broker = load_broker(config, data_dir)
+        broker = load_broker(config, data_dir, writing=True)
         problems = definitions_import.import_into(broker, data)
         _assign_queue_ids(broker)
         content = definitions.encode(definitions.export(broker, include_internal=True))
@@ -183,9 +183,12 @@ def new_broker(config: Config) -> Broker:
     return Broker(default_user=config.default_user, default_password=config.default_password)
 
 
-def load_broker(config: Config, data_dir: Path) -> Broker:
+def load_broker(config: Config, data_dir: Path, writing: bool = False) -> Broker:
     """The data directory's definitions, loaded as ``roost serve`` would
-    (``roost ctl`` loads a stopped broker with it too)."""
+    (``roost ctl`` loads a stopped broker with it too). ``writing``: the
+    caller will write them back, which a file without roost's own section
+    next to a message log must not be (queue ids handed out now would
+    attribute stored messages to whichever queues got them)."""
     broker = new_broker(config)
     path = data_dir / definitions.FILENAME
     try:
@@ -194,6 +197,16 @@ def load_broker(config: Config, data_dir: Path) -> Broker:
         raise CommandFailed(str(exc), 1) from exc
     except OSError as exc:
         raise CommandFailed(f"cannot read {path}: {exc.strerror}", 1) from exc
+    if writing and (saved is None or "roost" not in saved):
+        log_files = [p for p in (data_dir / MESSAGES_DIR).glob("*.seg") if p.stat().st_size]
+        if log_files:
+            what = "is missing" if saved is None else "has no roost section"
+            raise CommandFailed(
+                f"{path} {what}, but {data_dir / MESSAGES_DIR} holds a message log: its "
+                "messages could not be matched with queues; nothing was changed. Restore "
+                "the definitions.json this data directory was written with first.",
+                1,
+            )
     if saved is not None:
         for problem in definitions.restore(broker, saved):
             say(f"warning: {path}: {problem}")

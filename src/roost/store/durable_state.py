@@ -103,9 +103,7 @@ class DurableState:
             for q in vh.queues.values()
             if q.store_id in attribution.listed
         }
-        delayed = {
-            i: ex for i, ex in _delayed_exchanges(broker).items() if i in attribution.listed
-        }
+        delayed = {i: ex for i, ex in _delayed_exchanges(broker).items() if i in attribution.listed}
         try:
             recovered, report = self.store.recover(set(by_id) | set(delayed), attribution.check)
         except (encryption.EncryptionError, definitions.DefinitionsError):
