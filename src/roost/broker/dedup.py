@@ -23,13 +23,12 @@ restart when the broker has a data directory (see
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 from roost import properties
-from roost.broker import fields
+from roost.broker import clock, fields
 from roost.broker.errors import BrokerError, precondition
 
 if TYPE_CHECKING:
@@ -42,7 +41,7 @@ TTL_HEADER = "x-cache-ttl"
 
 
 def _now_ms() -> float:
-    return time.monotonic() * 1000
+    return clock.monotonic_ms()
 
 
 class DedupCache:

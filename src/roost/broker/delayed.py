@@ -25,7 +25,6 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-import time
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from roost import properties
-from roost.broker import errors, sender_selected
+from roost.broker import clock, errors, sender_selected
 from roost.broker.errors import BrokerError, precondition
 from roost.broker.exchange import EXCHANGE_TYPES, Exchange
 from roost.broker.message import Message
@@ -60,7 +59,7 @@ _MAX_DUE = 2**62
 
 
 def now_ms() -> int:
-    return int(time.time() * 1000)
+    return clock.wall_ms()
 
 
 def delay_of(message: Message) -> int:

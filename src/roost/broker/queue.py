@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import functools
 import heapq
-import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from roost import properties
-from roost.broker import deadletter
+from roost.broker import clock, deadletter
 from roost.broker.backing_queue import BackingQueue, make_backing_queue
 from roost.broker.dedup import Deduplicator
 from roost.broker.message import Message, QueueEntry
@@ -47,7 +46,7 @@ DISCARD = 3  # drop-head, and it can never fit: dead-lettered at once
 
 
 def now_ms() -> int:
-    return int(time.time() * 1000)
+    return clock.wall_ms()
 
 
 class Queue:

@@ -26,11 +26,11 @@ import contextlib
 import functools
 import json
 import logging
-import time
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
+from roost.broker import clock
 from roost.broker.dedup import Deduplicator
 from roost.store import definitions
 from roost.store.message_store import Batch, MessageStore
@@ -119,7 +119,7 @@ class DedupState:
         except (OSError, ValueError) as exc:
             log.error("dedup cache %s unreadable, starting empty: %s", path, exc)
             return
-        offset = time.monotonic() * 1000 - time.time() * 1000
+        offset = clock.monotonic_ms() - clock.wall_ms()
         items: list[tuple[Hashable, float]] = []
         for entry in raw.get("keys", []) if isinstance(raw, dict) else []:
             if not isinstance(entry, list) or len(entry) != 3:
@@ -137,7 +137,7 @@ class DedupState:
 
     def _contents(self) -> list[tuple[Path, bytes | None]]:
         dirty, self._dirty = self._dirty, {}
-        offset = time.time() * 1000 - time.monotonic() * 1000
+        offset = clock.wall_ms() - clock.monotonic_ms()
         out: list[tuple[Path, bytes | None]] = []
         for path, deduper in dirty.items():
             if deduper is None:

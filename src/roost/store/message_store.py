@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from roost import properties
+from roost.broker import clock
 from roost.broker.message import Message
 from roost.broker.stats import Histogram
 from roost.store import holes, records
@@ -384,7 +385,7 @@ class MessageStore:
             message.routing_key,
             message.properties,
             message.body,
-            timestamp=int(time.time() * 1000),
+            timestamp=clock.wall_ms(),
             keyring=self.keyring,
         )
         ref = self._append_record(record)
