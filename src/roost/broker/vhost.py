@@ -540,14 +540,15 @@ class VirtualHost:
         queues: list[Queue] = targets  # type: ignore[assignment]
         holders: list[DelayedExchange] = []
         refused = False
+        routed = bool(targets)
         wait = 0
         for d in targets:
             if d.kind != "queue" or not d.admits_all:  # type: ignore[union-attr]
-                queues, holders, refused, duplicate = self._admit(message, targets)
-                if duplicate and journal is not None:
+                queues, holders, refused, dropped = self._admit(message, targets)
+                routed = any(isinstance(t, Queue) for t in targets)
+                if dropped and journal is not None:
                     wait = journal.barrier()
                 break
-        routed = bool(queues) or refused or wait > 0
         if queues:
             ref = 0
             if message.persistent and journal is not None:
@@ -568,11 +569,13 @@ class VirtualHost:
     ) -> tuple[list[Queue], list[DelayedExchange], bool, bool]:
         """Split routing targets into the queues that take ``message``, the
         delayed exchanges that hold it, whether a queue refused it and
-        whether one dropped it as a duplicate. Refused and discarded
-        messages are dead-lettered here, before anything is logged."""
+        whether one dropped it (a duplicate, or discarded: its confirm then
+        waits for what carried the original, or its dead-lettered copy).
+        Refused and discarded messages are dead-lettered here, before
+        anything is logged."""
         queues: list[Queue] = []
         holders: list[DelayedExchange] = []
-        refused = duplicate = matched = False
+        refused = dropped = False
         for d in targets:
             if isinstance(d, DelayedExchange):
                 # (Not when it routed to itself through a binding to itself.)
@@ -580,20 +583,17 @@ class VirtualHost:
                     holders.append(d)
                 continue
             assert isinstance(d, Queue)
-            matched = True
             verdict = ACCEPT if d.admits_all else d.admit(message)
             if verdict == ACCEPT:
                 queues.append(d)
-            elif verdict == DUPLICATE:
-                duplicate = True
             elif verdict == REFUSE:
                 refused = True
                 d.refuse(message)
             else:
-                d.discard(message)
-        # A message every matched queue dropped or discarded was still routed.
-        duplicate = duplicate or (matched and not queues and not refused)
-        return queues, holders, refused, duplicate
+                dropped = True
+                if verdict != DUPLICATE:
+                    d.discard(message)
+        return queues, holders, refused, dropped
 
     def route(self, exchange: Exchange, message: Message) -> list[Destination]:
         """Where ``message`` goes: queues, through exchange-to-exchange
