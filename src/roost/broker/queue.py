@@ -207,7 +207,6 @@ class Queue:
     def discard(self, message: Message) -> None:
         """admit() said DISCARD: the message goes as if dropped from the head."""
         self.published += 1
-        self.acked += 1
         self.dead_lettered += 1
         deadletter.dead_letter(self, message, deadletter.MAXLEN)
 
