@@ -489,9 +489,8 @@ def test_start_up_refuses_unattributable_messages_and_changes_nothing(
     assert _snapshot(proc.data_dir / "messages") == before
 
 
-def test_importing_a_rabbitmq_export_never_remaps_stored_messages(
-    proc: RoostProcess, tmp_path: Path
-) -> None:
+def _stopped_with_queues(proc: RoostProcess) -> None:
+    """Queues q and r, one message each, and the broker stopped."""
     conn = connect(proc.port)
     ch = conn.channel()
     ch.queue_declare("q", durable=True)
@@ -500,15 +499,32 @@ def test_importing_a_rabbitmq_export_never_remaps_stored_messages(
     confirmed_publish(proc.port, "", "q", [b"in-q"])
     confirmed_publish(proc.port, "", "r", [b"in-r"])
     proc.terminate()
+
+
+def _export(path: Path, *queues: str) -> None:
+    """A RabbitMQ export defining durable ``queues`` (in that order)."""
     export = dict(RABBITMQ_EXPORT)
     export["queues"] = [
         {"name": n, "vhost": "/", "durable": True, "auto_delete": False, "arguments": {}}
-        for n in ("s", "r", "q")  # new and existing queues, in another order
+        for n in queues
     ]
-    source = tmp_path / "rabbit.json"
-    source.write_text(json.dumps(export))
+    path.write_text(json.dumps(export))
+
+
+def _import(data_dir: Path, source: Path) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "roost", "definitions", "import", str(source)]
-    subprocess.run([*cmd, "--data-dir", str(proc.data_dir)], check=True, timeout=30)
+    return subprocess.run(
+        [*cmd, "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_importing_a_rabbitmq_export_never_remaps_stored_messages(
+    proc: RoostProcess, tmp_path: Path
+) -> None:
+    _stopped_with_queues(proc)
+    _export(tmp_path / "rabbit.json", "s", "r", "q")  # new and existing, in another order
+    out = _import(proc.data_dir, tmp_path / "rabbit.json")
+    assert out.returncode == 0, out.stderr
     proc.restart()
     assert [b for b, _ in drain(proc.port, "q")] == ["in-q"]
     assert [b for b, _ in drain(proc.port, "r")] == ["in-r"]
@@ -518,28 +534,13 @@ def test_importing_a_rabbitmq_export_never_remaps_stored_messages(
 def test_import_refuses_a_data_directory_whose_definitions_lost_their_ids(
     proc: RoostProcess, tmp_path: Path
 ) -> None:
-    conn = connect(proc.port)
-    ch = conn.channel()
-    ch.queue_declare("q", durable=True)
-    ch.queue_declare("r", durable=True)
-    conn.close()
-    confirmed_publish(proc.port, "", "q", [b"in-q"])
-    proc.terminate()
+    _stopped_with_queues(proc)
     # definitions.json replaced by a RabbitMQ export listing the queues in
     # another order: ids handed out now would give q's messages to r.
-    export = dict(RABBITMQ_EXPORT)
-    export["queues"] = [
-        {"name": n, "vhost": "/", "durable": True, "auto_delete": False, "arguments": {}}
-        for n in ("r", "q")
-    ]
     path = proc.data_dir / definitions.FILENAME
-    path.write_text(json.dumps(export))
+    _export(path, "r", "q")
     before = path.read_bytes()
-    source = tmp_path / "more.json"
-    source.write_text(json.dumps({**RABBITMQ_EXPORT, "queues": []}))
-    cmd = [sys.executable, "-m", "roost", "definitions", "import", str(source)]
-    out = subprocess.run(
-        [*cmd, "--data-dir", str(proc.data_dir)], capture_output=True, text=True, timeout=30
-    )
+    _export(tmp_path / "more.json")
+    out = _import(proc.data_dir, tmp_path / "more.json")
     assert out.returncode == 1 and "has no roost section" in out.stderr, out.stderr
     assert path.read_bytes() == before

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from roost.broker.log_backed import ENTRY_OVERHEAD, PAGE_IN_BATCH, PAGED_ENTRY_SIZE, LogBacked
+from roost.broker.log_backed import ENTRY_OVERHEAD, PAGE_IN_BATCH, LogBacked
 from roost.broker.paging import PagedEntries
 from roost.broker.ready import ReadyFifo
 
@@ -25,22 +25,11 @@ class FifoBackingQueue(LogBacked):
         restored_expiry: Callable[[Message], int],
     ) -> None:
         super().__init__(journal, limits, restored_expiry)
-        self.ready = ReadyFifo()
+        self.ready: ReadyFifo = ReadyFifo()
         self.paged = PagedEntries()
 
-    def __len__(self) -> int:
-        return len(self.ready) + len(self.paged)
-
-    def in_memory(self) -> int:
-        return len(self.ready)
-
-    def memory(self) -> int:
-        n = len(self.ready)
-        return (
-            max(0, self.bytes - self._paged_bytes)
-            + n * ENTRY_OVERHEAD
-            + len(self.paged) * PAGED_ENTRY_SIZE
-        )
+    def _paged_len(self) -> int:
+        return len(self.paged)
 
     def publish(self, entry: QueueEntry) -> bool:
         self.bytes += len(entry.message.body)
@@ -79,10 +68,6 @@ class FifoBackingQueue(LogBacked):
             if not self.ready:
                 return None
         return self.ready.peek()
-
-    def requeue(self, entry: QueueEntry) -> None:
-        self.bytes += len(entry.message.body)
-        self.ready.requeue(entry)
 
     def purge(self) -> int:
         n = len(self)

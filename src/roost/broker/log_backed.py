@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from roost.broker.message import Message, QueueEntry
 from roost.broker.paging import PAGING_REF, REDELIVERED, SEQ_MASK, UNSIZED
+from roost.broker.ready import ReadyByPriority, ReadyFifo
 
 if TYPE_CHECKING:
     from roost.broker.backing_queue import MemoryLimits
@@ -31,6 +32,11 @@ PAGE_IN_BATCH = 4096
 
 
 class LogBacked:
+    """Base of the local backing queues: ``ready`` holds the in-memory
+    entries, ``_paged_len()`` counts the paged ones."""
+
+    ready: ReadyFifo | ReadyByPriority
+
     def __init__(
         self,
         journal: Journal | None,
@@ -55,6 +61,23 @@ class LogBacked:
         # Told the expiry of each entry read back from the log, so the
         # queue's TTL timer covers entries that were paged.
         self.expiry_seen: Callable[[int], None] | None = None
+
+    def _paged_len(self) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.ready) + self._paged_len()
+
+    def in_memory(self) -> int:
+        return len(self.ready)
+
+    def memory(self) -> int:
+        in_memory = max(0, self.bytes - self._paged_bytes)
+        return in_memory + len(self.ready) * ENTRY_OVERHEAD + self._paged_len() * PAGED_ENTRY_SIZE
+
+    def requeue(self, entry: QueueEntry) -> None:
+        self.bytes += len(entry.message.body)
+        self.ready.requeue(entry)
 
     def close(self) -> None:
         self.expiry_seen = None  # a bound method of the queue: a cycle

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from roost.broker.log_backed import ENTRY_OVERHEAD, PAGE_IN_BATCH, PAGED_ENTRY_SIZE, LogBacked
+from roost.broker.log_backed import ENTRY_OVERHEAD, PAGE_IN_BATCH, LogBacked
 from roost.broker.paging import REDELIVERED, PagedByPriority
 from roost.broker.ready import ReadyByPriority
 
@@ -27,24 +27,13 @@ class PriorityBackingQueue(LogBacked):
         max_priority: int,
     ) -> None:
         super().__init__(journal, limits, restored_expiry, max_priority)
-        self.ready = ReadyByPriority(max_priority)
+        self.ready: ReadyByPriority = ReadyByPriority(max_priority)
         self.levels = PagedByPriority(max_priority)
         if journal is not None:
             self.ready.on_empty = self._refill_level
 
-    def __len__(self) -> int:
-        return len(self.ready) + len(self.levels)
-
-    def in_memory(self) -> int:
-        return len(self.ready)
-
-    def memory(self) -> int:
-        n = len(self.ready)
-        return (
-            max(0, self.bytes - self._paged_bytes)
-            + n * ENTRY_OVERHEAD
-            + len(self.levels) * PAGED_ENTRY_SIZE
-        )
+    def _paged_len(self) -> int:
+        return len(self.levels)
 
     def publish(self, entry: QueueEntry) -> bool:
         self.bytes += len(entry.message.body)
@@ -82,10 +71,6 @@ class PriorityBackingQueue(LogBacked):
 
     def peek(self) -> QueueEntry | None:
         return self.ready.peek() if self.ready else None
-
-    def requeue(self, entry: QueueEntry) -> None:
-        self.bytes += len(entry.message.body)
-        self.ready.requeue(entry)
 
     def purge(self) -> int:
         n = len(self)

@@ -8,6 +8,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, NoReturn
 
@@ -174,24 +175,21 @@ async def durable(broker: Broker) -> None:
     """Wait until everything written to the message log so far is on disk
     (a purge's settlements, a persistent publish), as purge-ok and
     publisher confirms wait over AMQP."""
-    done = asyncio.get_running_loop().create_future()
-
-    def written() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    broker.when_durable(written)
-    await done
+    await _called_back(broker.when_durable)
 
 
 async def definitions_saved(broker: Broker) -> None:
     """Wait until every definition change so far is on disk, so a 2xx from
     the API means as much as declare-ok does over AMQP."""
+    await _called_back(broker.when_definitions_saved)
+
+
+async def _called_back(register: Callable[[Callable[[], None]], None]) -> None:
     done = asyncio.get_running_loop().create_future()
 
-    def saved() -> None:
+    def called() -> None:
         if not done.done():
             done.set_result(None)
 
-    broker.when_definitions_saved(saved)
+    register(called)
     await done
