@@ -14,14 +14,14 @@ from pamqp import heartbeat as pheartbeat
 from pamqp.common import FieldTable
 
 from roost.amqp.connection import AMQPConnection
+from roost.amqp.wire import FRAME_END_BYTES, PROTOCOL_HEADER
 from roost.testing import RoostBroker
 from tests.conftest import RawClient
 
 T = TypeVar("T")
-PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 
 
-def raw_frame(ftype: int, channel: int, payload: bytes, end: bytes = b"\xce") -> bytes:
+def raw_frame(ftype: int, channel: int, payload: bytes, end: bytes = FRAME_END_BYTES) -> bytes:
     return struct.pack(">BHI", ftype, channel, len(payload)) + payload + end
 
 

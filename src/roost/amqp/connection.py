@@ -32,6 +32,19 @@ from roost.amqp.decoder import (
     ProtocolHeaderReceived,
     PublishReceived,
 )
+from roost.amqp.wire import (
+    BASIC_PUBLISH,
+    CONNECTION_CLASS,
+    CONNECTION_OPEN,
+    CONNECTION_START_OK,
+    CONNECTION_TUNE_OK,
+    FRAME_MIN_SIZE,
+    HEARTBEAT_FRAME,
+    NO_METHOD,
+    PROTOCOL_HEADER,
+    MethodId,
+    method_ids,
+)
 from roost.broker import access, errors
 from roost.broker.errors import BrokerError
 from roost.broker.read_models import ConnectionView
@@ -44,9 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("roost.connection")
 
-PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
-FRAME_MIN_SIZE = 4096
-PUBLISH_METHOD = (60, 40)
 CLOSE_TIMEOUT = 3.0
 
 CAPABILITIES = {
@@ -143,7 +153,7 @@ class AMQPConnection(asyncio.Protocol):
                 # The frames before the bad one still count.
                 if not self._events(exc.events):
                     return
-                self._connection_error(exc.code, exc.text, exc.class_id, exc.method_id)
+                self._connection_error(exc.code, exc.text, (exc.class_id, exc.method_id))
                 if not (exc.in_sync and self.decoder.closing):
                     return
                 # Still in step with the client: read the rest as a closing
@@ -173,12 +183,12 @@ class AMQPConnection(asyncio.Protocol):
                     if ch is None:
                         # A no-op once closing: the events after it (close,
                         # close-ok) still count.
-                        self._unopened_channel(ev.channel, PUBLISH_METHOD)
+                        self._unopened_channel(ev.channel, BASIC_PUBLISH)
                     continue
                 try:
                     ch.handle_publish(ev)
                 except BrokerError as exc:
-                    self._broker_error(ch, exc, PUBLISH_METHOD)
+                    self._broker_error(ch, exc, BASIC_PUBLISH)
                 if self.broker.alarms:
                     self._published_while_blocked = True
             elif type(ev) is MethodReceived:
@@ -195,7 +205,7 @@ class AMQPConnection(asyncio.Protocol):
                             f"message size {ev.size} is larger than configured max size "
                             f"{self.broker.max_message_size}",
                         ),
-                        PUBLISH_METHOD,
+                        BASIC_PUBLISH,
                     )
             elif type(ev) is ProtocolHeaderReceived:
                 self._protocol_header(ev)
@@ -360,8 +370,7 @@ class AMQPConnection(asyncio.Protocol):
             self._connection_error(
                 errors.COMMAND_INVALID,
                 f"{known} authentication mechanism '{mechanism}'",
-                10,
-                11,
+                CONNECTION_START_OK,
             )
             return
         name = user.decode("utf-8", "replace")
@@ -417,8 +426,6 @@ class AMQPConnection(asyncio.Protocol):
                 errors.ACCESS_REFUSED,
                 f"Login was refused using authentication mechanism {mechanism}. "
                 "For details see the broker logfile.",
-                0,
-                0,
             )
         else:
             self._close_transport()
@@ -427,17 +434,23 @@ class AMQPConnection(asyncio.Protocol):
         s = self.settings
         if m.channel_max > s.channel_max:
             self._connection_error(
-                errors.NOT_ALLOWED, f"channel_max={m.channel_max} > {s.channel_max} max", 10, 31
+                errors.NOT_ALLOWED,
+                f"channel_max={m.channel_max} > {s.channel_max} max",
+                CONNECTION_TUNE_OK,
             )
             return
         if m.frame_max and m.frame_max < FRAME_MIN_SIZE:
             self._connection_error(
-                errors.NOT_ALLOWED, f"frame_max={m.frame_max} < {FRAME_MIN_SIZE} min", 10, 31
+                errors.NOT_ALLOWED,
+                f"frame_max={m.frame_max} < {FRAME_MIN_SIZE} min",
+                CONNECTION_TUNE_OK,
             )
             return
         if m.frame_max > s.frame_max:
             self._connection_error(
-                errors.NOT_ALLOWED, f"frame_max={m.frame_max} > {s.frame_max} max", 10, 31
+                errors.NOT_ALLOWED,
+                f"frame_max={m.frame_max} > {s.frame_max} max",
+                CONNECTION_TUNE_OK,
             )
             return
         self.channel_max = m.channel_max or s.channel_max
@@ -450,7 +463,7 @@ class AMQPConnection(asyncio.Protocol):
         try:
             vhost = self.broker.connection_opening(self.username, m.virtual_host)
         except BrokerError as exc:
-            self._connection_error(exc.code, exc.text, 10, 40)
+            self._connection_error(exc.code, exc.text, CONNECTION_OPEN)
             return
         self.vhost = vhost
         self.broker.connections.add(self)
@@ -512,7 +525,7 @@ class AMQPConnection(asyncio.Protocol):
             self.transport.abort()
             return
         if now - self._last_send >= self.heartbeat / 2.0:
-            self.transport.write(encoder.HEARTBEAT)
+            self.transport.write(HEARTBEAT_FRAME)
             self._last_send = now
         self._timer = self.loop.call_later(self._tick_interval(), self._heartbeat_tick)
 
@@ -525,16 +538,15 @@ class AMQPConnection(asyncio.Protocol):
         if self.state != "open":
             if self.state == "closing":
                 return
-            self._connection_error(
-                errors.COMMAND_INVALID, "channel method before connection.open", 0, 0
-            )
+            self._connection_error(errors.COMMAND_INVALID, "channel method before connection.open")
             return
         ch = self.channels.get(channel)
         t = type(method)
-        ids = divmod(method.index, 1 << 16)
         if t is C.Channel.Open:
             if ch is not None:
-                self._connection_error(errors.CHANNEL_ERROR, "second 'channel.open' seen", *ids)
+                self._connection_error(
+                    errors.CHANNEL_ERROR, "second 'channel.open' seen", method_ids(method.index)
+                )
                 return
             # Like RabbitMQ, channel_max caps how many channels are open at
             # once, not the channel numbers a client may pick.
@@ -543,15 +555,13 @@ class AMQPConnection(asyncio.Protocol):
                     errors.NOT_ALLOWED,
                     f"number of channels opened ({len(self.channels)}) has reached "
                     f"the negotiated channel_max ({self.channel_max})",
-                    0,
-                    0,
                 )
                 return
             self.channels[channel] = Channel(self, channel)
             self.send_method(channel, C.Channel.OpenOk())
             return
         if ch is None:
-            self._unopened_channel(channel, ids)
+            self._unopened_channel(channel, method_ids(method.index))
             return
         if ch.closing:
             # After we sent channel.close only close/close-ok matter.
@@ -567,17 +577,17 @@ class AMQPConnection(asyncio.Protocol):
             return
         if t is C.Channel.CloseOk:
             return
-        if method.index >> 16 == 10:
+        if method.index >> 16 == CONNECTION_CLASS:
             self._connection_error(
                 errors.COMMAND_INVALID,
                 f"connection method {method.name} on channel {channel}",
-                *ids,
+                method_ids(method.index),
             )
             return
         try:
             ch.handle_method(method)
         except BrokerError as exc:
-            self._broker_error(ch, exc, ids)
+            self._broker_error(ch, exc, method_ids(method.index))
 
     def _connection_method(self, m: MethodFrame) -> None:
         t = type(m)
@@ -609,7 +619,7 @@ class AMQPConnection(asyncio.Protocol):
                 self._connection_error(
                     errors.COMMAND_INVALID,
                     f"expected '{expected.__name__}', got '{m.name}'",
-                    *divmod(m.index, 1 << 16),
+                    method_ids(m.index),
                 )
             elif t is C.Connection.StartOk:
                 self._start_ok(m)  # type: ignore[arg-type]
@@ -627,11 +637,11 @@ class AMQPConnection(asyncio.Protocol):
             self._connection_error(
                 errors.CHANNEL_ERROR,
                 "unexpected method in connection state running",
-                *divmod(m.index, 1 << 16),
+                method_ids(m.index),
             )
 
-    def _unopened_channel(self, channel: int, ids: tuple[int, int]) -> None:
-        self._connection_error(errors.CHANNEL_ERROR, "expected 'channel.open'", *ids)
+    def _unopened_channel(self, channel: int, ids: MethodId) -> None:
+        self._connection_error(errors.CHANNEL_ERROR, "expected 'channel.open'", ids)
 
     def _forget_channel(self, number: int) -> None:
         # The decoder's content state is left alone: it reflects the frames
@@ -645,11 +655,11 @@ class AMQPConnection(asyncio.Protocol):
         """Close ``ch`` for a reason not tied to a method (consumer timeout):
         RabbitMQ then sends class and method id 0."""
         if self.state == "open" and not ch.closing:
-            self._broker_error(ch, exc, (0, 0))
+            self._broker_error(ch, exc, NO_METHOD)
 
-    def _broker_error(self, ch: Channel, exc: BrokerError, ids: tuple[int, int]) -> None:
+    def _broker_error(self, ch: Channel, exc: BrokerError, ids: MethodId) -> None:
         if exc.closes_connection:
-            self._connection_error(exc.code, exc.text, *ids)
+            self._connection_error(exc.code, exc.text, ids)
             return
         log.warning(
             "%s: channel %d error: %s",
@@ -678,7 +688,7 @@ class AMQPConnection(asyncio.Protocol):
             ),
         )
 
-    def _connection_error(self, code: int, text: str, class_id: int, method_id: int) -> None:
+    def _connection_error(self, code: int, text: str, ids: MethodId = NO_METHOD) -> None:
         if self.state in ("closing", "closed"):
             return
         name = errors.REPLY_NAMES.get(code, str(code))
@@ -702,8 +712,8 @@ class AMQPConnection(asyncio.Protocol):
             C.Connection.Close(
                 reply_code=code,
                 reply_text=_clip(f"{name} - {text}"),
-                class_id=class_id,
-                method_id=method_id,
+                class_id=ids[0],
+                method_id=ids[1],
             ),
         )
         self.state = "closing"
@@ -716,7 +726,7 @@ class AMQPConnection(asyncio.Protocol):
         self, code: int = errors.CONNECTION_FORCED, text: str = "broker forced connection closure"
     ) -> None:
         """Server-initiated close (shutdown, management)."""
-        self._connection_error(code, text, 0, 0)
+        self._connection_error(code, text)
 
     def describe(self) -> ConnectionView:
         """``broker.ClientConnection.describe``: this connection for the
