@@ -63,6 +63,7 @@ from pamqp import header as pheader
 from pamqp.base import Frame
 
 from roost.amqp.connection import AMQPConnection, ConnectionSettings
+from roost.amqp.state import ConnectionState
 from roost.amqp.wire import FRAME_END_BYTES, FRAME_HEARTBEAT, PROTOCOL_HEADER
 from roost.broker.broker import Broker
 from tests.amqp.test_decoder_properties import chunked
@@ -496,7 +497,7 @@ class ConnectionMachine(RuleBasedStateMachine):
             self.open_connection(None, *self.setup)
 
     def connection_gone(self) -> None:
-        assert self.transport.closed and self.conn.state == "closed"
+        assert self.transport.closed and self.conn.state is ConnectionState.CLOSED
         assert self.conn not in self.registry and self.conn not in self.broker.connections
         assert not self.conn.channels
         for q in self.broker.vhosts["/"].queues.values():
@@ -1293,7 +1294,7 @@ class ConnectionMachine(RuleBasedStateMachine):
     def transport_closed_iff_model_closed(self) -> None:
         closed = self.state == CLOSED
         assert self.transport.closed == closed
-        assert (self.conn.state == "closed") == closed
+        assert (self.conn.state is ConnectionState.CLOSED) == closed
         assert (self.conn in self.registry) != closed
         assert (self.conn in self.broker.connections) == (self.state == OPEN)
 
