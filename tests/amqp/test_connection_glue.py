@@ -134,3 +134,33 @@ def test_handshake_walks_the_states(loop: asyncio.AbstractEventLoop) -> None:
     conn.data_received(marshal(C.Connection.Open(virtual_host="/"), 0))
     assert state(conn) is ConnectionState.RUNNING
     assert conn in broker.connections
+
+
+def test_writable_follows_the_transport(loop: asyncio.AbstractEventLoop) -> None:
+    conn, _ = connect(loop, Broker())
+    assert conn.writable
+    conn.pause_writing()
+    assert not conn.writable
+    conn.resume_writing()
+    assert conn.writable
+
+
+def test_a_publisher_is_not_read_during_an_alarm(loop: asyncio.AbstractEventLoop) -> None:
+    broker = Broker()
+    conn, transport = connect(loop, broker)
+    conn.data_received(handshake() + marshal(C.Queue.Declare(queue="q"), 1))
+    spin(loop)
+    broker.set_alarm("disk")
+    # A connection that does not publish keeps being read.
+    conn.data_received(marshal(C.Basic.Qos(prefetch_count=1), 1))
+    assert transport.reading
+    conn.data_received(publish(b"m"))
+    assert not transport.reading
+    assert not conn.flow.heartbeats_expected
+    broker.clear_alarm("disk")
+    assert transport.reading
+    assert conn.flow.heartbeats_expected
+    # Once unblocked, a publish does not pause it again.
+    conn.data_received(publish(b"n"))
+    assert transport.reading
+    assert broker.vhosts["/"].queues["q"].message_count == 2

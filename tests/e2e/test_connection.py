@@ -546,7 +546,7 @@ def test_publisher_is_held_while_blocked(roost_broker: RoostBroker) -> None:
         client.expect(C.Connection.Blocked)
         # The publish that finds the broker blocked is the last one read.
         publish(client, b"first")
-        wait_for(lambda: any(c._reading_paused for c in open_connections(roost_broker)))
+        wait_for(lambda: any(c.flow.reading_paused for c in open_connections(roost_broker)))
         count = queue_depth(roost_broker, "held")
         publish(client, b"second")
         publish(client, b"third")

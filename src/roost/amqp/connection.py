@@ -4,9 +4,8 @@ Feeds the bytes read to the sans-IO decoder, moves the connection through
 the states of ``state.py`` and carries out what each step means: the
 handshake (start/tune/open, SASL PLAIN, AMQPLAIN and EXTERNAL),
 heartbeats, channel multiplexing, error-to-close-frame mapping, and output
-batching (one ``transport.write`` per loop iteration) and back-pressure:
-``pause_writing`` stops deliveries to this connection's consumers, and a
-resource alarm pauses reading from publishing connections.
+batching (one ``transport.write`` per loop iteration). Back-pressure is
+decided by ``flow_control.py`` and applied to the transport here.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from roost.amqp.decoder import (
     ProtocolHeaderReceived,
     PublishReceived,
 )
+from roost.amqp.flow_control import FlowControl
 from roost.amqp.state import (
     HANDSHAKE,
     ConnectionState,
@@ -126,7 +126,7 @@ class AMQPConnection(asyncio.Protocol):
         # CN of the verified client certificate (TLS listeners with
         # verify_peer only); None when there is no certificate.
         self.cert_name: str | None = None
-        self.writable = True
+        self.flow = FlowControl()
         self._out: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
         self._confirming: list[Channel] = []
@@ -134,8 +134,6 @@ class AMQPConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._last_recv = 0.0
         self._last_send = 0.0
-        self._reading_paused = False
-        self._published_while_blocked = False
         # For the connection log lines (and ``roost ctl list connections``):
         # when the socket was accepted (loop time) and why it is closing.
         self.opened_at = 0.0
@@ -182,12 +180,11 @@ class AMQPConnection(asyncio.Protocol):
                 return
             break
         if (
-            self._published_while_blocked
-            and self.broker.alarms
-            and self.transport is not None
+            self.broker.alarms
             and self.state is _RUNNING
+            and self.transport is not None
+            and self.flow.pause_reading()
         ):
-            self._reading_paused = True
             self.transport.pause_reading()
 
     def _events(self, events: list[Event]) -> bool:
@@ -207,7 +204,7 @@ class AMQPConnection(asyncio.Protocol):
                 except BrokerError as exc:
                     self._broker_error(ch, exc, BASIC_PUBLISH)
                 if self.broker.alarms:
-                    self._published_while_blocked = True
+                    self.flow.blocked_publish()
             elif type(ev) is MethodReceived:
                 self._method(ev.channel, ev.method)
             elif type(ev) is HeartbeatReceived:
@@ -265,13 +262,18 @@ class AMQPConnection(asyncio.Protocol):
         )
 
     def pause_writing(self) -> None:
-        self.writable = False
+        self.flow.pause_writing()
 
     def resume_writing(self) -> None:
-        self.writable = True
+        self.flow.resume_writing()
         for ch in list(self.channels.values()):
             if not ch.closing:
                 ch.resume()
+
+    @property
+    def writable(self) -> bool:
+        """Whether the transport takes more output: consumers get credit only then."""
+        return self.flow.writable
 
     # -- output ---------------------------------------------------------
 
@@ -525,7 +527,7 @@ class AMQPConnection(asyncio.Protocol):
         if self.state is _CLOSED or self.transport is None:
             return
         now = self.loop.time()
-        if self._reading_paused:
+        if not self.flow.heartbeats_expected:
             # Blocked by an alarm we are not reading, so its heartbeats cannot
             # arrive: not the client's fault (RabbitMQ pauses the monitor too).
             self._last_recv = now
@@ -807,9 +809,8 @@ class AMQPConnection(asyncio.Protocol):
         else:
             if notify:
                 self.send_method(0, C.Connection.Unblocked())
-            self._published_while_blocked = False
-            if self._reading_paused and self.transport is not None:
-                self._reading_paused = False
+            if self.flow.unblocked() and self.transport is not None:
+                # Heartbeats are due again from now on.
                 self._last_recv = self.loop.time()
                 self.transport.resume_reading()
 
