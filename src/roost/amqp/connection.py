@@ -57,6 +57,7 @@ from roost.amqp.wire import (
     method_ids,
 )
 from roost.broker import access, errors
+from roost.broker.broker import FORCED_CLOSE_TEXT
 from roost.broker.errors import BrokerError
 from roost.broker.read_models import ConnectionView
 from roost.tls import peer_common_name
@@ -739,9 +740,7 @@ class AMQPConnection(asyncio.Protocol):
         # Give the client a moment to answer close-ok, then drop it.
         self._timer = self.loop.call_later(CLOSE_TIMEOUT, self._close_transport)
 
-    def close(
-        self, code: int = errors.CONNECTION_FORCED, text: str = "broker forced connection closure"
-    ) -> None:
+    def close(self, code: int = errors.CONNECTION_FORCED, text: str = FORCED_CLOSE_TEXT) -> None:
         """Server-initiated close (shutdown, management)."""
         self._connection_error(code, text)
 
