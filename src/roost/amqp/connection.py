@@ -2,10 +2,11 @@
 
 Feeds the bytes read to the sans-IO decoder, moves the connection through
 the states of ``state.py`` and carries out what each step means: the
-handshake (start/tune/open, SASL PLAIN, AMQPLAIN and EXTERNAL),
-heartbeats, channel multiplexing, error-to-close-frame mapping, and output
-batching (one ``transport.write`` per loop iteration). Back-pressure is
-decided by ``flow_control.py`` and applied to the transport here.
+handshake (its protocol logic in ``handshake.py``; logins are the
+broker's), heartbeats, channel multiplexing, error-to-close-frame mapping,
+and output batching (one ``transport.write`` per loop iteration).
+Back-pressure is decided by ``flow_control.py`` and applied to the
+transport here.
 """
 
 from __future__ import annotations
@@ -13,15 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from pamqp import commands as C
-from pamqp import decode
 from pamqp.base import Frame as MethodFrame
 
-from roost import __version__
 from roost.amqp import encoder
 from roost.amqp.channel import Channel
 from roost.amqp.decoder import (
@@ -35,6 +33,12 @@ from roost.amqp.decoder import (
     PublishReceived,
 )
 from roost.amqp.flow_control import FlowControl
+from roost.amqp.handshake import (
+    UnknownMechanism,
+    connection_start,
+    sasl_credentials,
+    tune_ok_refusal,
+)
 from roost.amqp.state import (
     HANDSHAKE,
     ConnectionState,
@@ -76,18 +80,6 @@ CLOSE_TIMEOUT = 3.0
 _RUNNING = ConnectionState.RUNNING
 _CLOSED = ConnectionState.CLOSED
 _CLOSING = ConnectionState.CLOSING
-
-CAPABILITIES = {
-    "publisher_confirms": True,
-    "exchange_exchange_bindings": True,
-    "basic.nack": True,
-    "consumer_cancel_notify": True,
-    "connection.blocked": True,
-    "consumer_priorities": True,
-    "authentication_failure_close": True,
-    "per_consumer_qos": True,
-    "direct_reply_to": True,
-}
 
 
 @dataclass
@@ -326,28 +318,9 @@ class AMQPConnection(asyncio.Protocol):
             return
         if not self._accept(Signal.HEADER):
             return
-        # As rabbitmq_auth_mechanism_ssl: EXTERNAL is offered only when the
-        # client presented a certificate, i.e. on verify_peer TLS listeners.
+        # A certificate only on verify_peer TLS listeners.
         self.cert_name = peer_common_name(self.transport)
-        mechanisms = "PLAIN AMQPLAIN" if self.cert_name is None else "PLAIN AMQPLAIN EXTERNAL"
-        self.send_method(
-            0,
-            C.Connection.Start(
-                version_major=0,
-                version_minor=9,
-                server_properties={
-                    "product": "roost",
-                    "version": __version__,
-                    "platform": "Python",
-                    "copyright": "roost contributors",
-                    "information": "https://pypi.org/project/roost/",
-                    "cluster_name": "roost",
-                    "capabilities": dict(CAPABILITIES),
-                },
-                mechanisms=mechanisms,
-                locales="en_US",
-            ),
-        )
+        self.send_method(0, connection_start(offer_external=self.cert_name is not None))
 
     def _start_ok(self, m: C.Connection.StartOk) -> None:
         self.client_properties = dict(m.client_properties or {})
@@ -363,45 +336,20 @@ class AMQPConnection(asyncio.Protocol):
                 mechanism, reason="too many failed logins from this address", counts=False
             )
             return
-        response = m.response
-        raw = response.encode("utf-8") if isinstance(response, str) else bytes(response or b"")
-        if mechanism == "PLAIN":
-            parts = raw.split(b"\x00")
-            if len(parts) != 3:
-                self._auth_failed(mechanism)
-                return
-            user, password = parts[1], parts[2]
-        elif mechanism == "AMQPLAIN":
-            try:
-                _, table = decode.field_table(struct.pack(">I", len(raw)) + raw)
-            except (ValueError, struct.error):
-                self._auth_failed(mechanism)
-                return
-            login, pw = table.get("LOGIN"), table.get("PASSWORD")
-            user = login.encode() if isinstance(login, str) else _as_bytes(login)
-            password = pw.encode() if isinstance(pw, str) else _as_bytes(pw)
-        elif mechanism == "EXTERNAL" and self.cert_name is not None:
-            # The verified certificate stands in for the password: log in
-            # the existing user named by its CN.
-            user, password = self.cert_name.encode(), None
-        else:
-            # RabbitMQ's wording differs for a mechanism it knows but did not
-            # offer on this connection (EXTERNAL without a client certificate).
-            known = "invalid" if mechanism == "EXTERNAL" else "unknown"
-            self._connection_error(
-                errors.COMMAND_INVALID,
-                f"{known} authentication mechanism '{mechanism}'",
-                CONNECTION_START_OK,
-            )
+        try:
+            credentials = sasl_credentials(mechanism, m.response, self.cert_name)
+        except UnknownMechanism as exc:
+            self._connection_error(errors.COMMAND_INVALID, str(exc), CONNECTION_START_OK)
             return
-        name = user.decode("utf-8", "replace")
+        if credentials is None:
+            self._auth_failed(mechanism)
+            return
+        name, password = credentials
         if password is None:
+            # EXTERNAL: the certificate's CN names an existing user.
             accepted = bool(name) and name in self.broker.users.users
         else:
-            accepted = (
-                self.broker.users.authenticate(name, password.decode("utf-8", "replace"))
-                is not None
-            )
+            accepted = self.broker.users.authenticate(name, password) is not None
         if not accepted:
             self._auth_failed(mechanism, name)
             return
@@ -452,26 +400,9 @@ class AMQPConnection(asyncio.Protocol):
 
     def _tune_ok(self, m: C.Connection.TuneOk) -> None:
         s = self.settings
-        if m.channel_max > s.channel_max:
-            self._connection_error(
-                errors.NOT_ALLOWED,
-                f"channel_max={m.channel_max} > {s.channel_max} max",
-                CONNECTION_TUNE_OK,
-            )
-            return
-        if m.frame_max and m.frame_max < FRAME_MIN_SIZE:
-            self._connection_error(
-                errors.NOT_ALLOWED,
-                f"frame_max={m.frame_max} < {FRAME_MIN_SIZE} min",
-                CONNECTION_TUNE_OK,
-            )
-            return
-        if m.frame_max > s.frame_max:
-            self._connection_error(
-                errors.NOT_ALLOWED,
-                f"frame_max={m.frame_max} > {s.frame_max} max",
-                CONNECTION_TUNE_OK,
-            )
+        refusal = tune_ok_refusal(m.channel_max, m.frame_max, s.channel_max, s.frame_max)
+        if refusal is not None:
+            self._connection_error(errors.NOT_ALLOWED, refusal, CONNECTION_TUNE_OK)
             return
         self.channel_max = m.channel_max or s.channel_max
         self.frame_max = m.frame_max or s.frame_max
@@ -812,10 +743,6 @@ class AMQPConnection(asyncio.Protocol):
                 # Heartbeats are due again from now on.
                 self._last_recv = self.loop.time()
                 self.transport.resume_reading()
-
-
-def _as_bytes(value: object) -> bytes:
-    return bytes(value) if isinstance(value, bytes | bytearray) else b""
 
 
 def _clip(text: str) -> str:
