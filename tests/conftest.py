@@ -12,6 +12,7 @@ import pytest
 from pamqp import commands as C
 from pamqp import frame as pframe
 
+from roost.amqp.wire import PROTOCOL_HEADER
 from roost.testing import RoostBroker
 
 
@@ -59,7 +60,7 @@ class RawClient:
         channel_max: int = 0,
         frame_max: int = 0,
     ) -> C.Connection.Tune:
-        self.send(b"AMQP\x00\x00\x09\x01")
+        self.send(PROTOCOL_HEADER)
         self.expect(C.Connection.Start)
         self.send_frame(
             C.Connection.StartOk(

@@ -63,10 +63,11 @@ from pamqp import header as pheader
 from pamqp.base import Frame
 
 from roost.amqp.connection import AMQPConnection, ConnectionSettings
+from roost.amqp.state import ConnectionState
+from roost.amqp.wire import FRAME_END_BYTES, FRAME_HEARTBEAT, PROTOCOL_HEADER
 from roost.broker.broker import Broker
 from tests.amqp.test_decoder_properties import chunked
 
-PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 OPEN, CLOSING, CLOSED = "open", "closing", "closed"
 QUEUES = ("q0", "q1", "q2")
 MISSING_QUEUE = "nope"
@@ -415,7 +416,7 @@ def content_header(channel: int, size: int) -> bytes:
 
 def raw_heartbeat(channel: int) -> bytes:
     # pamqp writes every heartbeat on channel 0.
-    return struct.pack(">BHI", 8, channel, 0) + b"\xce"
+    return struct.pack(">BHI", FRAME_HEARTBEAT, channel, 0) + FRAME_END_BYTES
 
 
 def close(cls: type[C.Connection.Close] | type[C.Channel.Close]) -> Frame:
@@ -496,7 +497,7 @@ class ConnectionMachine(RuleBasedStateMachine):
             self.open_connection(None, *self.setup)
 
     def connection_gone(self) -> None:
-        assert self.transport.closed and self.conn.state == "closed"
+        assert self.transport.closed and self.conn.state is ConnectionState.CLOSED
         assert self.conn not in self.registry and self.conn not in self.broker.connections
         assert not self.conn.channels
         for q in self.broker.vhosts["/"].queues.values():
@@ -1293,7 +1294,7 @@ class ConnectionMachine(RuleBasedStateMachine):
     def transport_closed_iff_model_closed(self) -> None:
         closed = self.state == CLOSED
         assert self.transport.closed == closed
-        assert (self.conn.state == "closed") == closed
+        assert (self.conn.state is ConnectionState.CLOSED) == closed
         assert (self.conn in self.registry) != closed
         assert (self.conn in self.broker.connections) == (self.state == OPEN)
 

@@ -22,8 +22,8 @@ from roost.amqp.decoder import (
     ProtocolHeaderReceived,
     PublishReceived,
 )
+from roost.amqp.wire import FRAME_END_BYTES, PROTOCOL_HEADER
 
-HEADER = b"AMQP\x00\x00\x09\x01"
 PROPS = C.Basic.Properties(content_type="text/plain", delivery_mode=2, headers={"a": 1})
 
 
@@ -43,14 +43,14 @@ def body(data: bytes, channel: int = 1) -> bytes:
     return bytes(pframe.marshal(pbody.ContentBody(data), channel))
 
 
-def raw_frame(ftype: int, channel: int, payload: bytes, end: bytes = b"\xce") -> bytes:
+def raw_frame(ftype: int, channel: int, payload: bytes, end: bytes = FRAME_END_BYTES) -> bytes:
     return struct.pack(">BHI", ftype, channel, len(payload)) + payload + end
 
 
 def opened(frame_max: int = 131072, max_message_size: int = 16 * 1024 * 1024) -> FrameDecoder:
     """A decoder that has already accepted the protocol header."""
     dec = FrameDecoder(frame_max, max_message_size)
-    events = dec.feed(HEADER)
+    events = dec.feed(PROTOCOL_HEADER)
     assert len(events) == 1 and isinstance(events[0], ProtocolHeaderReceived)
     return dec
 
@@ -76,15 +76,15 @@ def raises(dec: FrameDecoder, data: bytes) -> FrameError:
 
 def test_protocol_header_ok() -> None:
     dec = FrameDecoder()
-    [ev] = dec.feed(HEADER)
+    [ev] = dec.feed(PROTOCOL_HEADER)
     assert isinstance(ev, ProtocolHeaderReceived)
     assert ev.ok is True
-    assert ev.raw == HEADER
+    assert ev.raw == PROTOCOL_HEADER
 
 
 def test_protocol_header_followed_by_frame_in_same_feed() -> None:
     dec = FrameDecoder()
-    events = dec.feed(HEADER + method(C.Connection.StartOk(response="\0u\0p"), 0))
+    events = dec.feed(PROTOCOL_HEADER + method(C.Connection.StartOk(response="\0u\0p"), 0))
     assert [type(e) for e in events] == [ProtocolHeaderReceived, MethodReceived]
     ev = events[1]
     assert isinstance(ev, MethodReceived)
@@ -123,7 +123,7 @@ def test_partial_protocol_header_waits() -> None:
 
 def test_protocol_header_byte_by_byte_then_frames() -> None:
     dec = FrameDecoder()
-    stream = HEADER + method(C.Channel.Open(), 1)
+    stream = PROTOCOL_HEADER + method(C.Channel.Open(), 1)
     events: list[Event] = []
     for i in range(len(stream)):
         events.extend(dec.feed(stream[i : i + 1]))

@@ -12,13 +12,13 @@ from pamqp import heartbeat as pheartbeat
 from pamqp.common import FieldTable
 
 from roost.amqp.decoder import (
-    PROTOCOL_HEADER,
     FrameDecoder,
     FrameError,
     HeartbeatReceived,
     MethodReceived,
     PublishReceived,
 )
+from roost.amqp.wire import PROTOCOL_HEADER
 
 FRAME_MAX = 131072
 

@@ -7,7 +7,6 @@ from pamqp import body as pbody
 from pamqp import commands as C
 from pamqp import frame as pframe
 from pamqp import header as pheader
-from pamqp import heartbeat as pheartbeat
 
 from roost.amqp import encoder
 
@@ -156,10 +155,6 @@ def test_delivery_tags_are_unsigned_64_bit() -> None:
 def test_method_uses_pamqp() -> None:
     frame = C.Basic.ConsumeOk(consumer_tag="ctag")
     assert encoder.method(4, frame) == marshal(frame, 4)
-
-
-def test_heartbeat_constant() -> None:
-    assert bytes(pheartbeat.Heartbeat.marshal()) == encoder.HEARTBEAT
 
 
 def test_shortstr_rejects_long_strings() -> None:

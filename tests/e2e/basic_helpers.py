@@ -17,12 +17,16 @@ from pamqp import frame as pframe
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
+from roost.amqp.wire import (
+    BASIC_CLASS,
+    FRAME_BODY,
+    FRAME_END,
+    FRAME_END_BYTES,
+    FRAME_HEADER,
+    FRAME_HEARTBEAT,
+    FRAME_METHOD,
+)
 from tests.conftest import RawClient
-
-FRAME_METHOD = 1
-FRAME_HEADER = 2
-FRAME_BODY = 3
-FRAME_HEARTBEAT = 8
 
 
 def recv_raw(client: RawClient) -> tuple[int, int, bytes]:
@@ -35,7 +39,7 @@ def recv_raw(client: RawClient) -> tuple[int, int, bytes]:
             client.buf += data
         ftype, channel, size = struct.unpack(">BHI", client.buf[:7])
         payload = client.buf[7 : 7 + size]
-        assert client.buf[7 + size] == 0xCE, "bad frame end"
+        assert client.buf[7 + size] == FRAME_END, "bad frame end"
         client.buf = client.buf[size + 8 :]
         if ftype != FRAME_HEARTBEAT:
             return ftype, channel, payload
@@ -59,8 +63,8 @@ def connect(port: int, channels: int = 1, frame_max: int = 0) -> RawClient:
 
 def raw_header(properties: bytes, body_size: int, channel: int = 1) -> bytes:
     """A content header frame with ``properties`` (flags + list) given as raw bytes."""
-    payload = struct.pack(">HHQ", 60, 0, body_size) + properties
-    return struct.pack(">BHI", FRAME_HEADER, channel, len(payload)) + payload + b"\xce"
+    payload = struct.pack(">HHQ", BASIC_CLASS, 0, body_size) + properties
+    return struct.pack(">BHI", FRAME_HEADER, channel, len(payload)) + payload + FRAME_END_BYTES
 
 
 def publish(
@@ -136,7 +140,9 @@ def next_method(client: RawClient) -> tuple[int, object]:
     """The next method frame; content that follows is left in the buffer."""
     ftype, channel, payload = recv_raw(client)
     assert ftype == FRAME_METHOD, f"expected a method frame, got type {ftype}"
-    frame = pframe.unmarshal(struct.pack(">BHI", ftype, channel, len(payload)) + payload + b"\xce")
+    frame = pframe.unmarshal(
+        struct.pack(">BHI", ftype, channel, len(payload)) + payload + FRAME_END_BYTES
+    )
     return channel, frame[2]
 
 

@@ -21,6 +21,7 @@ from pamqp.common import FieldTable
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
+from roost.amqp.wire import PROTOCOL_HEADER
 from roost.broker.broker import ALARM_QUEUE_MEMORY_LIMIT, INGRESS_CHECK_BYTES, Broker
 from roost.config import ConfigError, load_config
 from roost.resources import (
@@ -394,7 +395,7 @@ class _Publisher:
 
     def _handshake(self) -> None:
         s = self.sock
-        s.sendall(b"AMQP\x00\x00\x09\x01")
+        s.sendall(PROTOCOL_HEADER)
         self._expect(C.Connection.Start)
         caps: FieldTable = {"connection.blocked": True, "publisher_confirms": True}
         s.sendall(

@@ -18,10 +18,10 @@ from pamqp import commands as C
 from pamqp import heartbeat as pheartbeat
 from pika import exceptions as pika_exc
 
+from roost.amqp.wire import PROTOCOL_HEADER
 from roost.testing import RoostBroker
 from tests.conftest import RawClient
 from tests.e2e.wire_helpers import (
-    PROTOCOL_HEADER,
     assert_connection_closed,
     connect,
     finish_handshake,
@@ -229,7 +229,7 @@ def test_wrong_protocol_header(raw: RawClient, header: bytes) -> None:
         if not data:
             break
         received += data
-    assert received == b"AMQP\x00\x00\x09\x01"
+    assert received == PROTOCOL_HEADER
 
 
 def test_broker_keeps_serving_after_wrong_header(roost_broker: RoostBroker) -> None:
@@ -546,7 +546,7 @@ def test_publisher_is_held_while_blocked(roost_broker: RoostBroker) -> None:
         client.expect(C.Connection.Blocked)
         # The publish that finds the broker blocked is the last one read.
         publish(client, b"first")
-        wait_for(lambda: any(c._reading_paused for c in open_connections(roost_broker)))
+        wait_for(lambda: any(c.flow.reading_paused for c in open_connections(roost_broker)))
         count = queue_depth(roost_broker, "held")
         publish(client, b"second")
         publish(client, b"third")

@@ -15,7 +15,6 @@ import gc
 import time
 import weakref
 from collections.abc import Iterator
-from typing import cast
 
 import pika
 import pika.exceptions
@@ -117,9 +116,8 @@ def test_closed_connection_freed_without_cycle_collector(
         server = roost_broker.server
 
         def close_all() -> None:
-            # Every connection here is an AMQPConnection, whose close() has defaults.
             for c in list(server.broker.connections):
-                cast(AMQPConnection, c).close()
+                c.close()
 
         roost_broker.call(close_all)
         with pytest.raises(pika.exceptions.ConnectionClosedByBroker):

@@ -15,6 +15,7 @@ from pamqp import commands as C
 from pamqp import frame as pframe
 from pamqp import header as pheader
 
+from roost.amqp.wire import PROTOCOL_HEADER
 from roost.testing import RoostBroker
 from tests.conftest import RawClient
 from tests.e2e.wire_helpers import (
@@ -269,7 +270,7 @@ def test_frame_of_exactly_frame_max_payload_is_accepted(roost_broker: RoostBroke
 def test_frame_limit_before_tune_is_4096(roost_broker: RoostBroker) -> None:
     client = RawClient(roost_broker.port)
     try:
-        client.send(b"AMQP\x00\x00\x09\x01")
+        client.send(PROTOCOL_HEADER)
         client.expect(C.Connection.Start)
         client.send_frame(
             C.Connection.StartOk(
@@ -288,7 +289,7 @@ def test_frame_limit_before_tune_is_4096(roost_broker: RoostBroker) -> None:
 def test_channel_method_before_connection_open(roost_broker: RoostBroker) -> None:
     client = RawClient(roost_broker.port)
     try:
-        client.send(b"AMQP\x00\x00\x09\x01")
+        client.send(PROTOCOL_HEADER)
         client.expect(C.Connection.Start)
         client.send_frame(
             C.Connection.StartOk(client_properties={}, mechanism="PLAIN", response="\0guest\0guest")

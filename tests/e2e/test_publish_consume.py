@@ -24,11 +24,10 @@ from pamqp.header import ContentHeader
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import ChannelClosedByBroker
 
+from roost.amqp.wire import FRAME_BODY, FRAME_HEADER
 from roost.testing import RoostBroker
 from tests.conftest import RawClient
 from tests.e2e.basic_helpers import (
-    FRAME_BODY,
-    FRAME_HEADER,
     basic_get,
     connect,
     declare_queue,

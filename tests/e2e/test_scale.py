@@ -19,6 +19,7 @@ from pamqp import commands as C
 from pamqp import frame as pframe
 from pamqp import header as pheader
 
+from roost.amqp.wire import PROTOCOL_HEADER
 from roost.testing import RoostProcess
 
 CONNECTIONS = 1000
@@ -34,7 +35,7 @@ class AsyncClient:
     async def connect(cls, port: int) -> AsyncClient:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         client = cls(reader, writer)
-        writer.write(b"AMQP\x00\x00\x09\x01")
+        writer.write(PROTOCOL_HEADER)
         await client.expect(C.Connection.Start)
         client.send(C.Connection.StartOk(mechanism="PLAIN", response="\0guest\0guest"), channel=0)
         tune = await client.expect(C.Connection.Tune)

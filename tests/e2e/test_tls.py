@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pamqp import commands as C
 
+from roost.amqp.wire import PROTOCOL_HEADER
 from roost.config import ConfigError, load_config
 from roost.testing import RoostBroker, RoostProcess
 from roost.tls import TLSError, server_context
@@ -205,7 +206,7 @@ class TLSRawClient(RawClient):
         self.buf = b""
 
     def start(self) -> C.Connection.Start:
-        self.send(b"AMQP\x00\x00\x09\x01")
+        self.send(PROTOCOL_HEADER)
         start = self.expect(C.Connection.Start)
         assert isinstance(start, C.Connection.Start)
         return start
@@ -294,7 +295,7 @@ async def test_aio_pika_consume_over_amqps_url(tls_broker: RoostBroker, pki: Pki
 def test_tls_listener_does_not_speak_plain_amqp(tls_broker: RoostBroker) -> None:
     client = RawClient(tls_broker.tls_port)
     try:
-        client.send(b"AMQP\x00\x00\x09\x01")
+        client.send(PROTOCOL_HEADER)
         # The bytes are not a TLS ClientHello: the handshake fails and the
         # broker hangs up without ever sending connection.start.
         client.sock.settimeout(5)
@@ -416,7 +417,7 @@ def test_external_login_refused_without_matching_user(
 def test_plain_listener_does_not_offer_external(mtls_broker: RoostBroker) -> None:
     client = RawClient(mtls_broker.port)
     try:
-        client.send(b"AMQP\x00\x00\x09\x01")
+        client.send(PROTOCOL_HEADER)
         start = client.expect(C.Connection.Start)
         assert isinstance(start, C.Connection.Start)
         assert start.mechanisms == "PLAIN AMQPLAIN"

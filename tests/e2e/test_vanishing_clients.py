@@ -22,6 +22,7 @@ from pamqp import frame as pframe
 from pamqp import header as pheader
 
 from roost.amqp.connection import AMQPConnection
+from roost.amqp.state import ConnectionState
 from roost.testing import RoostBroker
 from tests.conftest import RawClient
 
@@ -144,7 +145,7 @@ def test_vanish_mid_frame_frees_connection_and_requeues(setup: RoostBroker, rst:
     vanish(client, rst)
 
     assert wait_for(lambda: not amqp_connections(setup))
-    assert setup.call(lambda: (conn.state, len(conn.channels))) == ("closed", 0)
+    assert setup.call(lambda: (conn.state, len(conn.channels))) == (ConnectionState.CLOSED, 0)
     # The half-published message was never enqueued; the 3 unacked are back.
     assert wait_for(lambda: queue_state(setup) == (3, 0, 0))
     got = drain(setup.url, 3)

@@ -14,14 +14,15 @@ from pamqp import heartbeat as pheartbeat
 from pamqp.common import FieldTable
 
 from roost.amqp.connection import AMQPConnection
+from roost.amqp.state import ConnectionState
+from roost.amqp.wire import FRAME_END_BYTES, PROTOCOL_HEADER
 from roost.testing import RoostBroker
 from tests.conftest import RawClient
 
 T = TypeVar("T")
-PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 
 
-def raw_frame(ftype: int, channel: int, payload: bytes, end: bytes = b"\xce") -> bytes:
+def raw_frame(ftype: int, channel: int, payload: bytes, end: bytes = FRAME_END_BYTES) -> bytes:
     return struct.pack(">BHI", ftype, channel, len(payload)) + payload + end
 
 
@@ -145,7 +146,9 @@ def open_connections(broker: RoostBroker) -> list[AMQPConnection]:
     """The broker's connections that completed the handshake."""
     assert broker.server is not None
     server = broker.server
-    return broker.call(lambda: [c for c in server.connections if c.state == "open"])
+    return broker.call(
+        lambda: [c for c in server.connections if c.state is ConnectionState.RUNNING]
+    )
 
 
 def queue_depth(broker: RoostBroker, name: str, vhost: str = "/") -> int:

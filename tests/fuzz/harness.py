@@ -28,9 +28,9 @@ import pika
 from pamqp import commands as C
 from pamqp import frame as pframe
 
+from roost.amqp.wire import PROTOCOL_HEADER
 from roost.testing import RoostBroker
 
-HEADER = b"AMQP\x00\x00\x09\x01"
 Case = Callable[[random.Random, int], tuple[bool, bytes]]
 
 
@@ -132,12 +132,12 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
 
 
 def case_random_no_handshake(rng: random.Random, fm: int) -> tuple[bool, bytes]:
-    head = HEADER if rng.random() < 0.5 else mutate(rng, HEADER)
+    head = PROTOCOL_HEADER if rng.random() < 0.5 else mutate(rng, PROTOCOL_HEADER)
     return False, head + rng.randbytes(rng.randint(0, 200))
 
 
 def case_random_after_header(rng: random.Random, fm: int) -> tuple[bool, bytes]:
-    return False, HEADER + rng.randbytes(rng.randint(1, 500))
+    return False, PROTOCOL_HEADER + rng.randbytes(rng.randint(1, 500))
 
 
 def case_random_after_handshake(rng: random.Random, fm: int) -> tuple[bool, bytes]:
@@ -248,7 +248,7 @@ def case_oversized_frame(rng: random.Random, fm: int) -> tuple[bool, bytes]:
     size = rng.choice([0xFFFFFFFF, 0x7FFFFFFF, fm + 1, 1 << 24])
     ftype = rng.choice([1, 2, 3])
     return rng.random() < 0.8, (
-        (HEADER if False else b"") + struct.pack(">BHI", ftype, 1, size) + b"\x00" * 64
+        (PROTOCOL_HEADER if False else b"") + struct.pack(">BHI", ftype, 1, size) + b"\x00" * 64
     )
 
 
@@ -332,7 +332,7 @@ def _recv_frame(sock: socket.socket, buf: bytearray) -> tuple[int, object]:
 
 def _handshake(sock: socket.socket) -> int:
     buf = bytearray()
-    sock.sendall(HEADER)
+    sock.sendall(PROTOCOL_HEADER)
     _recv_frame(sock, buf)  # start
     start_ok = C.Connection.StartOk(
         client_properties={}, mechanism="PLAIN", response="\0guest\0guest"

@@ -18,6 +18,7 @@ from pamqp.base import Frame as MethodFrame
 
 from roost import properties
 from roost.amqp import encoder
+from roost.amqp.state import ConnectionState
 from roost.broker import access, errors, sender_selected
 from roost.broker.access import CONFIGURE, READ, WRITE
 from roost.broker.consumer import Consumer
@@ -208,7 +209,7 @@ class Channel:
         self._check(READ, "exchange", source)
 
     def _late_reply(self, data: bytes) -> None:
-        if not self.closing and self.conn.state == "open":
+        if not self.closing and self.conn.state is ConnectionState.RUNNING:
             self.conn.write(data)
 
     # -- DeliverySink ---------------------------------------------------

@@ -16,16 +16,20 @@ from typing import cast
 from pamqp import commands, exceptions
 from pamqp.base import Frame as MethodFrame
 
+from roost.amqp.wire import (
+    BASIC_CLASS,
+    BASIC_PUBLISH,
+    BASIC_PUBLISH_INDEX,
+    FRAME_BODY,
+    FRAME_END,
+    FRAME_HEADER,
+    FRAME_HEARTBEAT,
+    FRAME_METHOD,
+    FRAME_MIN_SIZE,
+    PROTOCOL_HEADER,
+    method_ids,
+)
 from roost.broker import errors
-
-PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
-FRAME_METHOD = 1
-FRAME_HEADER = 2
-FRAME_BODY = 3
-FRAME_HEARTBEAT = 8
-FRAME_END = 0xCE
-BASIC_CLASS = 60
-PUBLISH_ID = (60 << 16) | 40
 
 _frame_head = struct.Struct(">BHI").unpack_from
 _u32 = struct.Struct(">I").unpack_from
@@ -124,12 +128,14 @@ HEARTBEAT = HeartbeatReceived()
 class FrameDecoder:
     """Turns the client's byte stream into events.
 
-    ``frame_max`` bounds every incoming frame (RabbitMQ's 4096-byte minimum
-    applies until tune-ok says otherwise); ``max_message_size`` bounds a
-    publish's declared body size.
+    ``frame_max`` bounds every incoming frame (RabbitMQ's minimum,
+    ``FRAME_MIN_SIZE``, applies until tune-ok says otherwise);
+    ``max_message_size`` bounds a publish's declared body size.
     """
 
-    def __init__(self, frame_max: int = 4096, max_message_size: int = 16 * 1024 * 1024) -> None:
+    def __init__(
+        self, frame_max: int = FRAME_MIN_SIZE, max_message_size: int = 16 * 1024 * 1024
+    ) -> None:
         self.frame_max = frame_max
         self.max_message_size = max_message_size
         self._buf = bytearray()  # an incomplete frame carried to the next feed()
@@ -211,7 +217,7 @@ class FrameDecoder:
                         raise FrameError(errors.FRAME_ERROR, "method frame too short")
                     # On channel 0 basic.publish is just a method the
                     # connection refuses at once, as RabbitMQ does.
-                    if ch and _u32(buf, start)[0] == PUBLISH_ID:
+                    if ch and _u32(buf, start)[0] == BASIC_PUBLISH_INDEX:
                         raw_args = buf[start + 4 : end]
                         args = self._publish_cache.get(raw_args)
                         if args is None:
@@ -342,9 +348,9 @@ class FrameDecoder:
         index = _u32(buf, start)[0]
         cls = commands.INDEX_MAPPING.get(index)
         if cls is None:
+            class_id, method_id = method_ids(index)
             raise FrameError(
-                errors.COMMAND_INVALID,
-                f"unknown method (class {index >> 16}, method {index & 0xFFFF})",
+                errors.COMMAND_INVALID, f"unknown method (class {class_id}, method {method_id})"
             )
         method = cls()
         try:
@@ -356,11 +362,11 @@ class FrameDecoder:
             err = FrameError(
                 errors.FRAME_ERROR, f"malformed method frame {index:#x}: tables nested too deeply"
             )
-            err.class_id, err.method_id = index >> 16, index & 0xFFFF
+            err.class_id, err.method_id = method_ids(index)
             raise err from exc
         except (struct.error, ValueError, IndexError, TypeError, exceptions.PAMQPException) as exc:
             err = FrameError(errors.FRAME_ERROR, f"malformed method frame {index:#x}: {exc}")
-            err.class_id, err.method_id = index >> 16, index & 0xFFFF  # as RabbitMQ reports
+            err.class_id, err.method_id = method_ids(index)  # as RabbitMQ reports
             raise err from exc
         return cast(MethodFrame, method)
 
@@ -388,7 +394,7 @@ def _out_of_sync(err: FrameError) -> FrameError:
 
 def _in_publish(err: FrameError) -> FrameError:
     """RabbitMQ names basic.publish as the failing method of a broken content sequence."""
-    err.class_id, err.method_id = BASIC_CLASS, 40
+    err.class_id, err.method_id = BASIC_PUBLISH
     return err
 
 

@@ -27,6 +27,10 @@ PAGE_OUT_STEP = 16 * 1024 * 1024
 INGRESS_CHECK_BYTES = 4 * 1024 * 1024
 
 
+# RabbitMQ's reply text for a close the server decided on (with 320).
+FORCED_CLOSE_TEXT = "broker forced connection closure"
+
+
 class ClientConnection(Protocol):
     """What the broker needs of an open client connection (AMQP or other):
     who it is, where, a way to close it, and a description of itself and
@@ -35,7 +39,9 @@ class ClientConnection(Protocol):
     username: str
     vhost: VirtualHost | None
 
-    def close(self, code: int, text: str) -> None: ...
+    def close(
+        self, code: int = errors.CONNECTION_FORCED, text: str = FORCED_CLOSE_TEXT
+    ) -> None: ...
 
     def describe(self) -> ConnectionView: ...
 

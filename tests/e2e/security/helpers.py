@@ -14,6 +14,7 @@ from pamqp import commands as C
 from pamqp import frame as pframe
 from pamqp.common import FieldTable
 
+from roost.amqp.wire import PROTOCOL_HEADER
 from roost.broker.broker import Broker
 from roost.testing import RoostBroker
 
@@ -118,7 +119,7 @@ class Login:
 
     def start_ok(self, user: str, password: str, capabilities: bool = True) -> object:
         """Send the header and start-ok; returns Tune or the Connection.Close."""
-        self.sock.sendall(b"AMQP\x00\x00\x09\x01")
+        self.sock.sendall(PROTOCOL_HEADER)
         assert isinstance(self.recv(), C.Connection.Start)
         caps: FieldTable = {"authentication_failure_close": True} if capabilities else {}
         self.send(
