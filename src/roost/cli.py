@@ -17,10 +17,11 @@ from roost.broker.access import is_loopback
 from roost.config import HELP, Config, ConfigError, load_config
 from roost.control import cli as control_cli
 from roost.server import Server
-from roost.store import definitions_cli
+from roost.store import definitions_cli, fsio
 from roost.store.datadir import DataDirInUse
 from roost.store.definitions import DefinitionsError
 from roost.store.encryption import EncryptionError, generate_key_file
+from roost.store.message_store import StoreError
 from roost.tls import TLSError
 
 log = logging.getLogger("roost")
@@ -141,7 +142,7 @@ def _warn_if_only_guest(config: Config, server: Server) -> None:
 async def _serve(config: Config) -> int:
     data_dir = config.resolved_data_dir()
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        fsio.makedirs(data_dir)
     except OSError as exc:
         print(f"roost: cannot create data directory {data_dir}: {exc.strerror}", file=sys.stderr)
         return 1
@@ -155,7 +156,7 @@ async def _serve(config: Config) -> int:
     server = Server(config)
     try:
         await server.start()
-    except (DataDirInUse, DefinitionsError, TLSError, EncryptionError) as exc:
+    except (DataDirInUse, DefinitionsError, TLSError, EncryptionError, StoreError) as exc:
         print(f"roost: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

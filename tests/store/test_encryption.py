@@ -124,11 +124,14 @@ def _payloads(data_dir: Path) -> list[bytes]:
     out = []
     for seg in sorted((data_dir / "messages").glob("*.seg")):
         data = seg.read_bytes()
-        pos = 0
+        head = records.parse_segment_header(data)
+        if head is None:
+            continue
+        seed, pos = head
         while pos + records.HEADER_SIZE <= len(data):
             length, crc = records.HEADER.unpack_from(data, pos)
             payload = data[pos + records.HEADER_SIZE : pos + records.HEADER_SIZE + length]
-            if length < 2 or not records.check(payload, crc):
+            if length < 2 or not records.check(payload, crc, seed):
                 break
             out.append(payload)
             pos += records.HEADER_SIZE + length

@@ -14,7 +14,16 @@ import pytest
 from roost.broker.message import Message
 from roost.properties import EMPTY
 from roost.store.message_store import MessageStore, RecoveryReport, ref_offset, ref_segment
-from roost.store.records import ACK, ACK_ENTRY, ACK_ENTRY_SIZE, DELIVERED, HEADER, HEADER_SIZE
+from roost.store.records import (
+    ACK,
+    ACK_ENTRY_SIZE,
+    ACKS_HEADER_SIZE,
+    DELIVERED,
+    HEADER,
+    HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    encode_ack,
+)
 from roost.testing import RoostProcess
 from tests.store.helpers import connect, drain
 
@@ -178,14 +187,15 @@ def test_torn_acks_entry_is_ignored(tmp_path: Path) -> None:
     store.ack(QID, refs[2])
     store.close()
     acks = d / f"{ref_segment(refs[0]):08d}.acks"
-    assert acks.stat().st_size == 3 * ACK_ENTRY_SIZE
+    whole = ACKS_HEADER_SIZE + 3 * ACK_ENTRY_SIZE
+    assert acks.stat().st_size == whole
     # A crash in the middle of writing the next two entries.
     with open(acks, "ab") as fh:
-        fh.write(ACK_ENTRY.pack(ACK, QID, ref_offset(refs[3]))[:5])
+        fh.write(encode_ack(ACK, QID, ref_offset(refs[3]), 0)[:5])
     bodies, _, delivered = _recover(d)
     assert bodies == ["body-1", "body-3", "body-4", "body-5"]
     assert delivered == {"body-1"}
-    assert acks.stat().st_size == 3 * ACK_ENTRY_SIZE
+    assert acks.stat().st_size == whole
     # Later entries go after the whole ones and are read back.
     store = MessageStore(d)
     store.recover({QID})
@@ -234,7 +244,7 @@ def test_broker_recovers_a_torn_log_and_logs_it(tmp_path: Path) -> None:
         segs = sorted(p for p in (proc.data_dir / "messages").glob("*.seg") if p.stat().st_size)
         assert len(segs) == 1
         data = segs[0].read_bytes()
-        pos = last = 0
+        pos = last = SEGMENT_HEADER_SIZE
         while pos < len(data):
             last = pos
             pos += HEADER_SIZE + HEADER.unpack_from(data, pos)[0]
@@ -275,7 +285,7 @@ def test_zero_filled_tail_is_dropped(pristine: tuple[Path, list[int]], tmp_path:
     assert len(report.truncated) == 1 and f"offset {start}" in report.truncated[0]
 
 
-@pytest.mark.parametrize("value", [0, 1, 0xFFFFFFFF, 12345])
+@pytest.mark.parametrize("value", [0, 1, 0xFFFFFFFF, 1 << 31])
 def test_corrupt_length_field_in_the_middle_loses_only_that_record(
     pristine: tuple[Path, list[int]], tmp_path: Path, value: int
 ) -> None:
@@ -289,3 +299,22 @@ def test_corrupt_length_field_in_the_middle_loses_only_that_record(
     bodies, report, _ = _recover(d)
     assert bodies == [f"body-{i}" for i in range(N) if i != 2]
     assert report.skipped and not report.truncated
+
+
+def test_corrupt_length_that_claims_past_the_end_drops_the_tail(
+    pristine: tuple[Path, list[int]], tmp_path: Path
+) -> None:
+    """A length that could be a record's but runs past the end of the file
+    is read as a torn tail: the bytes it claims (perhaps a client's body)
+    are never searched for records. Media damage of this kind loses the
+    rest of the segment, and says so."""
+    src, refs = pristine
+    d = _copy(src, tmp_path / "w")
+    start, _ = _record_bounds(d, refs)[2]
+    path = _seg_path(d, refs[0])
+    data = bytearray(path.read_bytes())
+    data[start : start + 4] = (12345).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    bodies, report, _ = _recover(d)
+    assert bodies == ["body-0", "body-1"]
+    assert len(report.truncated) == 1 and f"offset {start}" in report.truncated[0]

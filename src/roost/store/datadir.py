@@ -6,6 +6,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from roost.store import fsio
+
 LOCK_FILE = "roost.lock"
 MESSAGES_DIR = "messages"
 
@@ -26,26 +28,26 @@ class DataDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        fsio.makedirs(self.directory)
         path = self.directory / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = fsio.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
                 holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             finally:
-                os.close(fd)
+                fsio.close(fd)
             who = f" (pid {holder})" if holder else ""
             raise DataDirInUse(
                 f"data directory {self.directory} is in use by another roost process{who}"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        fsio.ftruncate(fd, 0)
+        fsio.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
+            fsio.close(self._fd)
             self._fd = None

@@ -22,7 +22,6 @@ deduplication keys (message ids or header values), never bodies.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -32,7 +31,7 @@ from typing import Any
 
 from roost.broker import clock
 from roost.broker.dedup import Deduplicator
-from roost.store import definitions
+from roost.store import fsio
 from roost.store.message_store import Batch, MessageStore
 
 log = logging.getLogger("roost.store")
@@ -70,11 +69,10 @@ def _decode_key(tag: str, value: Any) -> Hashable | None:
 
 def _write(path: Path, content: bytes | None) -> None:
     if content is None:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        fsio.unlink_durably(path)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    definitions.write_atomic(path, content)
+    fsio.makedirs(path.parent)  # each new directory's entry made durable
+    fsio.write_atomic(path, content)
 
 
 class DedupState:

@@ -21,7 +21,6 @@ refuses to start rather than delete what it cannot attribute
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from roost.broker.errors import BrokerError
 from roost.broker.fields import jsonable
 from roost.broker.queue import Queue
 from roost.broker.users import SHA256, User, hash_password
+from roost.store import fsio
 
 FILENAME = "definitions.json"
 # The roost section's format: 2 records deleted ids (see Attribution).
@@ -329,21 +329,7 @@ def encode(data: dict[str, Any]) -> bytes:
 
 
 def write_atomic(path: Path, content: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(content)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsio.write_atomic(path, content)
 
 
 def load(path: Path) -> dict[str, Any] | None:

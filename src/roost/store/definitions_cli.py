@@ -22,7 +22,7 @@ from typing import Any
 from roost.broker.broker import Broker
 from roost.cli_messages import CommandFailed, say
 from roost.config import Config, ConfigError, load_config
-from roost.store import definitions, definitions_import
+from roost.store import definitions, definitions_import, fsio
 from roost.store.datadir import MESSAGES_DIR, DataDirInUse, DataDirLock
 from roost.store.definitions_import import SECTIONS, UNSUPPORTED
 
@@ -139,7 +139,7 @@ def import_data(config: Config, data: Any, label: str) -> None:
         raise CommandFailed(f"{label} is {exc}", 2) from exc
     data_dir = config.resolved_data_dir()
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        fsio.makedirs(data_dir)
     except OSError as exc:
         raise CommandFailed(f"cannot create data directory {data_dir}: {exc.strerror}", 1) from exc
     lock = _lock(data_dir)

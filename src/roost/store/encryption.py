@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from roost.store import fsio
+
 log = logging.getLogger("roost.store")
 
 KEY_SIZE = 32
@@ -120,16 +122,19 @@ def generate_key_file(path: Path) -> bytes:
     returns its key id."""
     key = os.urandom(KEY_SIZE)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = fsio.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise EncryptionError(f"{path} already exists; not overwriting a key") from None
     except OSError as exc:
         raise EncryptionError(f"cannot create {path}: {exc.strerror}") from None
     try:
-        os.write(fd, base64.b64encode(key) + b"\n")
-        os.fsync(fd)
+        fsio.write_all(fd, base64.b64encode(key) + b"\n")
+        fsio.fsync(fd)
     finally:
-        os.close(fd)
+        fsio.close(fd)
+    # The file's name too: a key lost in a crash would leave what it
+    # sealed unreadable.
+    fsio.fsync_dir(path.parent)
     return key_id(key)
 
 

@@ -1,8 +1,9 @@
 """The message store: an append-only log of segment files.
 
-``messages/NNNNNNNN.seg`` holds message records (see :mod:`records`);
-beside each, ``NNNNNNNN.acks`` holds fixed-size entries saying which queue
-settled (or was handed) which record of that segment. Records and entries
+``messages/NNNNNNNN.seg`` holds a header with a random salt, then message
+records (see :mod:`records`) whose CRCs are seeded with that salt; beside
+each, ``NNNNNNNN.acks`` holds fixed-size, checksummed entries saying which
+queue settled (or was handed) which record of that segment. Records and entries
 are appended on the event loop into memory; a single writer thread writes
 them with ``pwrite`` and makes them durable with one ``fdatasync`` per file
 per batch (group commit). What was appended while a batch was being
@@ -20,7 +21,6 @@ is actually queued.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import struct
@@ -30,13 +30,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from crc32c import crc32c
+
 from roost import properties
 from roost.broker import clock
 from roost.broker.message import Message
 from roost.broker.stats import Histogram
-from roost.store import holes, records
+from roost.store import fsio, holes, records
 from roost.store.encryption import EncryptionError, Keyring
-from roost.store.records import ACK, ACK_ENTRY, ACK_ENTRY_SIZE, DELIVERED, HEADER, HEADER_SIZE
+from roost.store.records import (
+    ACK,
+    DELIVERED,
+    HEADER,
+    HEADER_SIZE,
+    MAX_PAYLOAD,
+    SEGMENT_HEADER_SIZE,
+)
 
 log = logging.getLogger("roost.store")
 
@@ -135,7 +144,7 @@ class MessageStore:
         self.dir = directory
         # Seals new records and opens old ones (encryption at rest), or None.
         self.keyring = keyring
-        self.dir.mkdir(parents=True, exist_ok=True)
+        fsio.makedirs(self.dir)
         self.segment_size = segment_size
         self.on_error = on_error  # called with True on a write failure, False on recovery
         # Seconds per fdatasync of a batch write (roost_store_fsync_seconds).
@@ -145,6 +154,9 @@ class MessageStore:
         self._fds: dict[int, int] = {}
         self._ack_fds: dict[int, int] = {}
         self._ack_size: dict[int, int] = {}
+        # CRC seed of each segment's records and .acks entries (from its
+        # salt; 0 for a legacy segment, which has none).
+        self._seeds: dict[int, int] = {}
         self.live: dict[int, int] = {}
         # References each segment was written with, and its live count when
         # last compacted: compaction runs again once half of those are gone.
@@ -196,36 +208,67 @@ class MessageStore:
         unknown: dict[int, list[int]] = {}
         settled: set[tuple[int, int]] = set()
         delivered: dict[tuple[int, int], int] = {}
-        seg_numbers = sorted(
-            int(p.name[:-4]) for p in self.dir.glob("*.seg") if p.name[:-4].isdigit()
-        )
+        seg_numbers = _numbered(self.dir, ".seg")
+        acks_numbers = _numbered(self.dir, ".acks")
         # Nothing on disk changes until every live record is known to be
         # readable with the keys given: a wrong or missing key must leave
         # the store exactly as it was. Cuts are made after that check.
-        cuts: list[tuple[Path, int, bool]] = []  # file, new size, fsync
+        cuts: list[tuple[Path, int]] = []  # file, new size
+        legacy_acks: dict[int, list[tuple[int, int, int]]] = {}
+        damaged: set[int] = set()  # segments whose header is unreadable: left alone
         for n in seg_numbers:
             report.segments += 1
-            path = self.dir / _seg_name(n)
+            name = _seg_name(n)
+            path = self.dir / name
             data = path.read_bytes()
+            try:
+                head = records.parse_segment_header(data)
+            except records.UnsupportedFormat as exc:
+                raise StoreError(f"{path}: {exc}; was it written by a newer roost?") from exc
+            except records.SegmentHeaderError as exc:
+                report.skipped.append(f"{name}: {exc}; segment left as it is and not read")
+                damaged.add(n)
+                continue
+            if head is None:
+                # Created just before a crash: its header (and so anything
+                # after it) never reached the disk.
+                if data:
+                    report.truncated.append(
+                        f"{name}: segment header never reached the disk, dropping {len(data)} bytes"
+                    )
+                    cuts.append((path, 0))
+                self._seeds[n] = 0
+                continue
+            seed, first = head
+            self._seeds[n] = seed
             good_end = self._scan_segment(
-                n, data, known_queue_ids, queues, unknown, settled, report
+                n, data, first, seed, known_queue_ids, queues, unknown, settled, report
             )
             if good_end < len(data):
-                cuts.append((path, good_end, True))
+                cuts.append((path, good_end))
             acks_path = self.dir / _acks_name(n)
-            if acks_path.exists():
+            try:
                 raw = acks_path.read_bytes()
-                whole = len(raw) - len(raw) % ACK_ENTRY_SIZE
-                for off in range(0, whole, ACK_ENTRY_SIZE):
-                    kind, qid, roff = ACK_ENTRY.unpack_from(raw, off)
-                    if kind == ACK:
-                        settled.add((qid, make_ref(n, roff)))
-                    elif kind == DELIVERED:
-                        key = (qid, make_ref(n, roff))
-                        delivered[key] = delivered.get(key, 0) + 1
-                if whole != len(raw):
-                    cuts.append((acks_path, whole, False))
-                self._ack_size[n] = whole
+            except FileNotFoundError:
+                continue
+            try:
+                acks = records.parse_acks(raw, seed)
+            except records.UnsupportedFormat as exc:
+                raise StoreError(f"{acks_path}: {exc}; was it written by a newer roost?") from exc
+            for off, what in acks.problems:
+                report.skipped.append(f"{_acks_name(n)}: {what} at offset {off}")
+            for kind, qid, roff in acks.entries:
+                if kind == ACK:
+                    settled.add((qid, make_ref(n, roff)))
+                elif kind == DELIVERED:
+                    key = (qid, make_ref(n, roff))
+                    delivered[key] = delivered.get(key, 0) + 1
+            if acks.legacy:
+                legacy_acks[n] = acks.entries
+            elif acks.end < len(raw):
+                cuts.append((acks_path, acks.end))
+            if acks.end:
+                self._ack_size[n] = acks.end
         self._check_keys(queues, settled)
         for qid, refs in unknown.items():
             left = sum(1 for ref in refs if (qid, ref) not in settled)
@@ -233,11 +276,8 @@ class MessageStore:
                 report.live_ids[qid] = left
         if attribute is not None and report.live_ids:
             attribute(dict(report.live_ids))
-        for path, size, sync in cuts:
-            with open(path, "r+b") as fh:
-                fh.truncate(size)
-                if sync:
-                    os.fsync(fh.fileno())
+        for path, size in cuts:
+            fsio.truncate(path, size)
         # Settled references no longer keep their segment alive.
         live: dict[int, int] = {}
         for qid, rq in queues.items():
@@ -256,14 +296,38 @@ class MessageStore:
             if kept:
                 report.live_ids[qid] = len(kept)
         self.live = live
+        seg_set = set(seg_numbers)
+        for n in acks_numbers:
+            if n not in seg_set:
+                # Its segment was unlinked first (so a crash never leaves
+                # records without their acks); finish the job, before a new
+                # segment could take the number.
+                report.truncated.append(f"{_acks_name(n)}: no segment beside it, removed")
+                fsio.unlink_durably(self.dir / _acks_name(n))
+        for leftover in self.dir.glob("*.tmp"):
+            fsio.unlink_durably(leftover)
         for n in seg_numbers:
+            if n in damaged:
+                continue
             if not live.get(n):
                 self._unlink(n)
-            else:
-                self._open_segment(n)
+                self._seeds.pop(n, None)
+                self._ack_size.pop(n, None)
+                continue
+            self._open_segment(n)
+            entries = legacy_acks.get(n)
+            if entries is not None:
+                # Rewrite in today's format (checksummed entries), so that
+                # new entries never follow unchecked ones in one file.
+                content = records.acks_header() + b"".join(
+                    records.encode_ack(kind, qid, roff, self._seeds[n])
+                    for kind, qid, roff in entries
+                )
+                fsio.write_atomic(self.dir / _acks_name(n), content)
+                self._ack_size[n] = len(content)
         # New records always go to a fresh segment: never append after a
         # tail that recovery may have cut.
-        self._seg = (seg_numbers[-1] + 1) if seg_numbers else 1
+        self._seg = max(seg_numbers + acks_numbers, default=0) + 1
         self._start_segment(self._seg)
         return queues, report
 
@@ -301,13 +365,15 @@ class MessageStore:
         self,
         n: int,
         data: bytes,
+        first: int,
+        seed: int,
         known: set[int],
         queues: dict[int, RecoveredQueue],
         unknown: dict[int, list[int]],
         settled: set[tuple[int, int]],
         report: RecoveryReport,
     ) -> int:
-        pos = 0
+        pos = first
         size = len(data)
         view = memoryview(data)
         name = _seg_name(n)
@@ -318,14 +384,25 @@ class MessageStore:
                 return pos
             length, crc = HEADER.unpack_from(data, pos)
             end = pos + HEADER_SIZE + length
+            plausible = 2 <= length < MAX_PAYLOAD
             intact = (
-                length >= 2 and end <= size and records.check(view[pos + HEADER_SIZE : end], crc)
+                plausible
+                and end <= size
+                and records.check(view[pos + HEADER_SIZE : end], crc, seed)
             )
             if not intact:
-                # A bad length or CRC: skip to the next intact record if there
-                # is one (media corruption mid-file); otherwise this is a torn
-                # tail, cut off.
-                nxt = end if length >= 2 and _valid_record_at(data, end) else _resync(data, pos + 1)
+                # A bad length or CRC. The bytes a plausible header claims
+                # are never searched for records (they may be a client's
+                # body): one that claims past the end is a torn tail, cut
+                # off; one inside the file is skipped whole. Only after an
+                # impossible length is the rest searched byte by byte, and
+                # only a record with this segment's salted CRC is taken.
+                if not plausible:
+                    nxt = _resync(data, pos + 1, seed)
+                elif end > size:
+                    nxt = -1
+                else:
+                    nxt = _next_record(data, end, seed)
                 if nxt >= 0:
                     report.skipped.append(
                         f"{name}: corrupt data at offset {pos} ({nxt - pos} bytes) skipped"
@@ -364,6 +441,8 @@ class MessageStore:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        if self._has_pending():
+            self._schedule()  # the new segment's header, at least
 
     # -- Journal: appending ---------------------------------------------
 
@@ -378,7 +457,7 @@ class MessageStore:
         return self._append_message(message, queue_ids, True)
 
     def _append_message(self, message: Message, queue_ids: list[int], persistent: bool) -> int:
-        record = records.encode_message(
+        payload = records.encode_payload(
             records.PERSISTENT if persistent else records.PAGED,
             queue_ids,
             message.exchange,
@@ -388,22 +467,27 @@ class MessageStore:
             timestamp=clock.wall_ms(),
             keyring=self.keyring,
         )
-        ref = self._append_record(record)
+        ref = self._append_record(payload)
         if persistent:
             seg = ref_segment(ref)
             self.live[seg] = self.live.get(seg, 0) + len(queue_ids)
             self.total[seg] = self.total.get(seg, 0) + len(queue_ids)
         return ref
 
-    def _append_record(self, record: bytes) -> int:
-        if self._seg_size and self._seg_size + len(record) > self.segment_size:
+    def _append_record(self, payload: bytes) -> int:
+        """Frame ``payload`` (its CRC seeded with the segment it lands in)
+        and append it."""
+        size = HEADER_SIZE + len(payload)
+        if self._seg_size > SEGMENT_HEADER_SIZE and self._seg_size + size > self.segment_size:
             self._roll()
         offset = self._seg_size
         if not self._pending:
             self._pending_start = offset
             self._pending_seg = self._seg
-        self._pending += record
-        self._seg_size = offset + len(record)
+        pending = self._pending
+        pending += HEADER.pack(len(payload), crc32c(payload, self._seeds[self._seg]))
+        pending += payload
+        self._seg_size = offset + size
         self._schedule()
         return make_ref(self._seg, offset)
 
@@ -416,13 +500,21 @@ class MessageStore:
             self._deletes.append(old)
 
     def _start_segment(self, n: int) -> None:
-        self._seg_size = 0
+        """A new segment: its header (with a fresh salt) goes out with its
+        first records, in the same write."""
+        salt = os.urandom(records.SALT_SIZE)
+        self._seeds[n] = records.seed_of(salt)
         self._open_segment(n)
+        self._cut_pending()
+        self._pending_start = 0
+        self._pending_seg = n
+        self._pending += records.segment_header(salt)
+        self._seg_size = SEGMENT_HEADER_SIZE
         self._new_files = True
 
     def _open_segment(self, n: int) -> None:
         if n not in self._fds:
-            self._fds[n] = os.open(self.dir / _seg_name(n), os.O_RDWR | os.O_CREAT, 0o600)
+            self._fds[n] = fsio.open(self.dir / _seg_name(n), os.O_RDWR | os.O_CREAT, 0o600)
 
     def _cut_pending(self) -> None:
         if self._pending:
@@ -463,7 +555,7 @@ class MessageStore:
         buf = self._acks.get(seg)
         if buf is None:
             buf = self._acks[seg] = bytearray()
-        buf += ACK_ENTRY.pack(kind, queue_id, ref_offset(ref))
+        buf += records.encode_ack(kind, queue_id, ref_offset(ref), self._seeds.get(seg, 0))
         self._schedule()
 
     def wait_durable(self, batch: int, callback: Callable[[], None]) -> None:
@@ -493,26 +585,27 @@ class MessageStore:
 
     def _payload(self, seg: int, offset: int) -> bytes:
         # Not yet handed to the writer, or being written right now?
+        seed = self._seeds.get(seg, 0)
         if seg == self._pending_seg and self._pending and offset >= self._pending_start:
-            return _cut(self._pending, offset - self._pending_start)
+            return _cut(self._pending, offset - self._pending_start, seed)
         if self._chunks or self._inflight is not None or self._failed is not None:
             for cseg, coff, data in self._unwritten():
                 if cseg == seg and coff <= offset < coff + len(data):
-                    return _cut(data, offset - coff)
+                    return _cut(data, offset - coff, seed)
         cache = self._read_cache
         if cache is not None and cache[0] == seg:
             start = offset - cache[1]
             if start >= 0 and start + HEADER_SIZE <= len(cache[2]):
                 (length, _) = HEADER.unpack_from(cache[2], start)
                 if start + HEADER_SIZE + length <= len(cache[2]):
-                    return _cut(cache[2], start)
+                    return _cut(cache[2], start, seed)
         fd = self._fds[seg]
         block = os.pread(fd, READ_BLOCK, offset)
         (length, _) = HEADER.unpack_from(block, 0)
         if HEADER_SIZE + length > len(block):
             block = os.pread(fd, HEADER_SIZE + length, offset)
         self._read_cache = (seg, offset, block)
-        return _cut(block, 0)
+        return _cut(block, 0, seed)
 
     def _has_pending(self) -> bool:
         return bool(self._pending or self._chunks or self._acks or self._deletes)
@@ -563,8 +656,9 @@ class MessageStore:
         batch.chunks, self._chunks = self._chunks, []
         for seg, buf in self._acks.items():
             off = self._ack_size.get(seg, 0)
-            batch.acks.append((seg, off, bytes(buf)))
-            self._ack_size[seg] = off + len(buf)
+            data = bytes(buf) if off else records.acks_header() + buf
+            batch.acks.append((seg, off, data))
+            self._ack_size[seg] = off + len(data)
         self._acks = {}
         # Only delete a segment nothing in this batch still writes to.
         keep = {seg for seg, _, _ in batch.chunks} | {seg for seg, _, _ in batch.acks}
@@ -584,14 +678,15 @@ class MessageStore:
         # batch: a dead-lettered copy must never be lost while the ack of
         # its original survives.
         touched: set[int] = set()
+        pwrite_all = fsio.pwrite_all
         for seg, off, chunk in batch.chunks:
             fd = self._fds[seg]
-            _pwrite_all(fd, chunk, off)
+            pwrite_all(fd, chunk, off)
             touched.add(fd)
         observe = self.fsync_seconds.observe
         for fd in touched:
             t0 = time.perf_counter()
-            os.fdatasync(fd)
+            fsio.fdatasync(fd)
             observe(time.perf_counter() - t0)
         for job in batch.after_records:
             job()
@@ -599,17 +694,17 @@ class MessageStore:
         for seg, off, data in batch.acks:
             afd = self._ack_fds.get(seg)
             if afd is None:
-                afd = os.open(self.dir / _acks_name(seg), os.O_RDWR | os.O_CREAT, 0o600)
+                afd = fsio.open(self.dir / _acks_name(seg), os.O_RDWR | os.O_CREAT, 0o600)
                 self._ack_fds[seg] = afd
                 batch.new_files = True
-            _pwrite_all(afd, data, off)
+            pwrite_all(afd, data, off)
             touched.add(afd)
         for fd in touched:
             t0 = time.perf_counter()
-            os.fdatasync(fd)
+            fsio.fdatasync(fd)
             observe(time.perf_counter() - t0)
         if batch.new_files:
-            _fsync_dir(self.dir)
+            fsio.fsync_dir(self.dir)
         for seg in batch.delete:
             self._unlink(seg)
 
@@ -717,15 +812,14 @@ class MessageStore:
         fd = self._fds.get(seg)
         if fd is None:
             return 0
-        settled: set[tuple[int, int]] = set()
+        seed = self._seeds.get(seg, 0)
         try:
             raw = (self.dir / _acks_name(seg)).read_bytes()
         except FileNotFoundError:
             raw = b""
-        for off in range(0, len(raw) - len(raw) % ACK_ENTRY_SIZE, ACK_ENTRY_SIZE):
-            kind, qid, roff = ACK_ENTRY.unpack_from(raw, off)
-            if kind == ACK:
-                settled.add((qid, roff))
+        settled = {
+            (qid, roff) for kind, qid, roff in records.parse_acks(raw, seed).entries if kind == ACK
+        }
         size = os.fstat(fd).st_size
         freed = 0
         min_run = max(2 * holes.BLOCK, min(COMPACT_MIN_RUN, self.segment_size // 8))
@@ -736,7 +830,8 @@ class MessageStore:
         # cost its size in RSS on the writer thread's malloc arena.
         window = b""
         window_start = 0
-        pos = 0
+        legacy = os.pread(fd, len(records.SEGMENT_MAGIC), 0) != records.SEGMENT_MAGIC
+        pos = 0 if legacy else SEGMENT_HEADER_SIZE
         while pos + HEADER_SIZE <= size:
             i = pos - window_start
             if i + min(HEADER_SIZE + _PEEK_SIZE, size - pos) > len(window):
@@ -757,18 +852,21 @@ class MessageStore:
                 kind in (records.PERSISTENT, records.MOVED)
                 and all(q not in queue_ids or (q, pos) in settled for q in qids)
             )
-            if dead:
+            # A padding header is written over the first record of its run
+            # in place: never where it would straddle a block, so a torn
+            # write cannot leave a length that is half old, half new.
+            if dead and (run_start >= 0 or pos % holes.BLOCK <= holes.BLOCK - HEADER_SIZE):
                 if run_start < 0:
                     run_start = pos
                     run_header = bytes(window[i : i + HEADER_SIZE])
             elif run_start >= 0:
-                freed += _pad(fd, run_header, run_start, pos, min_run)
+                freed += _pad(fd, run_header, run_start, pos, min_run, seed)
                 run_start = -1
             pos = end
         if run_start >= 0:
-            freed += _pad(fd, run_header, run_start, pos, min_run)
+            freed += _pad(fd, run_header, run_start, pos, min_run, seed)
         if freed:
-            os.fdatasync(fd)
+            fsio.fdatasync(fd)
         return freed
 
     def run_in_writer(self, fn: Callable[..., None], *args: object) -> Future[None]:
@@ -806,7 +904,7 @@ class MessageStore:
             self.closed = True
             self._executor.shutdown(wait=True)
             for fd in list(self._fds.values()) + list(self._ack_fds.values()):
-                os.close(fd)
+                fsio.close(fd)
             self._fds.clear()
             self._ack_fds.clear()
 
@@ -814,15 +912,18 @@ class MessageStore:
         for fds in (self._fds, self._ack_fds):
             fd = fds.pop(seg, None)
             if fd is not None:
-                os.close(fd)
+                fsio.close(fd)
         self._ack_size.pop(seg, None)
+        self._seeds.pop(seg, None)
         if self._read_cache is not None and self._read_cache[0] == seg:
             self._read_cache = None
 
     def _unlink(self, seg: int) -> None:
-        for name in (_seg_name(seg), _acks_name(seg)):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.dir / name)
+        """The segment first, durably, then its .acks: a crash in between
+        leaves acks without records (removed at recovery), never records
+        without their acks (settled messages would come back)."""
+        fsio.unlink_durably(self.dir / _seg_name(seg))
+        fsio.unlink_durably(self.dir / _acks_name(seg))
 
     # -- inspection -----------------------------------------------------
 
@@ -830,22 +931,27 @@ class MessageStore:
         return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
 
 
-def _cut(data: bytes | bytearray, start: int) -> bytes:
+def _numbered(directory: Path, suffix: str) -> list[int]:
+    cut = -len(suffix)
+    return sorted(int(p.name[:cut]) for p in directory.glob("*" + suffix) if p.name[:cut].isdigit())
+
+
+def _cut(data: bytes | bytearray, start: int, seed: int) -> bytes:
     (length, crc) = HEADER.unpack_from(data, start)
     payload = data[start + HEADER_SIZE : start + HEADER_SIZE + length]
-    if len(payload) != length or not records.check(payload, crc):
+    if len(payload) != length or not records.check(payload, crc, seed):
         raise StoreError(f"record at {start} failed its check")
     return bytes(payload)
 
 
-def _pad(fd: int, current: bytes, start: int, end: int, min_run: int) -> int:
+def _pad(fd: int, current: bytes, start: int, end: int, min_run: int, seed: int) -> int:
     """Turn the settled records in ``[start, end)`` into one padding record
     and give its blocks back; ``current`` is the header now at ``start``.
     Returns the bytes freed."""
     span = end - start
     if span < min_run:
         return 0
-    header = HEADER.pack(span - HEADER_SIZE, records.padding_crc(span - HEADER_SIZE))
+    header = HEADER.pack(span - HEADER_SIZE, records.padding_crc(span - HEADER_SIZE, seed))
     if current == header:
         return 0  # already padding
     # Zero what the hole punch cannot reach (the partial blocks at both
@@ -855,17 +961,20 @@ def _pad(fd: int, current: bytes, start: int, end: int, min_run: int) -> int:
     first = min(end, -(-(start + HEADER_SIZE) // holes.BLOCK) * holes.BLOCK)
     last = max(first, end // holes.BLOCK * holes.BLOCK)
     if first > start + HEADER_SIZE:
-        _pwrite_all(fd, bytes(first - start - HEADER_SIZE), start + HEADER_SIZE)
+        fsio.pwrite_all(fd, bytes(first - start - HEADER_SIZE), start + HEADER_SIZE)
     if end > last:
-        _pwrite_all(fd, bytes(end - last), last)
-    if not holes.punch_hole(fd, first, last - first):
-        _pwrite_all(fd, bytes(last - first), first)
-    _pwrite_all(fd, header, start)
+        fsio.pwrite_all(fd, bytes(end - last), last)
+    if not fsio.punch_hole(fd, first, last - first):
+        fsio.pwrite_all(fd, bytes(last - first), first)
+    fsio.pwrite_all(fd, header, start)
     return span
 
 
-def _resync(data: bytes, start: int) -> int:
-    """Offset of the next intact record at or after ``start``, or -1.
+def _resync(data: bytes, start: int, seed: int) -> int:
+    """Offset of the next intact record at or after ``start``, searched
+    byte by byte, or -1. Only after a header with an impossible length:
+    nothing tells where the next record starts. A record found must carry
+    the segment's salted CRC, which bytes from a client cannot.
 
     Candidates are filtered on a plausible header (the kind byte, the queue
     count) before their CRC is computed, so scanning garbage stays cheap.
@@ -875,30 +984,34 @@ def _resync(data: bytes, start: int) -> int:
         kind = data[p + HEADER_SIZE] & ~records.ENCRYPTED
         if kind > records.MOVED or data[p + HEADER_SIZE + 1] > 64:
             continue
-        if _valid_record_at(data, p):
+        if _valid_record_at(data, p, seed):
             return p
     return -1
 
 
-def _valid_record_at(data: bytes, pos: int) -> bool:
+def _next_record(data: bytes, pos: int, seed: int) -> int:
+    """Offset of the first intact record at or after ``pos`` (a record
+    boundary), stepping over damaged records whose length is plausible and
+    never looking inside the bytes they claim; -1 if none."""
+    size = len(data)
+    while size - pos >= HEADER_SIZE:
+        length, crc = HEADER.unpack_from(data, pos)
+        end = pos + HEADER_SIZE + length
+        if not 2 <= length < MAX_PAYLOAD:
+            return _resync(data, pos + 1, seed)
+        if end > size:
+            return -1
+        if records.check(data[pos + HEADER_SIZE : end], crc, seed):
+            return pos
+        pos = end
+    return -1
+
+
+def _valid_record_at(data: bytes, pos: int, seed: int) -> bool:
     if len(data) - pos < HEADER_SIZE:
         return False
     length, crc = HEADER.unpack_from(data, pos)
     end = pos + HEADER_SIZE + length
-    return length >= 2 and end <= len(data) and records.check(data[pos + HEADER_SIZE : end], crc)
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return (
+        length >= 2 and end <= len(data) and records.check(data[pos + HEADER_SIZE : end], crc, seed)
+    )
