@@ -157,6 +157,7 @@ class MessageStore:
         # CRC seed of each segment's records and .acks entries (from its
         # salt; 0 for a legacy segment, which has none).
         self._seeds: dict[int, int] = {}
+        self._seed = 0  # the segment being written's
         self.live: dict[int, int] = {}
         # References each segment was written with, and its live count when
         # last compacted: compaction runs again once half of those are gone.
@@ -477,17 +478,18 @@ class MessageStore:
     def _append_record(self, payload: bytes) -> int:
         """Frame ``payload`` (its CRC seeded with the segment it lands in)
         and append it."""
-        size = HEADER_SIZE + len(payload)
-        if self._seg_size > SEGMENT_HEADER_SIZE and self._seg_size + size > self.segment_size:
-            self._roll()
+        n = len(payload)
         offset = self._seg_size
+        end = offset + HEADER_SIZE + n
+        if end > self.segment_size and offset > SEGMENT_HEADER_SIZE:
+            self._roll()
+            offset = self._seg_size
+            end = offset + HEADER_SIZE + n
         if not self._pending:
             self._pending_start = offset
             self._pending_seg = self._seg
-        pending = self._pending
-        pending += HEADER.pack(len(payload), crc32c(payload, self._seeds[self._seg]))
-        pending += payload
-        self._seg_size = offset + size
+        self._pending += HEADER.pack(n, crc32c(payload, self._seed)) + payload
+        self._seg_size = end
         self._schedule()
         return make_ref(self._seg, offset)
 
@@ -503,7 +505,7 @@ class MessageStore:
         """A new segment: its header (with a fresh salt) goes out with its
         first records, in the same write."""
         salt = os.urandom(records.SALT_SIZE)
-        self._seeds[n] = records.seed_of(salt)
+        self._seeds[n] = self._seed = records.seed_of(salt)
         self._open_segment(n)
         self._cut_pending()
         self._pending_start = 0
