@@ -15,7 +15,7 @@ import pytest
 from roost.store import fsio
 from tests.store.powerloss.fsmodel import Recorder, crash_images
 from tests.store.powerloss.harness import check_points, choose_points, record, scratch_root
-from tests.store.powerloss.workload import KNOWN_DEFECTS
+from tests.store.powerloss.workload import SCENARIOS
 
 # Crash points per mode (strict and torn) for each scenario in CI.
 POINTS = 10
@@ -45,23 +45,11 @@ def _run(scenario: str, seed: int, workdir: Path, points: int) -> list[str]:
     return failures
 
 
-@pytest.mark.parametrize("scenario", ["mixed", "churn"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_no_invariant_breaks_at_random_crash_points(scenario: str, workdir: Path) -> None:
+    """queue-delete, purge and paging reproduced defects 7, 9 and 1 of
+    issue 11 until the broker-core redesign fixed them."""
     failures = _run(scenario, 11, workdir, POINTS)
-    assert not failures, "\n\n".join(failures[:3])
-
-
-@pytest.mark.parametrize(
-    "scenario",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=False, reason=reason))
-        for name, reason in KNOWN_DEFECTS.items()
-    ],
-)
-def test_known_defects_in_the_broker_core(scenario: str, workdir: Path) -> None:
-    """Bugs the harness finds outside the store, in code the core redesign
-    of issue 11 replaces; these pass once it lands."""
-    failures = _run(scenario, 1, workdir, 3 * POINTS)
     assert not failures, "\n\n".join(failures[:3])
 
 

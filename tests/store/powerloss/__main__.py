@@ -19,15 +19,15 @@ import time
 from pathlib import Path
 
 from tests.store.powerloss.harness import check_points, choose_points, record, scratch_root
-from tests.store.powerloss.workload import KNOWN_DEFECTS, SCENARIOS
+from tests.store.powerloss.workload import SCENARIOS
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.store.powerloss", description=__doc__)
     ap.add_argument(
         "--scenarios",
-        default=",".join(s for s in SCENARIOS if s not in KNOWN_DEFECTS),
-        help=f"comma-separated, of: {', '.join(SCENARIOS)} (default: those without a known defect)",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, of: {', '.join(SCENARIOS)} (default: all)",
     )
     ap.add_argument("--crash-points", type=int, default=200, help="per scenario and mode")
     ap.add_argument("--per-run", type=int, default=100, help="crash points per recorded run")
@@ -68,10 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                             print(result, flush=True)
             seed += 1
         failed += bad
-        known = f" (known defect: {KNOWN_DEFECTS[scenario]})" if scenario in KNOWN_DEFECTS else ""
         print(
             f"{scenario}: {runs} runs ({ops} ops recorded), {checked} crash images checked "
-            f"({', '.join(modes)}), {bad} failed, {time.monotonic() - t0:.0f}s{known}",
+            f"({', '.join(modes)}), {bad} failed, {time.monotonic() - t0:.0f}s",
             flush=True,
         )
     print(f"total {time.monotonic() - started:.0f}s, {failed} failing images")

@@ -387,7 +387,8 @@ def churn(port: int, model: Model, rng: random.Random, rounds: int = 10) -> None
 def queue_delete(port: int, model: Model, rng: random.Random) -> None:
     """A durable queue with confirmed messages is deleted. After a crash
     it may still exist only if the delete was not yet durable, and then
-    with everything it held (issue 11, defect 7)."""
+    with everything it held (issue 11, defect 7: segments were unlinked
+    before definitions.json dropped the queue)."""
     s = Session(port, model)
     for q in ("barrier", "victim", "other"):
         s.declare(q)
@@ -415,7 +416,8 @@ def queue_delete(port: int, model: Model, rng: random.Random) -> None:
 
 def purge(port: int, model: Model, rng: random.Random) -> None:
     """queue.purge-ok taken as the promise RabbitMQ makes: purged messages
-    never come back once it is received (issue 11, defect 9)."""
+    never come back once it is received (issue 11, defect 9: purge-ok was
+    sent before the purge was durable)."""
     s = Session(port, model)
     for q in ("barrier", "purged"):
         s.declare(q)
@@ -483,15 +485,6 @@ SCENARIOS: dict[str, Callable[[int, Model, random.Random], None]] = {
     "queue-delete": queue_delete,
     "purge": purge,
     "paging": paging,
-}
-# Scenarios that hit defects of issue 11 in code being redesigned elsewhere
-# (the publish path, queue deletion and purge durability): their tests are
-# expected failures until that lands.
-KNOWN_DEFECTS = {
-    "queue-delete": "defect 7: queue.delete unlinks segments before definitions.json drops "
-    "the queue",
-    "purge": "defect 9: queue.purge-ok is sent before the purge is durable",
-    "paging": "defect 1: a non-durable copy's page-out overwrites the shared Message.ref",
 }
 # Broker settings a scenario needs beyond the defaults (and SEGMENT_SIZE).
 CONFIG: dict[str, dict[str, int]] = {"paging": {"queue_memory_limit": 16 * 1024}}
