@@ -20,7 +20,13 @@ from roost.broker.message import Message
 from roost.properties import EMPTY
 from roost.store import dedup_state, encryption, records
 from roost.store.datadir import DataDirLock
-from roost.store.message_store import MessageStore, RecoveryReport, ref_offset, ref_segment
+from roost.store.message_store import (
+    MessageStore,
+    RecoveryReport,
+    StoreError,
+    ref_offset,
+    ref_segment,
+)
 from roost.testing import RoostBroker
 
 PUBLIC = 1
@@ -356,3 +362,22 @@ def test_orphan_acks_file_is_removed_and_its_number_not_reused(tmp_path: Path) -
     queues, _ = _recover(d, {PUBLIC})
     assert queues[PUBLIC] == [b"m0", b"m1"]
     assert not orphan.exists() or orphan.stat().st_size == 0
+
+
+def test_a_segment_with_a_damaged_header_stops_recovery_and_is_kept(tmp_path: Path) -> None:
+    """Its records cannot be checked (the salt is unreadable): serving the
+    other segments without its confirmed messages would lose them silently."""
+    d = tmp_path / "m"
+    store = MessageStore(d, segment_size=64 * 1024)
+    store.recover({PUBLIC})
+    for _ in range(40):
+        store.append(_msg(bytes(4000)), [PUBLIC])
+    store.close()
+    first = sorted(d.glob("*.seg"))[0]
+    raw = bytearray(first.read_bytes())
+    raw[12] ^= 0xFF  # inside the salt: the header's CRC fails
+    first.write_bytes(bytes(raw))
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(StoreError, match=f"{first.name}.*refuses to start"):
+        MessageStore(d).recover({PUBLIC})
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before

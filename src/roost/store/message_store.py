@@ -216,7 +216,7 @@ class MessageStore:
         # the store exactly as it was. Cuts are made after that check.
         cuts: list[tuple[Path, int]] = []  # file, new size
         legacy_acks: dict[int, list[tuple[int, int, int]]] = {}
-        damaged: set[int] = set()  # segments whose header is unreadable: left alone
+        damaged: list[str] = []  # segments whose header is unreadable
         for n in seg_numbers:
             report.segments += 1
             name = _seg_name(n)
@@ -227,8 +227,7 @@ class MessageStore:
             except records.UnsupportedFormat as exc:
                 raise StoreError(f"{path}: {exc}; was it written by a newer roost?") from exc
             except records.SegmentHeaderError as exc:
-                report.skipped.append(f"{name}: {exc}; segment left as it is and not read")
-                damaged.add(n)
+                damaged.append(f"{name}: {exc}")
                 continue
             if head is None:
                 # Created just before a crash: its header (and so anything
@@ -270,6 +269,17 @@ class MessageStore:
                 cuts.append((acks_path, acks.end))
             if acks.end:
                 self._ack_size[n] = acks.end
+        if damaged:
+            # Its records cannot be checked, so its confirmed messages can
+            # be neither served nor attributed: running without them would
+            # lose them silently. Dropping them is the operator's call.
+            raise StoreError(
+                f"the message store in {self.dir} has segments whose header is damaged: "
+                + "; ".join(damaged)
+                + ". Their messages cannot be read; roost refuses to start rather than run "
+                "without them, and nothing was changed. To start without those messages, "
+                "move the named .seg files (and their .acks files) out of the directory."
+            )
         self._check_keys(queues, settled)
         for qid, refs in unknown.items():
             left = sum(1 for ref in refs if (qid, ref) not in settled)
@@ -308,8 +318,6 @@ class MessageStore:
         for leftover in self.dir.glob("*.tmp"):
             fsio.unlink_durably(leftover)
         for n in seg_numbers:
-            if n in damaged:
-                continue
             if not live.get(n):
                 self._unlink(n)
                 self._seeds.pop(n, None)
