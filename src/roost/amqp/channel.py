@@ -366,7 +366,7 @@ class Channel:
     def _publish(self, ex: Exchange, msg: Message, mandatory: bool) -> tuple[bool, int]:
         """Hand ``msg`` to the vhost; returns (refused, journal batch to
         wait for before confirming)."""
-        routed, refused, batch = self.vhost.publish(ex, msg, mandatory=mandatory)
+        routed, refused, batch = self.vhost.publish(ex, msg, mandatory)
         if not routed and mandatory:
             # Also for a message a delayed exchange holds, as the plugin
             # does: its route is empty now, whatever happens when it is due.

@@ -32,13 +32,21 @@ class FifoBackingQueue(LogBacked):
         return len(self.paged)
 
     def publish(self, entry: QueueEntry) -> bool:
-        self.bytes += len(entry.message.body)
+        size = self.bytes + len(entry.message.body)
+        self.bytes = size
         journal = self.journal
+        ready = self.ready
         # Once anything is paged, everything after it is too: order is kept.
-        if journal is not None and (self.paged or self._over_memory(len(self.ready))):
+        # (_over_memory, inline: this is the publish hot path.)
+        if journal is not None and (
+            self.paged
+            or len(ready) >= self.ready_limit
+            or size - self._paged_bytes + len(ready) * ENTRY_OVERHEAD
+            > self.limits.queue_memory_limit
+        ):
             self.paged.append(*self._paged_entry(journal, entry))
             return False
-        self.ready.append(entry)
+        ready.append(entry)
         return True
 
     def fetch(self) -> QueueEntry | None:
@@ -71,7 +79,7 @@ class FifoBackingQueue(LogBacked):
 
     def purge(self) -> int:
         n = len(self)
-        self.settle(self.ready.clear())
+        self.settle(self.ready.take_all())
         journal = self.journal
         if journal is not None and self.paged:
             self._drop_paged(journal, iter(self.paged))

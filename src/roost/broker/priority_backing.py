@@ -74,7 +74,7 @@ class PriorityBackingQueue(LogBacked):
 
     def purge(self) -> int:
         n = len(self)
-        self.settle(self.ready.clear())
+        self.settle(self.ready.take_all())
         journal = self.journal
         if journal is not None and len(self.levels):
             self._drop_paged(journal, iter(self.levels))

@@ -13,59 +13,41 @@ from collections.abc import Callable, Iterator
 from roost.broker.message import QueueEntry
 
 
-class ReadyFifo:
-    __slots__ = ("_q",)
+class ReadyFifo(deque[QueueEntry]):
+    """A deque of entries in publish order: append, popleft, pop and len
+    stay C-level calls on the publish and delivery hot paths."""
 
-    def __init__(self) -> None:
-        self._q: deque[QueueEntry] = deque()
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def __bool__(self) -> bool:
-        return bool(self._q)
-
-    def __iter__(self) -> Iterator[QueueEntry]:
-        return iter(self._q)
-
-    def append(self, entry: QueueEntry) -> None:
-        self._q.append(entry)
-
-    def popleft(self) -> QueueEntry:
-        return self._q.popleft()
+    __slots__ = ()
 
     def peek(self) -> QueueEntry:
-        return self._q[0]
+        return self[0]
 
     def peek_last(self) -> QueueEntry:
-        return self._q[-1]
-
-    def pop(self) -> QueueEntry:
-        return self._q.pop()
+        return self[-1]
 
     def take(self, k: int) -> list[QueueEntry]:
-        q = self._q
-        return [q.popleft() for _ in range(k)]
+        popleft = self.popleft
+        return [popleft() for _ in range(k)]
 
     def requeue(self, entry: QueueEntry) -> None:
-        q = self._q
-        if not q or entry.seq < q[0].seq:
-            q.appendleft(entry)
-        elif entry.seq > q[-1].seq:
-            q.append(entry)
+        if not self or entry.seq < self[0].seq:
+            self.appendleft(entry)
+        elif entry.seq > self[-1].seq:
+            self.append(entry)
         else:
-            lo, hi = 0, len(q)
+            lo, hi = 0, len(self)
             while lo < hi:
                 mid = (lo + hi) // 2
-                if q[mid].seq < entry.seq:
+                if self[mid].seq < entry.seq:
                     lo = mid + 1
                 else:
                     hi = mid
-            q.insert(lo, entry)
+            self.insert(lo, entry)
 
-    def clear(self) -> list[QueueEntry]:
-        out = list(self._q)
-        self._q.clear()
+    def take_all(self) -> list[QueueEntry]:
+        """Empty it; returns what it held."""
+        out = list(self)
+        self.clear()
         return out
 
 
@@ -135,7 +117,8 @@ class ReadyByPriority:
         self._levels[entry.priority].requeue(entry)
         self._len += 1
 
-    def clear(self) -> list[QueueEntry]:
+    def take_all(self) -> list[QueueEntry]:
+        """Empty it; returns what it held (highest priority first)."""
         out = list(self)
         for level in self._levels:
             level.clear()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from roost.broker import errors, fields, stats
@@ -490,8 +490,8 @@ class VirtualHost:
         self,
         exchange: Exchange,
         message: Message,
-        *,
         mandatory: bool = False,
+        *,
         origin: int = CLIENT,
         exclude: Callable[[Queue], bool] | None = None,
     ) -> tuple[bool, bool, int]:
@@ -524,8 +524,8 @@ class VirtualHost:
             # carried the original is durable.
             return False, False, journal.barrier() if journal is not None else 0
         if (
-            client
-            and exchange is self.default_exchange
+            exchange is self.default_exchange
+            and client
             and message.routing_key.startswith(REPLY_TO_PREFIX)
         ):
             target = self.reply_targets.get(message.routing_key[len(REPLY_TO_PREFIX) :])
@@ -538,12 +538,12 @@ class VirtualHost:
         if exclude is not None:
             targets = [d for d in targets if not (isinstance(d, Queue) and exclude(d))]
         queues: list[Queue] = targets  # type: ignore[assignment]
-        holders: list[DelayedExchange] = []
+        holders: Sequence[DelayedExchange] = ()
         refused = False
         routed = bool(targets)
         wait = 0
         for d in targets:
-            if d.kind != "queue" or not d.admits_all:  # type: ignore[union-attr]
+            if type(d) is not Queue or not d.admits_all:
                 queues, holders, refused, dropped = self._admit(message, targets)
                 routed = any(isinstance(t, Queue) for t in targets)
                 if dropped and journal is not None:
@@ -552,14 +552,20 @@ class VirtualHost:
         if queues:
             ref = 0
             if message.persistent and journal is not None:
-                ids = [q.store_id for q in queues if q.store_id]
+                # (backing.store_id, not the Queue property: the hot path.)
+                ids = [q.backing.store_id for q in queues if q.backing.store_id]
                 if ids:
                     ref = journal.append(message, ids)
                     wait = journal.barrier()
-            for q in queues:
-                q.enqueue(message, ref if q.store_id else 0)
-        for h in holders:
-            wait = max(wait, h.hold(message))
+            if ref:
+                for q in queues:
+                    q.enqueue(message, ref if q.backing.store_id else 0)
+            else:
+                for q in queues:
+                    q.enqueue(message)
+        if holders:
+            for h in holders:
+                wait = max(wait, h.hold(message))
         if not routed and client and not holders and not mandatory:
             self.dropped += 1
         return routed, refused, wait
