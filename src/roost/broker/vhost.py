@@ -539,7 +539,7 @@ class VirtualHost:
             targets = [d for d in targets if not (isinstance(d, Queue) and exclude(d))]
         queues: list[Queue] = targets  # type: ignore[assignment]
         holders: list[DelayedExchange] = []
-        refused = False
+        refused = duplicate = False
         wait = 0
         for d in targets:
             if d.kind != "queue" or not d.admits_all:  # type: ignore[union-attr]
@@ -547,7 +547,9 @@ class VirtualHost:
                 if duplicate and journal is not None:
                     wait = journal.barrier()
                 break
-        routed = bool(queues) or refused or wait > 0
+        # Not ``wait > 0``: before the store's first batch (or without a
+        # store) that is 0 even though a queue matched and dropped it.
+        routed = bool(queues) or refused or duplicate
         if queues:
             ref = 0
             if message.persistent and journal is not None:

@@ -1,0 +1,36 @@
+"""Bugs the stateful model test (test_durable_broker.py) found, each
+minimized to the smallest combination that shows it, on the model tier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pamqp import commands
+
+from roost import properties
+from roost.broker.broker import Broker
+from roost.broker.message import Message
+from tests.model.harness import ModelBroker
+
+
+def test_discarded_by_its_only_queue_is_routed_before_the_first_batch(tmp_path: Path) -> None:
+    """A queue that can never hold a message (x-max-length 0, drop-head)
+    still matched it: a mandatory publish must not come back as unroutable.
+    ``routed`` was derived from the journal batch to wait for, which is 0
+    until the store has cut its first batch."""
+    with ModelBroker(tmp_path / "data") as h:
+        h.vhost.declare_queue("q", owner=None, arguments={"x-max-length": 0})
+        p = h.publish("", "q", b"x", message_id="m1", mandatory=True)
+        assert p.routed and not p.refused
+
+
+def test_queue_duplicate_is_routed_without_a_store() -> None:
+    """The same for a queue-level duplicate on a broker without a store,
+    where there is never a batch to wait for."""
+    vh = Broker().vhosts["/"]
+    vh.declare_queue("q", owner=None, arguments={"x-message-deduplication": True})
+    raw = properties.encode_properties(commands.Basic.Properties(message_id="same"))
+    first = vh.publish(vh.exchange(""), Message("", "q", raw, b"x"), mandatory=True)
+    again = vh.publish(vh.exchange(""), Message("", "q", raw, b"x"), mandatory=True)
+    assert first[0] and again[0]
+    assert vh.queues["q"].message_count == 1
