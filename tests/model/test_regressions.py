@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from pamqp import commands
 
 from roost import properties
@@ -34,3 +35,29 @@ def test_queue_duplicate_is_routed_without_a_store() -> None:
     again = vh.publish(vh.exchange(""), Message("", "q", raw, b"x"), mandatory=True)
     assert first[0] and again[0]
     assert vh.queues["q"].message_count == 1
+
+
+@pytest.mark.parametrize("overflow", ["drop-head", "reject-publish"])
+@pytest.mark.parametrize("priority", [False, True])
+def test_byte_limit_counts_messages_restored_after_a_restart(
+    tmp_path: Path, overflow: str, priority: bool
+) -> None:
+    """A durable x-max-length-bytes queue restarted with messages in it:
+    a FIFO queue counted restored messages' bytes only as they were read
+    back, so the next publishes went past the limit (3000 bytes in a
+    2000-byte queue, with either overflow mode)."""
+    args: dict[str, object] = {"x-max-length-bytes": 2000, "x-overflow": overflow}
+    if priority:
+        args["x-max-priority"] = 2
+    with ModelBroker(tmp_path / "data") as h:
+        h.vhost.declare_queue("q", owner=None, durable=True, arguments=args)
+        h.publish("", "q", b"a" * 1500, message_id="m1")
+        h.restart()
+        assert h.vhost.queues["q"].ready_bytes == 1500
+        p = h.publish("", "q", b"b" * 1500, message_id="m2")
+        if overflow == "drop-head":
+            assert h.contents("q") == [("m2", False)]
+        else:
+            assert p.refused
+            assert h.contents("q") == [("m1", False)]
+        assert h.vhost.queues["q"].ready_bytes == 1500
