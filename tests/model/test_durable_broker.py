@@ -94,7 +94,8 @@ invariant:
 - Dedup caches are not modelled: a queue with dedup may drop a message
   that carries a dedup key as a duplicate, so such a message need not
   arrive. Messages without a dedup-key header are keyed by their unique
-  message id and can never be duplicates.
+  message id and can never be duplicates (their dead-lettered copies come
+  after them).
 - Definitions after a crash: the model cannot know whether the batch being
   written carried the newest definitions, so any state from the last one
   known saved onwards is accepted.
@@ -1064,6 +1065,8 @@ class DurableBrokerMachine(RuleBasedStateMachine):
             if taken:
                 record = p.batch if msg.persistent and qm.queue.store_id else 0
                 qm.copies[(msg.id, DIRECT)].batch = record
+            # Keyed by its unique message id, a message is never a duplicate:
+            # its dead-lettered copies come after it.
             maybe_dup = qm.dedup and msg.dedup_key is not None
             if not taken and maybe_dup:
                 # A duplicate is confirmed only once its original is on disk.

@@ -11,7 +11,7 @@ from pamqp import commands
 from roost import properties
 from roost.broker.broker import Broker
 from roost.broker.message import Message
-from tests.model.harness import ModelBroker
+from tests.model.harness import ModelBroker, queue_contents
 
 
 def test_discarded_by_its_only_queue_is_routed_before_the_first_batch(tmp_path: Path) -> None:
@@ -61,3 +61,34 @@ def test_byte_limit_counts_messages_restored_after_a_restart(
             assert p.refused
             assert h.contents("q") == [("m1", False)]
         assert h.vhost.queues["q"].ready_bytes == 1500
+
+
+@pytest.mark.parametrize("second", ["reject-publish", "dedup"])
+def test_a_dead_lettered_copy_does_not_overtake_its_original(tmp_path: Path, second: str) -> None:
+    """A fanout to a queue that discards the message (x-max-length 0, with
+    a dead-letter exchange) and to a second queue the dead-letter exchange
+    also reaches. The copy was dead-lettered while the targets were still
+    being asked, so it reached the second queue first: an empty
+    reject-publish queue with room for one refused the original (the
+    publisher got a nack), a dedup queue dropped the original as a
+    duplicate of its own copy."""
+    args: dict[str, object] = (
+        {"x-max-length": 1, "x-overflow": "reject-publish"}
+        if second == "reject-publish"
+        else {"x-message-deduplication": True}
+    )
+    with ModelBroker(tmp_path / "data") as h:
+        vh = h.vhost
+        vh.declare_exchange("fan", "fanout")
+        vh.declare_exchange("dlx", "fanout")
+        src = vh.declare_queue(
+            "src", owner=None, arguments={"x-max-length": 0, "x-dead-letter-exchange": "dlx"}
+        )
+        other = vh.declare_queue("other", owner=None, arguments=args)
+        vh.bind("fan", src, "", None)
+        vh.bind("fan", other, "", None)
+        vh.bind("dlx", other, "", None)
+        p = h.publish("fan", "k", b"x", message_id="m")
+        assert p.routed and not p.refused
+        [(message, _)] = queue_contents(other)
+        assert "x-death" not in message.headers

@@ -539,11 +539,13 @@ class VirtualHost:
             targets = [d for d in targets if not (isinstance(d, Queue) and exclude(d))]
         queues: list[Queue] = targets  # type: ignore[assignment]
         holders: list[DelayedExchange] = []
+        turned_away: list[tuple[Queue, int]] = []
         refused = duplicate = False
         wait = 0
         for d in targets:
             if d.kind != "queue" or not d.admits_all:  # type: ignore[union-attr]
-                queues, holders, refused, duplicate = self._admit(message, targets)
+                queues, holders, turned_away, duplicate = self._admit(message, targets)
+                refused = any(verdict == REFUSE for _, verdict in turned_away)
                 if duplicate and journal is not None:
                     wait = journal.barrier()
                 break
@@ -561,20 +563,30 @@ class VirtualHost:
                 q.enqueue(message, ref if q.store_id else 0)
         for h in holders:
             wait = max(wait, h.hold(message))
+        # Dead-lettered only now, as RabbitMQ does after delivering to the
+        # queues that take it: a copy must not take the place (or the
+        # dedup key) of the original in another queue of this publish.
+        for q, verdict in turned_away:
+            if verdict == REFUSE:
+                q.refuse(message)
+            else:
+                q.discard(message)
         if not routed and client and not holders and not mandatory:
             self.dropped += 1
         return routed, refused, wait
 
     def _admit(
         self, message: Message, targets: list[Destination]
-    ) -> tuple[list[Queue], list[DelayedExchange], bool, bool]:
+    ) -> tuple[list[Queue], list[DelayedExchange], list[tuple[Queue, int]], bool]:
         """Split routing targets into the queues that take ``message``, the
-        delayed exchanges that hold it, whether a queue refused it and
-        whether one dropped it as a duplicate. Refused and discarded
-        messages are dead-lettered here, before anything is logged."""
+        delayed exchanges that hold it, the queues that refused or
+        discarded it (with the verdict: the caller dead-letters it from
+        them once the others have it) and whether one dropped it as a
+        duplicate. Decided before anything is logged."""
         queues: list[Queue] = []
         holders: list[DelayedExchange] = []
-        refused = duplicate = matched = False
+        turned_away: list[tuple[Queue, int]] = []
+        duplicate = matched = False
         for d in targets:
             if isinstance(d, DelayedExchange):
                 # (Not when it routed to itself through a binding to itself.)
@@ -588,14 +600,12 @@ class VirtualHost:
                 queues.append(d)
             elif verdict == DUPLICATE:
                 duplicate = True
-            elif verdict == REFUSE:
-                refused = True
-                d.refuse(message)
             else:
-                d.discard(message)
+                turned_away.append((d, verdict))
+        refused = any(verdict == REFUSE for _, verdict in turned_away)
         # A message every matched queue dropped or discarded was still routed.
         duplicate = duplicate or (matched and not queues and not refused)
-        return queues, holders, refused, duplicate
+        return queues, holders, turned_away, duplicate
 
     def route(self, exchange: Exchange, message: Message) -> list[Destination]:
         """Where ``message`` goes: queues, through exchange-to-exchange
