@@ -1361,13 +1361,16 @@ class DurableBrokerMachine(RuleBasedStateMachine):
         # Exchanges: durable ones come back as the definitions say.
         vh = b.vhost
         exchanges: dict[str, XModel] = {}
-        for xm in [*self.exchanges.values(), *self.old_exchanges]:
+        # The newest incarnation that fits: a delayed exchange's id may be
+        # handed out again after a crash lost its first declaration.
+        for xm in [*self.exchanges.values(), *reversed(self.old_exchanges)]:
             ex = vh.exchanges.get(xm.name)
             if ex is None or not xm.durable or xm.name in exchanges:
                 continue
-            if xm.delayed != isinstance(ex, DelayedExchange):
-                continue
-            if isinstance(ex, DelayedExchange) and ex.store_id != xm.store_id:
+            if isinstance(ex, DelayedExchange):
+                if not xm.delayed or (ex.store_id, ex.delayed_type) != (xm.store_id, xm.kind):
+                    continue
+            elif xm.delayed or ex.type_name != xm.kind:
                 continue
             exchanges[xm.name] = xm
         kept = list(exchanges.values())
