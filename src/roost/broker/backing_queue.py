@@ -51,12 +51,14 @@ class BackingQueue(Protocol):
     - ``purge()`` settles every ready entry and returns how many there were.
     - ``page_out(budget)`` moves in-memory entries to the log, newest first,
       about ``budget`` body bytes; returns the bytes moved.
-    - ``restore(refs, delivered, seq, keep_counts)`` refills from the log
-      after a restart, numbering entries after ``seq`` (``delivered``: how
-      often each ref was handed out, kept on the entries with
-      ``keep_counts``); returns the last number.
+    - ``restore(refs, delivered, seq, keep_counts, sized)`` refills from the
+      log after a restart, numbering entries after ``seq`` (``delivered``:
+      how often each ref was handed out, kept on the entries with
+      ``keep_counts``); with ``sized`` their body bytes are counted at once
+      (a queue with a byte limit needs them), otherwise as they are read
+      back. Returns the last number.
     - ``len()`` counts ready entries, in memory or not; ``bytes`` their
-      body bytes as far as known.
+      body bytes as far as known (all of them when restored ``sized``).
     - Settling goes on after the queue is deleted (its purge, deliveries
       still out): a deleted queue's records are settled like any other, so
       nothing of it is left unsettled on disk once that is durable.
@@ -100,7 +102,12 @@ class BackingQueue(Protocol):
     def page_out(self, budget: int) -> int: ...
 
     def restore(
-        self, refs: Iterable[int], delivered: Mapping[int, int], seq: int, keep_counts: bool
+        self,
+        refs: Iterable[int],
+        delivered: Mapping[int, int],
+        seq: int,
+        keep_counts: bool,
+        sized: bool = False,
     ) -> int: ...
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from roost.broker.log_backed import ENTRY_OVERHEAD, PAGE_IN_BATCH, LogBacked
-from roost.broker.paging import PagedEntries
+from roost.broker.paging import UNSIZED, PagedEntries
 from roost.broker.ready import ReadyFifo
 
 if TYPE_CHECKING:
@@ -114,13 +114,26 @@ class FifoBackingQueue(LogBacked):
         return moved
 
     def restore(
-        self, refs: Iterable[int], delivered: Mapping[int, int], seq: int, keep_counts: bool
+        self,
+        refs: Iterable[int],
+        delivered: Mapping[int, int],
+        seq: int,
+        keep_counts: bool,
+        sized: bool = False,
     ) -> int:
         paged = self.paged
         word = self._restored_word
+        journal = self.journal
         for ref in refs:
             seq += 1
-            paged.append(word(seq, ref, delivered), ref)
+            if sized and journal is not None:
+                # One read per entry, but a byte-limited queue holds little.
+                size = len(journal.read(ref).body)
+                self.bytes += size
+                self._paged_bytes += size
+                paged.append(word(seq, ref, delivered) & ~UNSIZED, ref)
+            else:
+                paged.append(word(seq, ref, delivered), ref)
         if keep_counts:
             self._restored_counts.update(delivered)
         return seq

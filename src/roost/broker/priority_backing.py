@@ -113,10 +113,16 @@ class PriorityBackingQueue(LogBacked):
         return moved
 
     def restore(
-        self, refs: Iterable[int], delivered: Mapping[int, int], seq: int, keep_counts: bool
+        self,
+        refs: Iterable[int],
+        delivered: Mapping[int, int],
+        seq: int,
+        keep_counts: bool,
+        sized: bool = False,
     ) -> int:
         """Restored messages come back in log order: read each (its priority
-        is in the message) and put it where publish() would have."""
+        is in the message) and put it where publish() would have; so they
+        are always sized."""
         journal = self.journal
         assert journal is not None
         if keep_counts:

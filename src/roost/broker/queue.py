@@ -278,7 +278,10 @@ class Queue:
             if self._past_limit:
                 past = set(self._past_limit)
                 refs = [r for r in refs if r not in past]
-        self._seq = self.backing.restore(refs, delivered, self._seq, limit is not None)
+        # x-max-length-bytes needs the restored bytes before the next
+        # publish, not as the entries are read back.
+        sized = self.options.max_length_bytes is not None
+        self._seq = self.backing.restore(refs, delivered, self._seq, limit is not None, sized)
 
     def requeue(self, entries: Iterable[QueueEntry]) -> None:
         """Put delivered-but-unsettled entries back at their original position

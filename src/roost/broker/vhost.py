@@ -539,15 +539,15 @@ class VirtualHost:
             targets = [d for d in targets if not (isinstance(d, Queue) and exclude(d))]
         queues: list[Queue] = targets  # type: ignore[assignment]
         holders: Sequence[DelayedExchange] = ()
-        refused = False
+        turned_away: Sequence[tuple[Queue, int]] = ()
+        refused = dropped = False
         routed = bool(targets)
         wait = 0
         for d in targets:
             if type(d) is not Queue or not d.admits_all:
-                queues, holders, refused, dropped = self._admit(message, targets)
+                queues, holders, turned_away, dropped = self._admit(message, targets)
                 routed = any(isinstance(t, Queue) for t in targets)
-                if dropped and journal is not None:
-                    wait = journal.barrier()
+                refused = any(verdict == REFUSE for _, verdict in turned_away)
                 break
         if queues:
             ref = 0
@@ -566,22 +566,35 @@ class VirtualHost:
         if holders:
             for h in holders:
                 wait = max(wait, h.hold(message))
+        if turned_away:
+            # Dead-lettered only now, as RabbitMQ does after delivering to
+            # the queues that take it: a copy must not take the place (or
+            # the dedup key) of the original in another queue of this publish.
+            for q, verdict in turned_away:
+                if verdict == REFUSE:
+                    q.refuse(message)
+                else:
+                    q.discard(message)
+        if dropped and journal is not None:
+            # Confirmed once what carried the original (a duplicate's) or
+            # the dead-lettered copy (a discarded one's) is durable.
+            wait = journal.barrier()
         if not routed and client and not holders and not mandatory:
             self.dropped += 1
         return routed, refused, wait
 
     def _admit(
         self, message: Message, targets: list[Destination]
-    ) -> tuple[list[Queue], list[DelayedExchange], bool, bool]:
+    ) -> tuple[list[Queue], list[DelayedExchange], list[tuple[Queue, int]], bool]:
         """Split routing targets into the queues that take ``message``, the
-        delayed exchanges that hold it, whether a queue refused it and
-        whether one dropped it (a duplicate, or discarded: its confirm then
-        waits for what carried the original, or its dead-lettered copy).
-        Refused and discarded messages are dead-lettered here, before
-        anything is logged."""
+        delayed exchanges that hold it, the queues that refused or
+        discarded it (with the verdict: the caller dead-letters it from
+        them once the others have it) and whether one dropped it (a
+        duplicate, or discarded). Decided before anything is logged."""
         queues: list[Queue] = []
         holders: list[DelayedExchange] = []
-        refused = dropped = False
+        turned_away: list[tuple[Queue, int]] = []
+        dropped = False
         for d in targets:
             if isinstance(d, DelayedExchange):
                 # (Not when it routed to itself through a binding to itself.)
@@ -592,14 +605,12 @@ class VirtualHost:
             verdict = ACCEPT if d.admits_all else d.admit(message)
             if verdict == ACCEPT:
                 queues.append(d)
-            elif verdict == REFUSE:
-                refused = True
-                d.refuse(message)
             else:
-                dropped = True
+                if verdict != REFUSE:
+                    dropped = True
                 if verdict != DUPLICATE:
-                    d.discard(message)
-        return queues, holders, refused, dropped
+                    turned_away.append((d, verdict))
+        return queues, holders, turned_away, dropped
 
     def route(self, exchange: Exchange, message: Message) -> list[Destination]:
         """Where ``message`` goes: queues, through exchange-to-exchange

@@ -937,6 +937,27 @@ class MessageStore:
 
     # -- inspection -----------------------------------------------------
 
+    @property
+    def idle(self) -> bool:
+        """Nothing left to write: no batch pending, cut, being written or
+        waiting for a retry, and no compaction running. Tests that step the
+        event loop by hand (tests/model/) run it until this holds."""
+        return (
+            self._inflight is None
+            and self._failed is None
+            and not self._scheduled
+            and not self._compacting
+            and not self._has_pending()
+        )
+
+    @property
+    def written_batch(self) -> int:
+        """The newest batch handed to the writer thread, written or being
+        written: once the writer is done, a process killed without running
+        anything more on the loop leaves every batch up to this one on disk
+        (``durable_batch`` only moves when the loop hears of it)."""
+        return self._inflight.number if self._inflight is not None else self._durable
+
     def disk_usage(self) -> int:
         return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
 
