@@ -472,6 +472,7 @@ class Queue:
         self._dispatching = True
         check_ttl = self._ttl_timer is not None or self.options.message_ttl is not None
         budget = DISPATCH_BATCH
+        available = 0
         groups = self._groups
         if self.options.single_active_consumer:
             active = self.active_consumer
@@ -479,10 +480,12 @@ class Queue:
         try:
             if check_ttl:
                 self.expire()
+            # Only this loop takes from the backing queue while it runs.
+            available = len(backing)
             for _, group in groups:
                 if len(group) == 1:
                     c = group[0]
-                    k = min(len(backing), budget, c.sink.credit())
+                    k = min(available, budget, c.sink.credit())
                     if not c.no_ack and c.prefetch:
                         k = min(k, c.prefetch - c.unacked)
                     if k <= 0:
@@ -491,11 +494,12 @@ class Queue:
                     k = len(entries)
                     self._count_out(c, entries, c.no_ack)
                     budget -= k
+                    available -= k
                     c.sink.deliver(c, entries)
                 else:
                     misses = 0
                     n = len(group)
-                    while misses < n and budget and len(backing):
+                    while misses < n and budget and available:
                         c = group[0]
                         group.rotate(-1)
                         if (
@@ -507,15 +511,16 @@ class Queue:
                             entries = [entry]
                             self._count_out(c, entries, c.no_ack)
                             budget -= 1
+                            available -= 1
                             c.sink.deliver(c, entries)
                             misses = 0
                         else:
                             misses += 1
-                if not budget or not len(backing):
+                if not budget or not available:
                     break
         finally:
             self._dispatching = False
-        if len(backing):
+        if available:
             if not budget:
                 for _, group in groups:
                     group[0].sink.dispatch_soon(self)
