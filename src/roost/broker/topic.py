@@ -58,6 +58,9 @@ def matches(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
     return pi == np
 
 
+WILDCARDS = frozenset({"*", "#"})
+
+
 class _Node:
     __slots__ = ("children", "destinations")
 
@@ -70,10 +73,15 @@ class _Node:
 
 class TopicTrie:
     """Binding patterns as a trie of words, as RabbitMQ's topic exchange
-    keeps them: adding or removing a binding costs its pattern's length,
-    and matching a key visits each (node, word position) pair at most once,
-    so no set of patterns, however '#'-heavy, makes it worse than
-    O(nodes x words)."""
+    keeps them: adding or removing a binding costs its pattern's length.
+
+    Matching walks the trie once, carrying for each node the set of word
+    positions at which the key's prefix can stand there, as a bitmask
+    (bit i: i words consumed). A '#' node's set is every position from its
+    parent's lowest on, a '*' or literal word shifts it by one. Each node is
+    visited at most once per key and literal children only when the key
+    has that word, so no set of patterns, however '#'-heavy, makes a match
+    cost more than the trie's size: no backtracking to blow up."""
 
     def __init__(self) -> None:
         self._root = _Node()
@@ -115,30 +123,39 @@ class TopicTrie:
         """The destinations of every pattern matching ``key``, each once."""
         words = split(key)
         n = len(words)
+        full = (1 << (n + 1)) - 1
+        accept = 1 << n
+        at: dict[str, int] = {}
+        for i, word in enumerate(words):
+            if word not in WILDCARDS:
+                at[word] = at.get(word, 0) | (1 << i)
         out: dict[Any, None] = {}
-        seen: set[tuple[int, int]] = set()
-        # (node, words consumed, whether the node was reached by a '#').
-        stack: list[tuple[_Node, int, bool]] = [(self._root, 0, False)]
+        stack: list[tuple[_Node, int]] = [(self._root, 1)]
         while stack:
-            node, i, is_hash = stack.pop()
-            state = (id(node), i)
-            if state in seen:
-                continue
-            seen.add(state)
-            children = node.children
-            if is_hash and i < n:
-                stack.append((node, i + 1, True))  # '#' takes one more word
-            hash_child = children.get("#")
-            if hash_child is not None:
-                stack.append((hash_child, i, True))  # '#' takes zero words
-            if i == n:
+            node, reached = stack.pop()
+            if reached & accept and node.destinations:
                 out.update(dict.fromkeys(node.destinations))
+            children = node.children
+            if not children:
                 continue
-            word = words[i]
-            child = children.get(word)
-            if child is not None and word != "#":
-                stack.append((child, i + 1, False))
-            star = children.get("*")
-            if star is not None and word != "*":
-                stack.append((star, i + 1, False))
+            child = children.get("#")
+            if child is not None:
+                lowest = reached & -reached
+                stack.append((child, full ^ (lowest - 1)))
+            child = children.get("*")
+            if child is not None:
+                shifted = (reached << 1) & full
+                if shifted:
+                    stack.append((child, shifted))
+            # Literal words: look up whichever side is smaller.
+            if len(children) <= len(at):
+                for word, child in children.items():
+                    positions = at.get(word)
+                    if positions is not None and reached & positions:
+                        stack.append((child, (reached & positions) << 1))
+            else:
+                for word, positions in at.items():
+                    child = children.get(word)
+                    if child is not None and reached & positions:
+                        stack.append((child, (reached & positions) << 1))
         return list(out)
