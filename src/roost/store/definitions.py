@@ -345,7 +345,23 @@ def _restore_id(queue: Queue, qid: int | None, existed: bool) -> None:
 
 
 def encode(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, indent=2, sort_keys=False).encode("utf-8") + b"\n"
+    """``data`` as JSON, one top-level entry per line and one list item
+    (user, queue, binding...) per line: as easy to read and diff as
+    indented JSON, but every piece goes through json's C encoder (indent=
+    makes it use the pure-Python one, about twice as slow here), which
+    matters when the file is rewritten after each of 10,000 durable
+    bindings."""
+    if not data:
+        return b"{}\n"
+    parts = []
+    for key, value in data.items():
+        head = f"  {json.dumps(key)}: "
+        if isinstance(value, list) and value:
+            items = ",\n".join("    " + json.dumps(item) for item in value)
+            parts.append(f"{head}[\n{items}\n  ]")
+        else:
+            parts.append(head + json.dumps(value))
+    return ("{\n" + ",\n".join(parts) + "\n}\n").encode("utf-8")
 
 
 def write_atomic(path: Path, content: bytes) -> None:
