@@ -49,13 +49,15 @@ def _name(request: web.Request) -> str:
 async def list_all(request: web.Request) -> web.Response:
     broker = broker_of(request)
     pairs = [(vh, ex) for vh in visible_vhosts(request) for ex in vh.exchanges.values()]
-    return listing(request, pairs, lambda p: exchange_json(broker, *p), lambda p: p[1].name)
+    return await listing(request, pairs, lambda p: exchange_json(broker, *p), lambda p: p[1].name)
 
 
 async def list_vhost(request: web.Request) -> web.Response:
     vh, broker = vhost_of(request), broker_of(request)
     exchanges = list(vh.exchanges.values())
-    return listing(request, exchanges, lambda ex: exchange_json(broker, vh, ex), lambda ex: ex.name)
+    return await listing(
+        request, exchanges, lambda ex: exchange_json(broker, vh, ex), lambda ex: ex.name
+    )
 
 
 async def show(request: web.Request) -> web.Response:

@@ -66,13 +66,13 @@ def _queue(request: web.Request, vh: VirtualHost) -> Queue:
 
 async def list_all(request: web.Request) -> web.Response:
     queues = [q for vh in visible_vhosts(request) for q in vh.queues.values()]
-    return listing(request, queues, functools.partial(queue_json, request), _queue_name)
+    return await listing(request, queues, functools.partial(queue_json, request), _queue_name)
 
 
 async def list_vhost(request: web.Request) -> web.Response:
     vh = vhost_of(request)
     queues = list(vh.queues.values())
-    return listing(request, queues, functools.partial(queue_json, request), _queue_name)
+    return await listing(request, queues, functools.partial(queue_json, request), _queue_name)
 
 
 def _queue_name(q: Queue) -> str:
