@@ -336,7 +336,16 @@ ERRORS = [
     (("delete-vhost", "nope"), "roost: vhost 'nope' does not exist\n"),
     (
         ("set-permissions", "guest", ".*", "(", ".*"),
-        "roost: invalid write pattern '(': missing ), unterminated subpattern at position 0\n",
+        "roost: invalid write pattern '(': missing ): (\n",
+    ),
+    # Patterns run on RE2: what it cannot match in linear time is refused.
+    (
+        ("set-permissions", "guest", ".*", ".*", "(a)\\1"),
+        "roost: invalid read pattern '(a)\\\\1': invalid escape sequence: \\1\n",
+    ),
+    (
+        ("set-permissions", "guest", "(?=q)q", ".*", ".*"),
+        "roost: invalid configure pattern '(?=q)q': invalid perl operator: (?=\n",
     ),
     (
         ("set-permissions", "-p", "nope", "guest", ".*", ".*", ".*"),

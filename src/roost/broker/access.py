@@ -16,12 +16,13 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Callable
 
+from roost import safe_regex
 from roost.broker.errors import BrokerError, access_refused
+from roost.safe_regex import SafePattern
 
 log = logging.getLogger("roost.access")
 
@@ -33,13 +34,16 @@ Permissions = tuple[str, str, str]
 
 
 @functools.lru_cache(maxsize=1024)
-def _compile(pattern: str) -> re.Pattern[str] | None:
+def _compile(pattern: str) -> SafePattern | None:
     try:
-        return re.compile(pattern or "^$")
-    except re.error:
-        # RabbitMQ validates patterns when they are set; one that slipped in
-        # (a hand-edited definitions file) permits nothing.
-        log.warning("invalid permission pattern %r: treated as permitting nothing", pattern)
+        return safe_regex.compile_pattern(pattern or "^$")
+    except safe_regex.InvalidPattern as exc:
+        # Patterns are validated when they are set; one that slipped in (a
+        # hand-edited definitions file, or one Python's re accepted before
+        # patterns ran on RE2) permits nothing.
+        log.warning(
+            "invalid permission pattern %r (%s): treated as permitting nothing", pattern, exc
+        )
         return None
 
 
@@ -49,7 +53,7 @@ def permitted(perms: Permissions | None, which: int, name: str) -> bool:
     if perms is None:
         return False
     regex = _compile(perms[which])
-    return regex is not None and regex.search(name) is not None
+    return regex is not None and regex.search(name)
 
 
 def resource_name(kind: str, name: str) -> str:

@@ -73,33 +73,63 @@ class Exchange:
         pass
 
 
+class _Refcounts:
+    """Destinations with how many bindings lead to each, and the list the
+    exchange routes to, rebuilt only when it is asked for after a change:
+    binding and unbinding cost O(1) however many bindings there are."""
+
+    __slots__ = ("_counts", "_list")
+
+    def __init__(self) -> None:
+        self._counts: dict[Destination, int] = {}
+        self._list: list[Destination] | None = []
+
+    def __bool__(self) -> bool:
+        return bool(self._counts)
+
+    def add(self, destination: Destination) -> None:
+        self._counts[destination] = self._counts.get(destination, 0) + 1
+        self._list = None
+
+    def remove(self, destination: Destination) -> None:
+        count = self._counts.get(destination)
+        if count is None:
+            return
+        if count > 1:
+            self._counts[destination] = count - 1
+        else:
+            del self._counts[destination]
+            self._list = None
+
+    def destinations(self) -> list[Destination]:
+        if self._list is None:
+            self._list = list(self._counts)
+        return self._list
+
+
 class DirectExchange(Exchange):
     type_name = "direct"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._by_key: dict[str, list[Destination]] = {}
+        self._by_key: dict[str, _Refcounts] = {}
 
     def _index(self, binding: Binding) -> None:
-        dests = self._by_key.setdefault(binding.routing_key, [])
-        if binding.destination not in dests:
-            dests.append(binding.destination)
+        dests = self._by_key.get(binding.routing_key)
+        if dests is None:
+            dests = self._by_key[binding.routing_key] = _Refcounts()
+        dests.add(binding.destination)
 
     def _unindex(self, binding: Binding) -> None:
-        rk = binding.routing_key
-        still = any(
-            b.destination is binding.destination and b.routing_key == rk
-            for b in self.bindings.values()
-        )
-        if not still:
-            dests = self._by_key.get(rk)
-            if dests is not None and binding.destination in dests:
-                dests.remove(binding.destination)
-                if not dests:
-                    del self._by_key[rk]
+        dests = self._by_key.get(binding.routing_key)
+        if dests is not None:
+            dests.remove(binding.destination)
+            if not dests:
+                del self._by_key[binding.routing_key]
 
     def route(self, message: Message) -> list[Destination]:
-        return self._by_key.get(message.routing_key) or []
+        dests = self._by_key.get(message.routing_key)
+        return dests.destinations() if dests is not None else []
 
 
 class FanoutExchange(Exchange):
@@ -107,18 +137,16 @@ class FanoutExchange(Exchange):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._dests: list[Destination] = []
+        self._dests = _Refcounts()
 
     def _index(self, binding: Binding) -> None:
-        if binding.destination not in self._dests:
-            self._dests.append(binding.destination)
+        self._dests.add(binding.destination)
 
     def _unindex(self, binding: Binding) -> None:
-        if not any(b.destination is binding.destination for b in self.bindings.values()):
-            self._dests.remove(binding.destination)
+        self._dests.remove(binding.destination)
 
     def route(self, message: Message) -> list[Destination]:
-        return self._dests
+        return self._dests.destinations()
 
 
 class TopicExchange(Exchange):
@@ -126,19 +154,15 @@ class TopicExchange(Exchange):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._patterns: list[tuple[tuple[str, ...], Destination]] = []
+        self._trie = topic.TopicTrie()
         self._cache: dict[str, list[Destination]] = {}
 
     def _index(self, binding: Binding) -> None:
-        self._rebuild()
+        self._trie.add(binding.routing_key, binding.destination)
+        self._cache.clear()
 
     def _unindex(self, binding: Binding) -> None:
-        self._rebuild()
-
-    def _rebuild(self) -> None:
-        self._patterns = [
-            (topic.compile_pattern(b.routing_key), b.destination) for b in self.bindings.values()
-        ]
+        self._trie.remove(binding.routing_key, binding.destination)
         self._cache.clear()
 
     def route(self, message: Message) -> list[Destination]:
@@ -146,11 +170,7 @@ class TopicExchange(Exchange):
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        words = topic.split(key)
-        out: list[Destination] = []
-        for pattern, dest in self._patterns:
-            if dest not in out and topic.matches(pattern, words):
-                out.append(dest)
+        out: list[Destination] = self._trie.match(key)
         if len(self._cache) >= _ROUTE_CACHE_LIMIT:
             self._cache.clear()
         self._cache[key] = out
@@ -200,11 +220,11 @@ class HeadersExchange(Exchange):
 
     def route(self, message: Message) -> list[Destination]:
         headers = message.headers
-        out: list[Destination] = []
+        out: dict[Destination, None] = {}
         for b in self.bindings.values():
             if b.destination not in out and _headers_match(b.arguments, headers):
-                out.append(b.destination)
-        return out
+                out[b.destination] = None
+        return list(out)
 
 
 EXCHANGE_TYPES: dict[str, type[Exchange]] = {

@@ -640,9 +640,13 @@ class VirtualHost:
                 # and routes it, CC keys included, when it is due): the
                 # other keys must not make it hold copies.
                 return out
+            if len(probes) == 1:
+                return out
+            seen = set(out)
             for p in probes[1:]:
                 for d in ex.route(p):
-                    if d not in out:
+                    if d not in seen:
+                        seen.add(d)
                         out.append(d)
             return out
 

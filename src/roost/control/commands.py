@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from roost import safe_regex
 from roost.broker.broker import Broker
 from roost.broker.errors import CONNECTION_FORCED
 from roost.broker.users import MD5, SHA256, SHA512, User, hash_password
@@ -199,8 +200,8 @@ def set_permissions(broker: Broker, args: dict[str, Any]) -> Any:
     for key in ("configure", "write", "read"):
         pattern = str_arg(args, key)
         try:
-            re.compile(pattern)
-        except re.error as exc:
+            safe_regex.compile_pattern(pattern)
+        except safe_regex.InvalidPattern as exc:
             raise ControlError(f"invalid {key} pattern {pattern!r}: {exc}") from None
         patterns.append(pattern)
     broker.permissions[(user, vhost)] = (patterns[0], patterns[1], patterns[2])

@@ -7,16 +7,18 @@ import asyncio
 import base64
 import binascii
 import json
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar, cast
 
 from aiohttp import web
 
+from roost import safe_regex
 from roost.broker.broker import Broker
 from roost.broker.users import User
 from roost.broker.vhost import VirtualHost
+
+T = TypeVar("T")
 
 BROKER: web.AppKey[Broker] = web.AppKey("broker", Broker)
 INFO: web.AppKey[dict[str, Any]] = web.AppKey("info", dict)
@@ -133,22 +135,37 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def listing(request: web.Request, items: list[dict[str, Any]]) -> web.Response:
+async def listing(
+    request: web.Request,
+    items: Sequence[T],
+    render: Callable[[T], dict[str, Any]] | None = None,
+    name_of: Callable[[T], str] | None = None,
+) -> web.Response:
     """A list reply; with ``page`` in the query, one page of it in
-    RabbitMQ's paginated shape (``name`` filters, ``use_regex`` too)."""
+    RabbitMQ's paginated shape (``name`` filters, ``use_regex`` too).
+
+    ``items`` may be the objects themselves, with ``render`` making each
+    one's JSON and ``name_of`` giving its name: then only the objects that
+    pass the filter and fall on the page are rendered, so a filtered page
+    of 20,000 queues costs a name comparison each, not a JSON object each.
+    A long listing is rendered in chunks, letting AMQP clients in between."""
+    as_json: Callable[[T], dict[str, Any]] = render or _as_dict
+    named: Callable[[T], str] = name_of or _name_in_json
     total = len(items)
+    selected: Sequence[T] = items
     name = request.query.get("name")
     if name:
         if request.query.get("use_regex") == "true":
             try:
-                pattern = re.compile(name)
-            except re.error:
-                bad_request(f"invalid regular expression: {name}")
-            items = [i for i in items if pattern.search(str(i.get("name", "")))]
+                pattern = safe_regex.compile_pattern(name)
+            except safe_regex.InvalidPattern as exc:
+                bad_request(f"invalid regular expression: {name} ({exc})")
+            selected = [i for i in items if pattern.search(named(i))]
         else:
-            items = [i for i in items if name in str(i.get("name", ""))]
+            selected = [i for i in items if name in named(i)]
     if "page" not in request.query:
-        return json_response(items)
+        body = await _json_array(selected, as_json)
+        return web.Response(text=body, content_type="application/json")
     try:
         page = int(request.query["page"])
         page_size = int(request.query.get("page_size", "100"))
@@ -156,11 +173,11 @@ def listing(request: web.Request, items: list[dict[str, Any]]) -> web.Response:
         bad_request("page and page_size must be integers")
     if page < 1 or not 1 <= page_size <= 500:
         bad_request("page must be positive and page_size between 1 and 500")
-    page_count = max(1, -(-len(items) // page_size))
-    chunk = items[(page - 1) * page_size : page * page_size]
+    page_count = max(1, -(-len(selected) // page_size))
+    chunk = [as_json(i) for i in selected[(page - 1) * page_size : page * page_size]]
     return json_response(
         {
-            "filtered_count": len(items),
+            "filtered_count": len(selected),
             "item_count": len(chunk),
             "items": chunk,
             "page": page,
@@ -169,6 +186,31 @@ def listing(request: web.Request, items: list[dict[str, Any]]) -> web.Response:
             "total_count": total,
         }
     )
+
+
+# Items rendered and encoded between two returns to the event loop: a few
+# milliseconds of work, so a listing of 20,000 queues does not stall AMQP
+# clients for the whole of it (objects deleted meanwhile still render from
+# what they were).
+_RENDER_CHUNK = 500
+
+
+async def _json_array(items: Sequence[T], as_json: Callable[[T], dict[str, Any]]) -> str:
+    parts: list[str] = []
+    for start in range(0, len(items), _RENDER_CHUNK):
+        if start:
+            await asyncio.sleep(0)
+        chunk = json.dumps([as_json(i) for i in items[start : start + _RENDER_CHUNK]], default=str)
+        parts.append(chunk[1:-1])
+    return "[" + ",".join(parts) + "]"
+
+
+def _as_dict(item: Any) -> dict[str, Any]:
+    return cast(dict[str, Any], item)
+
+
+def _name_in_json(item: Any) -> str:
+    return str(item.get("name", ""))
 
 
 async def durable(broker: Broker) -> None:

@@ -122,13 +122,13 @@ def _channels(conns: list[ConnectionView]) -> list[tuple[ConnectionView, Channel
 
 
 async def list_connections(request: web.Request) -> web.Response:
-    return listing(request, [connection_json(request, c) for c in _connections(request)])
+    return await listing(request, [connection_json(request, c) for c in _connections(request)])
 
 
 async def list_vhost_connections(request: web.Request) -> web.Response:
     vh = vhost_of(request)
     conns = _connections(request, vh.name)
-    return listing(request, [connection_json(request, c) for c in conns])
+    return await listing(request, [connection_json(request, c) for c in conns])
 
 
 def _connection(request: web.Request) -> ConnectionView:
@@ -163,13 +163,13 @@ async def connection_channels(request: web.Request) -> web.Response:
 
 async def list_channels(request: web.Request) -> web.Response:
     chans = _channels(_connections(request))
-    return listing(request, [channel_json(request, conn, ch) for conn, ch in chans])
+    return await listing(request, [channel_json(request, conn, ch) for conn, ch in chans])
 
 
 async def list_vhost_channels(request: web.Request) -> web.Response:
     vh = vhost_of(request)
     chans = _channels(_connections(request, vh.name))
-    return listing(request, [channel_json(request, conn, ch) for conn, ch in chans])
+    return await listing(request, [channel_json(request, conn, ch) for conn, ch in chans])
 
 
 async def show_channel(request: web.Request) -> web.Response:

@@ -47,20 +47,16 @@ def _name(request: web.Request) -> str:
 
 
 async def list_all(request: web.Request) -> web.Response:
-    return listing(
-        request,
-        [
-            exchange_json(broker_of(request), vh, ex)
-            for vh in visible_vhosts(request)
-            for ex in vh.exchanges.values()
-        ],
-    )
+    broker = broker_of(request)
+    pairs = [(vh, ex) for vh in visible_vhosts(request) for ex in vh.exchanges.values()]
+    return await listing(request, pairs, lambda p: exchange_json(broker, *p), lambda p: p[1].name)
 
 
 async def list_vhost(request: web.Request) -> web.Response:
-    vh = vhost_of(request)
-    return listing(
-        request, [exchange_json(broker_of(request), vh, ex) for ex in vh.exchanges.values()]
+    vh, broker = vhost_of(request), broker_of(request)
+    exchanges = list(vh.exchanges.values())
+    return await listing(
+        request, exchanges, lambda ex: exchange_json(broker, vh, ex), lambda ex: ex.name
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from aiohttp import web
@@ -64,15 +65,18 @@ def _queue(request: web.Request, vh: VirtualHost) -> Queue:
 
 
 async def list_all(request: web.Request) -> web.Response:
-    return listing(
-        request,
-        [queue_json(request, q) for vh in visible_vhosts(request) for q in vh.queues.values()],
-    )
+    queues = [q for vh in visible_vhosts(request) for q in vh.queues.values()]
+    return await listing(request, queues, functools.partial(queue_json, request), _queue_name)
 
 
 async def list_vhost(request: web.Request) -> web.Response:
     vh = vhost_of(request)
-    return listing(request, [queue_json(request, q) for q in vh.queues.values()])
+    queues = list(vh.queues.values())
+    return await listing(request, queues, functools.partial(queue_json, request), _queue_name)
+
+
+def _queue_name(q: Queue) -> str:
+    return q.name
 
 
 async def show(request: web.Request) -> web.Response:
