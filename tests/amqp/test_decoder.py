@@ -48,11 +48,19 @@ def raw_frame(ftype: int, channel: int, payload: bytes, end: bytes = FRAME_END_B
 
 
 def opened(frame_max: int = 131072, max_message_size: int = 16 * 1024 * 1024) -> FrameDecoder:
-    """A decoder that has already accepted the protocol header."""
+    """A decoder that has already accepted the protocol header,
+    connection.open and channel.open on channels 1 to 9 (content is only
+    assembled on channels the client opened)."""
     dec = FrameDecoder(frame_max, max_message_size)
     events = dec.feed(PROTOCOL_HEADER)
     assert len(events) == 1 and isinstance(events[0], ProtocolHeaderReceived)
+    dec.feed(OPENING)
     return dec
+
+
+OPENING = method(C.Connection.Open(virtual_host="/"), 0) + b"".join(
+    method(C.Channel.Open(), n) for n in range(1, 10)
+)
 
 
 def feed_chunks(dec: FrameDecoder, data: bytes, sizes: list[int]) -> list[Event]:
