@@ -4,6 +4,8 @@ and dead-lettering does not trust the headers a client wrote."""
 
 from __future__ import annotations
 
+import logging
+import struct
 import time
 from collections.abc import Iterator
 from typing import cast
@@ -12,6 +14,7 @@ import pika
 import pytest
 from pamqp import body as pbody
 from pamqp import commands as C
+from pamqp import encode
 from pamqp import frame as pframe
 from pamqp import header as pheader
 
@@ -266,3 +269,39 @@ def test_dead_lettered_header_fits_the_smallest_frame_max(plain: RoostBroker) ->
         # Re-encoded as received (a timestamp comes back as a same-sized int).
         header = pheader.ContentHeader(0, 1, C.Basic.Properties(headers=props.headers))
         assert len(marshal(header, 1)) <= 4096
+
+
+def amqplain_nested(depth: int) -> bytes:
+    """An AMQPLAIN response whose LOGIN is a table nested ``depth`` deep."""
+    inner = b"\x01aS\x00\x00\x00\x01x"
+    for _ in range(depth):
+        inner = b"\x01aF" + struct.pack(">I", len(inner)) + inner
+    return b"\x05LOGINF" + struct.pack(">I", len(inner)) + inner + b"\x08PASSWORDS\x00\x00\x00\x01x"
+
+
+@pytest.mark.parametrize("depth", [1, 560])
+def test_nested_amqplain_response_is_a_refused_login(
+    plain: RoostBroker, depth: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A table (or one nested 560 deep, past pamqp's recursion) where AMQPLAIN wants a string:
+    403 like any failed login, and no traceback in the log."""
+    client = RawClient(plain.port)
+    client.send(PROTOCOL_HEADER)
+    client.expect(C.Connection.Start)
+    # Framed by hand: pamqp takes the response only as text.
+    caps = bytes(encode.field_table({"capabilities": {"authentication_failure_close": True}}))
+    response = amqplain_nested(depth)
+    payload = (
+        struct.pack(">HH", 10, 11)
+        + caps
+        + b"\x08AMQPLAIN"
+        + struct.pack(">I", len(response))
+        + response
+        + b"\x05en_US"
+    )
+    client.send(struct.pack(">BHI", 1, 0, len(payload)) + payload + b"\xce")
+    close = close_received(client)
+    assert close.reply_code == 403
+    assert "AMQPLAIN" in close.reply_text
+    client.sock.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
