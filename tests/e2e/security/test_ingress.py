@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import logging
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import cast
 
 import pika
@@ -20,6 +23,7 @@ from pamqp import header as pheader
 
 from roost.amqp.connection import AMQPConnection
 from roost.amqp.wire import PROTOCOL_HEADER
+from roost.config import ConfigError, load_config
 from roost.resources import rss
 from roost.testing import RoostBroker
 from tests.conftest import RawClient
@@ -305,3 +309,23 @@ def test_nested_amqplain_response_is_a_refused_login(
     assert "AMQPLAIN" in close.reply_text
     client.sock.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_unfinished_message_options(tmp_path: Path) -> None:
+    """Both options from the environment, a TOML file and the command line;
+    negative values are refused with a plain message."""
+    cfg = load_config(env={"ROOST_MAX_UNFINISHED_BYTES": "1000000"})
+    assert cfg.max_unfinished_bytes == 1_000_000
+    assert cfg.unfinished_message_timeout == 60
+    toml = tmp_path / "roost.toml"
+    toml.write_text("unfinished_message_timeout = 5\n")
+    assert load_config(str(toml), env={}).unfinished_message_timeout == 5
+    cfg = load_config(env={}, overrides={"unfinished_message_timeout": 0})
+    assert cfg.unfinished_message_timeout == 0
+    for name in ("max_unfinished_bytes", "unfinished_message_timeout"):
+        with pytest.raises(ConfigError, match=name):
+            load_config(env={}, overrides={name: -1})
+    flags = subprocess.run(
+        [sys.executable, "-m", "roost", "serve", "--help"], capture_output=True, text=True
+    ).stdout
+    assert "--max-unfinished-bytes" in flags and "--unfinished-message-timeout" in flags
