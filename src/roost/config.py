@@ -73,9 +73,9 @@ HELP = {
     "frame_max": "largest frame size offered to clients, in bytes",
     "heartbeat": "heartbeat interval offered to clients, in seconds (0 disables)",
     "max_message_size": "largest message body accepted, in bytes",
-    "max_unfinished_bytes": "body bytes of messages still being received that one "
-    "connection may hold, all its channels together; beyond it the connection is closed "
-    "with 506 (0: four times max_message_size)",
+    "max_unfinished_bytes": "bytes (content headers and bodies) of messages still being "
+    "received that one connection may hold, all its channels together; beyond it the "
+    "connection is closed with 506 (0: four times max_message_size)",
     "unfinished_message_timeout": "seconds a client may take to send one message, from its "
     "basic.publish frame to its last body frame; a connection holding a message longer "
     "is closed with 506 (0 disables)",

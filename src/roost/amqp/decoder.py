@@ -32,6 +32,8 @@ from roost.amqp.wire import (
 from roost.broker import errors
 
 _frame_head = struct.Struct(">BHI").unpack_from
+# basic.publish's arguments at their largest: ticket, two short strings, bits.
+_PUBLISH_ARGS_MAX = 2 + 256 + 256 + 1
 _u32 = struct.Struct(">I").unpack_from
 _u64 = struct.Struct(">Q").unpack_from
 _u16 = struct.Struct(">H").unpack_from
@@ -82,6 +84,7 @@ class PublishReceived:
         "chunks",
         "discard",
         "exchange",
+        "held",
         "immediate",
         "mandatory",
         "properties",
@@ -105,6 +108,7 @@ class PublishReceived:
         self.chunks: list[bytes] | None = None
         self.discard = False
         self.started = 0.0  # when its basic.publish frame was read (the caller's clock)
+        self.held = 0  # bytes kept for it (properties, body frames) while unfinished
 
 
 class ContentTooLarge:
@@ -133,8 +137,9 @@ class FrameDecoder:
     ``frame_max`` bounds every incoming frame (RabbitMQ's minimum,
     ``FRAME_MIN_SIZE``, applies until tune-ok says otherwise);
     ``max_message_size`` bounds a publish's declared body size;
-    ``max_unfinished`` bounds the body bytes held for publishes not yet
-    complete, all channels together (0: four times ``max_message_size``).
+    ``max_unfinished`` bounds the bytes (properties and body frames) held
+    for publishes not yet complete, all channels together (0: four times
+    ``max_message_size``).
 
     Content is only assembled on a channel the client opened after
     ``connection.open``: the decoder follows channel.open and close itself,
@@ -152,7 +157,7 @@ class FrameDecoder:
         self.frame_max = frame_max
         self.max_message_size = max_message_size
         self.max_unfinished = max_unfinished or 4 * max_message_size
-        # Body bytes kept for publishes still missing body frames.
+        # Bytes kept for publishes still missing body frames.
         self.unfinished = 0
         self._connection_opened = False
         self._open_channels: set[int] = set()
@@ -243,9 +248,12 @@ class FrameDecoder:
                         args = self._publish_cache.get(raw_args)
                         if args is None:
                             args = self._parse_publish(raw_args)
-                            if len(self._publish_cache) >= 256:
-                                self._publish_cache.clear()
-                            self._publish_cache[raw_args] = args
+                            # Only well-sized frames: one padded up to
+                            # frame_max would make the cache hold 256 of them.
+                            if len(raw_args) <= _PUBLISH_ARGS_MAX:
+                                if len(self._publish_cache) >= 256:
+                                    self._publish_cache.clear()
+                                self._publish_cache[raw_args] = args
                         pub = content[ch] = PublishReceived(ch, *args)
                         pub.started = now
                     else:
@@ -282,6 +290,9 @@ class FrameDecoder:
                         del content[ch]
                         if not c.discard:
                             events.append(c)
+                    else:
+                        c.held = len(c.properties)
+                        self._hold(c.held)
                 elif ftype == FRAME_BODY:
                     c = content.get(ch)
                     if c is None:
@@ -299,11 +310,12 @@ class FrameDecoder:
                     if c.discard:
                         if c.received == c.body_size:
                             del content[ch]
+                            self.unfinished -= c.held
                         continue
                     if c.received == c.body_size:
                         del content[ch]
+                        self.unfinished -= c.held
                         if c.chunks is not None:
-                            self.unfinished -= c.received - size
                             c.chunks.append(buf[start:end])
                             c.body = b"".join(c.chunks)
                             c.chunks = None
@@ -311,13 +323,8 @@ class FrameDecoder:
                             c.body = buf[start:end]
                         events.append(c)
                     else:
-                        self.unfinished += size
-                        if self.unfinished > self.max_unfinished:
-                            raise FrameError(
-                                errors.RESOURCE_ERROR,
-                                f"unfinished messages hold {self.unfinished} body bytes, "
-                                f"more than the limit of {self.max_unfinished} per connection",
-                            )
+                        c.held += size
+                        self._hold(size)
                         if c.chunks is None:
                             c.chunks = [buf[start:end]]
                         else:
@@ -338,6 +345,15 @@ class FrameDecoder:
             if pos < n:
                 pending += buf[pos:]
         return events
+
+    def _hold(self, nbytes: int) -> None:
+        self.unfinished += nbytes
+        if self.unfinished > self.max_unfinished:
+            raise FrameError(
+                errors.RESOURCE_ERROR,
+                f"unfinished messages hold {self.unfinished} bytes, "
+                f"more than the limit of {self.max_unfinished} per connection",
+            )
 
     def _track(self, ch: int, method: MethodFrame) -> None:
         """Follow which channels are open, as far as the client's own
@@ -460,8 +476,7 @@ class FrameDecoder:
         # RabbitMQ reads the whole content before closing the channel.
         if c is not None and not c.discard:
             del self._content[channel]
-            if c.chunks is not None:
-                self.unfinished -= c.received
+            self.unfinished -= c.held
 
 
 def _out_of_sync(err: FrameError) -> FrameError:

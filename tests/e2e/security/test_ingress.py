@@ -130,6 +130,27 @@ def test_unfinished_bytes_capped_per_connection(broker: RoostBroker) -> None:
     client.sock.close()
 
 
+def test_unfinished_properties_count_against_the_cap(broker: RoostBroker) -> None:
+    """Content headers of messages whose bodies never come are held too:
+    40 channels with 100 KB of properties each pass the 2 MB cap."""
+    client = RawClient(broker.port)
+    open_channel(client, 1)
+    for n in range(2, 41):
+        client.open_channel(n)
+    props = C.Basic.Properties(headers={"pad": "p" * 100_000})
+    client.send(
+        b"".join(
+            marshal(C.Basic.Publish(exchange="", routing_key="q"), n)
+            + marshal(pheader.ContentHeader(0, 10, props), n)
+            for n in range(1, 41)
+        )
+    )
+    close = close_received(client)
+    assert close.reply_code == 506
+    assert "per connection" in close.reply_text
+    client.sock.close()
+
+
 def test_message_held_unfinished_too_long_closes_the_connection(broker: RoostBroker) -> None:
     """unfinished_message_timeout (1 s here): a message started and never
     completed closes its connection with 506 (within a generous bound); a
