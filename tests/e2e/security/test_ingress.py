@@ -350,3 +350,50 @@ def test_unfinished_message_options(tmp_path: Path) -> None:
         [sys.executable, "-m", "roost", "serve", "--help"], capture_output=True, text=True
     ).stdout
     assert "--max-unfinished-bytes" in flags and "--unfinished-message-timeout" in flags
+
+
+def nested_headers(depth: int) -> bytes:
+    """A property list whose headers hold a table nested ``depth`` deep."""
+    inner = b"\x01aS\x00\x00\x00\x01x"
+    for _ in range(depth):
+        inner = b"\x01aF" + struct.pack(">I", len(inner)) + inner
+    table = b"\x01nF" + struct.pack(">I", len(inner)) + inner
+    return struct.pack(">HI", 0x2000, len(table)) + table
+
+
+def test_headers_nested_too_deep_are_refused_at_publish(plain: RoostBroker) -> None:
+    """A headers table nested 490 deep decoded at publish but not when the
+    message was dead-lettered (deeper in the stack): a RecursionError
+    killed the connection with a traceback. Tables nested more than 128
+    deep are now refused at publish (501, as other malformed headers);
+    128 levels are accepted and dead-lettered."""
+    with pika.BlockingConnection(pika.URLParameters(plain.url)) as conn:
+        dead_letter_setup(conn.channel())
+    # 126 wrappers, the table holding them and the headers table: 128 levels.
+    for depth, refused in ((126, False), (490, True)):
+        client = RawClient(plain.port)
+        client.handshake()
+        client.open_channel(1)
+        props = nested_headers(depth)
+        header = struct.pack(">HHQ", 60, 0, 1) + props
+        client.send(
+            marshal(C.Basic.Publish(exchange="", routing_key="src"), 1)
+            + struct.pack(">BHI", 2, 1, len(header))
+            + header
+            + b"\xce"
+            + marshal(pbody.ContentBody(b"m"), 1)
+        )
+        client.send_frame(C.Basic.Get(queue="src"), 1)
+        if refused:
+            close = close_received(client)
+            assert close.reply_code == 501
+            assert "nested more than 128 levels" in close.reply_text
+        else:
+            ok = client.expect(C.Basic.GetOk)
+            assert isinstance(ok, C.Basic.GetOk)
+            client.recv_frame()
+            client.recv_frame()
+            client.send_frame(C.Basic.Reject(delivery_tag=ok.delivery_tag, requeue=False), 1)
+            client.send_frame(C.Basic.Get(queue="dead"), 1)
+            assert isinstance(client.expect(C.Basic.GetOk), C.Basic.GetOk)
+        client.sock.close()
