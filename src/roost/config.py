@@ -31,6 +31,8 @@ class Config:
     frame_max: int = 131072
     heartbeat: int = 60
     max_message_size: int = 16 * 1024 * 1024
+    max_unfinished_bytes: int = 0
+    unfinished_message_timeout: int = 60
     log_level: str = "info"
     log_format: str = "text"
     uvloop: bool = True
@@ -71,6 +73,12 @@ HELP = {
     "frame_max": "largest frame size offered to clients, in bytes",
     "heartbeat": "heartbeat interval offered to clients, in seconds (0 disables)",
     "max_message_size": "largest message body accepted, in bytes",
+    "max_unfinished_bytes": "bytes (content headers and bodies) of messages still being "
+    "received that one connection may hold, all its channels together; beyond it the "
+    "connection is closed with 506 (0: four times max_message_size)",
+    "unfinished_message_timeout": "seconds a client may take to send one message, from its "
+    "basic.publish frame to its last body frame; a connection holding a message longer "
+    "is closed with 506 (0 disables)",
     "log_level": "debug, info, warning or error",
     "log_format": "text (one line per event) or json (one JSON object per line, with "
     "fields such as event, peer, user, vhost, duration_s and reason)",
@@ -195,6 +203,12 @@ def load_config(
         raise ConfigError("segment_size: must be between 65536 and 1073741824")
     if cfg.max_message_size < 1:
         raise ConfigError("max_message_size: must be positive")
+    if cfg.max_unfinished_bytes < 0:
+        raise ConfigError(
+            "max_unfinished_bytes: must not be negative (0 means four times max_message_size)"
+        )
+    if cfg.unfinished_message_timeout < 0:
+        raise ConfigError("unfinished_message_timeout: must not be negative (0 disables it)")
     if cfg.consumer_timeout < 0:
         raise ConfigError("consumer_timeout: must not be negative (0 disables it)")
     for limit in (

@@ -209,6 +209,31 @@ def headers_of(raw: bytes) -> dict[str, Any] | None:
     return dict(table)
 
 
+# The deepest headers table a publish may carry, itself the first level
+# (tables and arrays count alike). pamqp decodes recursively, two stack
+# frames a level: without a fixed bound, a table just shallow enough to
+# decode at publish could fail to decode deeper in the stack
+# (dead-lettering), outside any handler.
+MAX_HEADER_NESTING = 128
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply tables and arrays nest in ``value`` (0 for a scalar);
+    iterative, so it works at any depth."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        elif not isinstance(v, list):
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        stack.extend((item, depth) for item in v)
+    return deepest
+
+
 def message_id_of(raw: bytes) -> str | None:
     """The message-id property, or None when the message has none."""
     flags, pos = _field_at(raw, FLAG_MESSAGE_ID)

@@ -34,6 +34,8 @@ class Server:
             frame_max=config.frame_max,
             heartbeat=config.heartbeat,
             consumer_timeout=config.consumer_timeout,
+            max_unfinished_bytes=config.max_unfinished_bytes,
+            unfinished_message_timeout=config.unfinished_message_timeout,
         )
         self.connections: set[AMQPConnection] = set()
         self.state: DurableState | None = None

@@ -79,15 +79,19 @@ def _reason(exc: OSError) -> str:
 def peer_common_name(transport: Any) -> str | None:
     """The subject CN of the verified client certificate on ``transport``,
     or None when the connection is not TLS or carries no client certificate.
-    (A certificate without a CN gives "".)"""
+    (A certificate without a CN gives "".)
+
+    A subject with several CNs gives all of them joined with ",", in the
+    certificate's order, as RabbitMQ's ``rabbit_ssl:peer_cert_auth_name``
+    does for ``ssl_cert_login_from = common_name``: taking only the first
+    would let a certificate issued for "alice,mallory" log in as alice."""
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
         return None
     cert = ssl_object.getpeercert()
     if not cert:
         return None
-    for rdn in cert.get("subject", ()):
-        for attr, value in rdn:
-            if attr == "commonName":
-                return str(value)
-    return ""
+    names = [
+        str(value) for rdn in cert.get("subject", ()) for attr, value in rdn if attr == "commonName"
+    ]
+    return ",".join(names)

@@ -448,6 +448,9 @@ class ConnectionMachine(RuleBasedStateMachine):
         self.state = OPEN
         self.closing_steps = 0
         self.chans: dict[int, ChannelModel] = {}
+        # The channels the decoder assembles publishes on: opened by the
+        # client and not closed by it (a close-ok does not count).
+        self.client_open: set[int] = set()
 
     def teardown(self) -> None:
         self.loop.close()
@@ -704,6 +707,7 @@ class ConnectionMachine(RuleBasedStateMachine):
             if n in self.chans:  # open or server-closing alike
                 return self.connection_error(504, SECOND_OPEN, (20, 10))
             self.chans[n] = ChannelModel()
+            self.client_open.add(n)
             return [Expect(n, C.Channel.OpenOk)]
 
         return Step(marshal(C.Channel.Open(), n), expect)
@@ -717,6 +721,7 @@ class ConnectionMachine(RuleBasedStateMachine):
             ch = self.chans.get(n)
             if ch is None:
                 return self.connection_error(504, EXPECTED_OPEN, (20, 40))
+            self.client_open.discard(n)
             if ch.closing:  # both sides closing: answered, still awaiting close-ok
                 event("channel.close crossing the server's")
                 return [Expect(n, C.Channel.CloseOk)]
@@ -1015,6 +1020,10 @@ class ConnectionMachine(RuleBasedStateMachine):
             if n == 0:
                 # RabbitMQ: "type 2, all octets = ..."; same code and ids.
                 return self.connection_error(code, None, cls_meth)
+            if data.startswith(publish) and n not in self.client_open:
+                # Refused at the publish frame, before its content is read
+                # (RabbitMQ assembles the content first, then answers 504).
+                return self.connection_error(504, EXPECTED_OPEN, (60, 40))
             return self.connection_error(code, text, cls_meth)
 
         return Step(data, expect)

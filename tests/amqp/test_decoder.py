@@ -48,11 +48,19 @@ def raw_frame(ftype: int, channel: int, payload: bytes, end: bytes = FRAME_END_B
 
 
 def opened(frame_max: int = 131072, max_message_size: int = 16 * 1024 * 1024) -> FrameDecoder:
-    """A decoder that has already accepted the protocol header."""
+    """A decoder that has already accepted the protocol header,
+    connection.open and channel.open on channels 1 to 9 (content is only
+    assembled on channels the client opened)."""
     dec = FrameDecoder(frame_max, max_message_size)
     events = dec.feed(PROTOCOL_HEADER)
     assert len(events) == 1 and isinstance(events[0], ProtocolHeaderReceived)
+    dec.feed(OPENING)
     return dec
+
+
+OPENING = method(C.Connection.Open(virtual_host="/"), 0) + b"".join(
+    method(C.Channel.Open(), n) for n in range(1, 10)
+)
 
 
 def feed_chunks(dec: FrameDecoder, data: bytes, sizes: list[int]) -> list[Event]:
@@ -476,3 +484,51 @@ def test_truncated_publish_frame() -> None:
 def test_content_header_too_short() -> None:
     err = raises(opened(), publish() + raw_frame(2, 1, b"\x00\x3c\x00"))
     assert err.code == 501
+
+
+def test_unfinished_bytes_return_to_zero() -> None:
+    """What unfinished publishes hold is given back as each completes (or
+    is skipped as too large): a long-lived connection never drifts towards
+    its max_unfinished limit."""
+    dec = opened(frame_max=4096, max_message_size=10_000)
+    rng = random.Random(7)
+    for i in range(200):
+        size = rng.choice([0, 1, 4000, 9000, 12_000])  # 12_000: too large, skipped
+        data = publish(channel=1 + i % 3) + content_header(size, channel=1 + i % 3)
+        for pos in range(0, size, 3000):
+            data += body(b"x" * min(3000, size - pos), channel=1 + i % 3)
+        feed_chunks(dec, data, [rng.randint(1, 5000) for _ in range(10)])
+        assert dec.unfinished == 0
+        assert not dec.in_content
+
+
+def test_unfinished_bytes_over_the_limit_are_refused() -> None:
+    dec = FrameDecoder(131072, 16 * 1024 * 1024, max_unfinished=10_000)
+    dec.feed(PROTOCOL_HEADER + OPENING)
+    with pytest.raises(FrameError) as err:
+        dec.feed(
+            publish(channel=1)
+            + content_header(100_000, channel=1)
+            + body(b"x" * 6000, channel=1)
+            + publish(channel=2)
+            + content_header(100_000, channel=2)
+            + body(b"x" * 6000, channel=2)
+        )
+    assert err.value.code == 506
+
+
+def test_publish_refused_on_a_channel_not_opened() -> None:
+    dec = FrameDecoder(131072)
+    dec.feed(PROTOCOL_HEADER)
+    with pytest.raises(FrameError) as err:
+        dec.feed(publish(channel=1))
+    assert err.value.code == 503  # before connection.open
+    dec = opened()
+    with pytest.raises(FrameError) as err:
+        dec.feed(publish(channel=12))
+    assert (err.value.code, err.value.class_id, err.value.method_id) == (504, 60, 40)
+    dec = opened()
+    dec.feed(method(C.Channel.Close(reply_code=200, reply_text="", class_id=0, method_id=0), 1))
+    with pytest.raises(FrameError) as err:
+        dec.feed(publish(channel=1))
+    assert err.value.code == 504

@@ -99,8 +99,10 @@ methods = st.one_of(
 @st.composite
 def frame_sequences(draw: st.DrawFn) -> tuple[bytes, list[tuple[object, ...]]]:
     """Valid frames plus the events they must decode to."""
-    wire = b""
-    expected: list[tuple[object, ...]] = []
+    # Content is only assembled on channels opened after connection.open.
+    opening = C.Connection.Open(virtual_host="/")
+    wire = bytes(pframe.marshal(opening, 0))
+    expected: list[tuple[object, ...]] = [("method", 0, opening.name, wire)]
     for _ in range(draw(st.integers(1, 8))):
         ch = draw(st.integers(1, 65535))
         kind = draw(st.sampled_from(["method", "publish", "heartbeat"]))
@@ -113,6 +115,9 @@ def frame_sequences(draw: st.DrawFn) -> tuple[bytes, list[tuple[object, ...]]]:
             wire += raw
             expected.append(("method", ch, m.name, bytes(raw)))
         else:
+            open_ch = pframe.marshal(C.Channel.Open(), ch)
+            wire += open_ch
+            expected.append(("method", ch, "Channel.Open", bytes(open_ch)))
             exchange, key = draw(names), draw(names)
             mandatory = draw(st.booleans())
             body = draw(st.binary(max_size=3000))

@@ -43,10 +43,10 @@ def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _name(cn: str | None) -> x509.Name:
+def _name(cn: str | tuple[str, ...] | None) -> x509.Name:
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "roost tests")]
-    if cn is not None:
-        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    for one in (cn,) if isinstance(cn, str) else cn or ():
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, one))
     return x509.Name(attrs)
 
 
@@ -112,7 +112,7 @@ class Pki:
 def _issue(
     directory: Path,
     label: str,
-    cn: str | None,
+    cn: str | tuple[str, ...] | None,
     ca_name: x509.Name,
     ca_key: ec.EllipticCurvePrivateKey,
     san: list[x509.GeneralName] | None = None,
@@ -151,6 +151,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         "alice": _issue(d, "client-alice", "alice", ca_name, ca_key),
         "nobody": _issue(d, "client-nobody", "nobody", ca_name, ca_key),
         "no-cn": _issue(d, "client-no-cn", None, ca_name, ca_key),
+        "two-cn": _issue(d, "client-two-cn", ("alice", "mallory"), ca_name, ca_key),
     }
     rogue_key, rogue_name = _key(), _name("rogue CA")
     clients["rogue"] = _issue(d, "client-rogue", "guest", rogue_name, rogue_key)
@@ -412,6 +413,33 @@ def test_external_login_refused_without_matching_user(
                 credentials=pika.credentials.ExternalCredentials(),
             )
         )
+
+
+def test_external_login_with_several_cns_uses_all_of_them(
+    mtls_broker: RoostBroker, pki: Pki
+) -> None:
+    """A certificate with the CNs alice and mallory names the user
+    "alice,mallory" (RabbitMQ's rule), never alice alone."""
+    params = pika_params(
+        mtls_broker.tls_port,
+        client_context(pki, "two-cn"),
+        credentials=pika.credentials.ExternalCredentials(),
+    )
+    with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+        pika.BlockingConnection(params)
+    assert mtls_broker.server is not None
+    model = mtls_broker.server.broker
+
+    def add_joined() -> None:
+        model.users.add("alice,mallory", "unused-secret")
+        model.permissions[("alice,mallory", "/")] = (".*", ".*", ".*")
+
+    mtls_broker.call(add_joined)
+    conn = pika.BlockingConnection(params)
+    try:
+        assert connection_users(mtls_broker) == ["alice,mallory"]
+    finally:
+        conn.close()
 
 
 def test_plain_listener_does_not_offer_external(mtls_broker: RoostBroker) -> None:

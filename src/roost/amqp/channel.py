@@ -290,7 +290,12 @@ class Channel:
                         # it once here (cache misses only) so a malformed or
                         # absurdly nested table is refused at the door rather
                         # than raising later in headers routing or dead-lettering.
-                        properties.headers_of(props)
+                        headers = properties.headers_of(props)
+                        if properties.nesting_depth(headers) > properties.MAX_HEADER_NESTING:
+                            raise properties.PropertyError(
+                                "headers nested more than "
+                                f"{properties.MAX_HEADER_NESTING} levels deep"
+                            )
                 except properties.PropertyError as exc:
                     raise BrokerError(
                         errors.FRAME_ERROR, f"malformed content header: {exc}"

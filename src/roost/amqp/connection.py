@@ -89,6 +89,12 @@ class ConnectionSettings:
     heartbeat: int = 60
     handshake_timeout: float = 10.0
     consumer_timeout: int = 1800000  # ms an unacked delivery may take (0: no limit)
+    # Body bytes of unfinished publishes one connection may hold (0: four
+    # times the broker's max_message_size).
+    max_unfinished_bytes: int = 0
+    # Seconds a publish may take from its method frame to its last body
+    # frame (0: no limit).
+    unfinished_message_timeout: float = 60.0
 
 
 class AMQPConnection(asyncio.Protocol):
@@ -101,7 +107,9 @@ class AMQPConnection(asyncio.Protocol):
         self.broker = broker
         self.settings = settings
         self.registry = registry
-        self.decoder = FrameDecoder(FRAME_MIN_SIZE, broker.max_message_size)
+        self.decoder = FrameDecoder(
+            FRAME_MIN_SIZE, broker.max_message_size, settings.max_unfinished_bytes
+        )
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_event_loop()
         self.state = ConnectionState.AWAITING_HEADER
@@ -125,6 +133,7 @@ class AMQPConnection(asyncio.Protocol):
         self._confirming: list[Channel] = []
         self._redispatch: set[Queue] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._unfinished_timer: asyncio.TimerHandle | None = None
         self._last_recv = 0.0
         self._last_send = 0.0
         # For the connection log lines (and ``roost ctl list connections``):
@@ -152,11 +161,11 @@ class AMQPConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state is _CLOSED:
             return
-        self._last_recv = self.loop.time()
+        now = self._last_recv = self.loop.time()
         self.broker.received(len(data))
         while True:
             try:
-                events = self.decoder.feed(data)
+                events = self.decoder.feed(data, now)
             except FrameError as exc:
                 # The frames before the bad one still count.
                 if not self._events(exc.events):
@@ -172,6 +181,15 @@ class AMQPConnection(asyncio.Protocol):
             if not self._events(events):
                 return
             break
+        if self.decoder.in_content:
+            if self.broker.alarms:
+                # A publish under way is blocked like a finished one: its
+                # body is what the alarm is about.
+                self.flow.blocked_publish()
+            if self._unfinished_timer is None and self.settings.unfinished_message_timeout:
+                self._unfinished_timer = self.loop.call_later(
+                    self.settings.unfinished_message_timeout, self._check_unfinished
+                )
         if (
             self.broker.alarms
             and self.state is _RUNNING
@@ -220,8 +238,38 @@ class AMQPConnection(asyncio.Protocol):
                 return False
         return True
 
+    def _check_unfinished(self) -> None:
+        """Close a connection that holds a publish unfinished for longer than
+        unfinished_message_timeout: its body is kept in memory meanwhile,
+        and a client trickling one out must not hold it indefinitely."""
+        self._unfinished_timer = None
+        if self.state is _CLOSED or self.decoder.closing:
+            return
+        oldest = self.decoder.oldest_unfinished()
+        if oldest is None:
+            return
+        timeout = self.settings.unfinished_message_timeout
+        now = self.loop.time()
+        if self.flow.reading_paused:
+            # Not read during an alarm: not the client's delay.
+            self.decoder.restart_clocks(now)
+            oldest = now
+        elif now - oldest >= timeout:
+            self._connection_error(
+                errors.RESOURCE_ERROR,
+                f"a message was not completed within {timeout:g}s (unfinished_message_timeout)",
+                BASIC_PUBLISH,
+            )
+            return
+        self._unfinished_timer = self.loop.call_later(
+            max(oldest + timeout - now, 0.01), self._check_unfinished
+        )
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._move(Signal.CONNECTION_LOST)
+        if self._unfinished_timer is not None:
+            self._unfinished_timer.cancel()
+            self._unfinished_timer = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -740,8 +788,10 @@ class AMQPConnection(asyncio.Protocol):
             if notify:
                 self.send_method(0, C.Connection.Unblocked())
             if self.flow.unblocked() and self.transport is not None:
-                # Heartbeats are due again from now on.
+                # Heartbeats are due again from now on, and so are the
+                # bodies of unfinished publishes.
                 self._last_recv = self.loop.time()
+                self.decoder.restart_clocks(self._last_recv)
                 self.transport.resume_reading()
 
 

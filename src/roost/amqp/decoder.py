@@ -32,6 +32,8 @@ from roost.amqp.wire import (
 from roost.broker import errors
 
 _frame_head = struct.Struct(">BHI").unpack_from
+# basic.publish's arguments at their largest: ticket, two short strings, bits.
+_PUBLISH_ARGS_MAX = 2 + 256 + 256 + 1
 _u32 = struct.Struct(">I").unpack_from
 _u64 = struct.Struct(">Q").unpack_from
 _u16 = struct.Struct(">H").unpack_from
@@ -82,11 +84,13 @@ class PublishReceived:
         "chunks",
         "discard",
         "exchange",
+        "held",
         "immediate",
         "mandatory",
         "properties",
         "received",
         "routing_key",
+        "started",
     )
 
     def __init__(
@@ -103,6 +107,8 @@ class PublishReceived:
         self.received = 0
         self.chunks: list[bytes] | None = None
         self.discard = False
+        self.started = 0.0  # when its basic.publish frame was read (the caller's clock)
+        self.held = 0  # bytes kept for it (properties, body frames) while unfinished
 
 
 class ContentTooLarge:
@@ -130,14 +136,31 @@ class FrameDecoder:
 
     ``frame_max`` bounds every incoming frame (RabbitMQ's minimum,
     ``FRAME_MIN_SIZE``, applies until tune-ok says otherwise);
-    ``max_message_size`` bounds a publish's declared body size.
+    ``max_message_size`` bounds a publish's declared body size;
+    ``max_unfinished`` bounds the bytes (properties and body frames) held
+    for publishes not yet complete, all channels together (0: four times
+    ``max_message_size``).
+
+    Content is only assembled on a channel the client opened after
+    ``connection.open``: the decoder follows channel.open and close itself,
+    because it reads a whole buffer ahead of the connection acting on the
+    methods in it. Anything else is refused at its ``basic.publish`` frame,
+    before a byte of it is kept.
     """
 
     def __init__(
-        self, frame_max: int = FRAME_MIN_SIZE, max_message_size: int = 16 * 1024 * 1024
+        self,
+        frame_max: int = FRAME_MIN_SIZE,
+        max_message_size: int = 16 * 1024 * 1024,
+        max_unfinished: int = 0,
     ) -> None:
         self.frame_max = frame_max
         self.max_message_size = max_message_size
+        self.max_unfinished = max_unfinished or 4 * max_message_size
+        # Bytes kept for publishes still missing body frames.
+        self.unfinished = 0
+        self._connection_opened = False
+        self._open_channels: set[int] = set()
         self._buf = bytearray()  # an incomplete frame carried to the next feed()
         self._need = 0  # bytes that incomplete frame needs before it can parse
         self._got_header = False
@@ -146,8 +169,9 @@ class FrameDecoder:
         # basic.publish arguments repeat: decode each distinct frame once.
         self._publish_cache: dict[bytes, tuple[str, str, bool, bool]] = {}
 
-    def feed(self, data: bytes) -> list[Event]:
-        """Decode as much as possible; raises :class:`FrameError` on bad input."""
+    def feed(self, data: bytes, now: float = 0.0) -> list[Event]:
+        """Decode as much as possible; raises :class:`FrameError` on bad input.
+        ``now`` stamps the publishes begun in ``data`` (see :meth:`oldest_unfinished`)."""
         events: list[Event] = []
         pending = self._buf
         if pending:
@@ -218,16 +242,24 @@ class FrameDecoder:
                     # On channel 0 basic.publish is just a method the
                     # connection refuses at once, as RabbitMQ does.
                     if ch and _u32(buf, start)[0] == BASIC_PUBLISH_INDEX:
+                        if ch not in self._open_channels:
+                            raise self._not_open(ch)
                         raw_args = buf[start + 4 : end]
                         args = self._publish_cache.get(raw_args)
                         if args is None:
                             args = self._parse_publish(raw_args)
-                            if len(self._publish_cache) >= 256:
-                                self._publish_cache.clear()
-                            self._publish_cache[raw_args] = args
-                        content[ch] = PublishReceived(ch, *args)
+                            # Only well-sized frames: one padded up to
+                            # frame_max would make the cache hold 256 of them.
+                            if len(raw_args) <= _PUBLISH_ARGS_MAX:
+                                if len(self._publish_cache) >= 256:
+                                    self._publish_cache.clear()
+                                self._publish_cache[raw_args] = args
+                        pub = content[ch] = PublishReceived(ch, *args)
+                        pub.started = now
                     else:
-                        events.append(MethodReceived(ch, self._parse_method(buf, start, end)))
+                        method = self._parse_method(buf, start, end)
+                        self._track(ch, method)
+                        events.append(MethodReceived(ch, method))
                 elif ftype == FRAME_HEADER:
                     c = content.get(ch)
                     if c is None:
@@ -258,6 +290,9 @@ class FrameDecoder:
                         del content[ch]
                         if not c.discard:
                             events.append(c)
+                    else:
+                        c.held = len(c.properties)
+                        self._hold(c.held)
                 elif ftype == FRAME_BODY:
                     c = content.get(ch)
                     if c is None:
@@ -275,9 +310,11 @@ class FrameDecoder:
                     if c.discard:
                         if c.received == c.body_size:
                             del content[ch]
+                            self.unfinished -= c.held
                         continue
                     if c.received == c.body_size:
                         del content[ch]
+                        self.unfinished -= c.held
                         if c.chunks is not None:
                             c.chunks.append(buf[start:end])
                             c.body = b"".join(c.chunks)
@@ -285,10 +322,13 @@ class FrameDecoder:
                         else:
                             c.body = buf[start:end]
                         events.append(c)
-                    elif c.chunks is None:
-                        c.chunks = [buf[start:end]]
                     else:
-                        c.chunks.append(buf[start:end])
+                        c.held += size
+                        self._hold(size)
+                        if c.chunks is None:
+                            c.chunks = [buf[start:end]]
+                        else:
+                            c.chunks.append(buf[start:end])
                 elif ftype == FRAME_HEARTBEAT:
                     if ch != 0:
                         # RabbitMQ answers 505, not 501, for this.
@@ -305,6 +345,56 @@ class FrameDecoder:
             if pos < n:
                 pending += buf[pos:]
         return events
+
+    def _hold(self, nbytes: int) -> None:
+        self.unfinished += nbytes
+        if self.unfinished > self.max_unfinished:
+            raise FrameError(
+                errors.RESOURCE_ERROR,
+                f"unfinished messages hold {self.unfinished} bytes, "
+                f"more than the limit of {self.max_unfinished} per connection",
+            )
+
+    def _track(self, ch: int, method: MethodFrame) -> None:
+        """Follow which channels are open, as far as the client's own
+        methods tell (the connection refuses whatever is out of order)."""
+        t = type(method)
+        if ch == 0:
+            if t is commands.Connection.Open:
+                self._connection_opened = True
+        elif t is commands.Channel.Open:
+            if self._connection_opened:
+                self._open_channels.add(ch)
+        elif t is commands.Channel.Close:
+            # Not on close-ok: one on an open channel is ignored. After the
+            # close-ok to a server's close the number stays known here, and
+            # a publish on it is refused once assembled (within the limits).
+            self._open_channels.discard(ch)
+
+    def _not_open(self, ch: int) -> FrameError:
+        # The texts and codes the connection gives any other method in
+        # these cases (state.refusal, AMQPConnection._unopened_channel).
+        if not self._connection_opened:
+            err = FrameError(errors.COMMAND_INVALID, "channel method before connection.open")
+        else:
+            err = _in_publish(FrameError(errors.CHANNEL_ERROR, "expected 'channel.open'"))
+        return err
+
+    def oldest_unfinished(self) -> float | None:
+        """When the oldest publish still missing frames began (``feed``'s
+        ``now``), or None if there is none."""
+        return min((c.started for c in self._content.values()), default=None)
+
+    @property
+    def in_content(self) -> bool:
+        """Whether some publish is still missing frames."""
+        return bool(self._content)
+
+    def restart_clocks(self, now: float) -> None:
+        """Count the unfinished publishes' time from ``now`` (the client
+        could not send while the connection was not read)."""
+        for c in self._content.values():
+            c.started = now
 
     @staticmethod
     def _unexpected(c: PublishReceived) -> FrameError:
@@ -376,6 +466,7 @@ class FrameDecoder:
         Only a frame that cannot be delimited raises after this."""
         self.closing = True
         self._content.clear()
+        self.unfinished = 0
 
     def abandon_content(self, channel: int) -> None:
         """Forget a half-received publish (its channel was closed)."""
@@ -385,6 +476,7 @@ class FrameDecoder:
         # RabbitMQ reads the whole content before closing the channel.
         if c is not None and not c.discard:
             del self._content[channel]
+            self.unfinished -= c.held
 
 
 def _out_of_sync(err: FrameError) -> FrameError:

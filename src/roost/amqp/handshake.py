@@ -12,7 +12,7 @@ import struct
 from typing import Final, NamedTuple
 
 from pamqp import commands as C
-from pamqp import decode
+from pamqp import decode, exceptions
 
 from roost import __version__
 from roost.amqp.wire import FRAME_MIN_SIZE
@@ -75,13 +75,30 @@ def sasl_credentials(
             return None
         user, password = parts[1], parts[2]
     elif mechanism == "AMQPLAIN":
+        # The response is a field table the client wrote: any decoding
+        # failure (pamqp recurses into nested tables, so a deep one exhausts
+        # the stack) is a malformed response, refused as a failed login.
         try:
             _, table = decode.field_table(struct.pack(">I", len(raw)) + raw)
-        except (ValueError, struct.error):
+        except (
+            ValueError,
+            TypeError,
+            IndexError,
+            KeyError,
+            struct.error,
+            RecursionError,
+            exceptions.PAMQPException,
+        ):
             return None
-        login, pw = table.get("LOGIN"), table.get("PASSWORD")
-        user = login.encode() if isinstance(login, str) else _as_bytes(login)
-        password = pw.encode() if isinstance(pw, str) else _as_bytes(pw)
+        login, pw = table.get("LOGIN", ""), table.get("PASSWORD", "")
+        # RabbitMQ's rabbit_auth_mechanism_amqplain takes only strings for
+        # both: a table, array or number there is a refused login.
+        if not isinstance(login, str | bytes | bytearray):
+            return None
+        if not isinstance(pw, str | bytes | bytearray):
+            return None
+        user = login.encode() if isinstance(login, str) else bytes(login)
+        password = pw.encode() if isinstance(pw, str) else bytes(pw)
     elif mechanism == "EXTERNAL" and cert_name is not None:
         return Credentials(cert_name, None)
     else:
@@ -104,7 +121,3 @@ def tune_ok_refusal(
     if frame_max > server_frame_max:
         return f"frame_max={frame_max} > {server_frame_max} max"
     return None
-
-
-def _as_bytes(value: object) -> bytes:
-    return bytes(value) if isinstance(value, bytes | bytearray) else b""

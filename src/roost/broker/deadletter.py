@@ -14,7 +14,10 @@ from __future__ import annotations
 import datetime
 from typing import TYPE_CHECKING, Any
 
+from pamqp import encode
+
 from roost import properties
+from roost.amqp.wire import FRAME_MIN_SIZE
 from roost.broker.message import Message
 from roost.broker.origins import DEAD_LETTER
 
@@ -26,6 +29,17 @@ EXPIRED = "expired"
 MAXLEN = "maxlen"
 DELIVERY_LIMIT = "delivery_limit"
 
+# x-death is the client's to write as well: at most this many entries are
+# carried over (the newest; RabbitMQ keeps one per queue and reason, so a
+# real message rarely has more than a few)...
+MAX_DEATHS = 32
+# ...and dropped oldest first while the properties would not fit a content
+# header frame at the smallest frame_max (FRAME_MIN_SIZE, less the frame's
+# 8 bytes and the header's 12), unless the message's own properties were
+# already larger: dead-lettering never makes a message undeliverable to a
+# consumer that negotiated a small frame_max.
+PROPERTIES_BUDGET = FRAME_MIN_SIZE - 8 - 12
+
 
 def routing_keys(message: Message) -> list[str]:
     """The routing key plus any CC keys (what RabbitMQ records in x-death)."""
@@ -33,7 +47,10 @@ def routing_keys(message: Message) -> list[str]:
     if properties.FLAG_HEADERS & _flags(message.properties):
         cc = message.headers.get("CC")
         if isinstance(cc, list):
-            keys += [k if isinstance(k, str) else bytes(k).decode() for k in cc]
+            # Only strings, as routing takes them (sender_selected): any
+            # other element (an integer is not a length to allocate) is
+            # ignored, as by RabbitMQ's header_routes.
+            keys += [k for k in cc if isinstance(k, str)]
     return keys
 
 
@@ -102,12 +119,12 @@ def _dead_lettered(
     if reason == EXPIRED and props.expiration:
         death["original-expiration"] = props.expiration
         props.expiration = None
-    old = headers.get("x-death")
-    deaths: list[Any] = list(old) if isinstance(old, list) else []
+    deaths = _well_formed_deaths(headers.get("x-death"))
     for i, d in enumerate(deaths):
-        if isinstance(d, dict) and d.get("queue") == queue.name and d.get("reason") == reason:
+        if d.get("queue") == queue.name and d.get("reason") == reason:
+            count = d.get("count")
             death = dict(d)
-            death["count"] = int(d.get("count", 0)) + 1
+            death["count"] = (count if isinstance(count, int) and _is_count(count) else 0) + 1
             death["time"] = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
             del deaths[i]
             break
@@ -123,7 +140,7 @@ def _dead_lettered(
     headers["x-last-death-queue"] = queue.name
     headers["x-last-death-exchange"] = message.exchange
     props.headers = headers
-    raw = properties.encode_properties(props)
+    raw = _fitted(props, deaths, max(PROPERTIES_BUDGET, len(message.properties)))
     # Routed with the routing key and the CC keys, or with the dead-letter
     # routing key alone (rabbit_dead_letter's routing keys).
     return Message(
@@ -135,3 +152,42 @@ def _dead_lettered(
         message.priority,
         () if dlrk else tuple(keys[1:]),
     )
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
+
+
+def _well_formed_deaths(value: object) -> list[dict[str, Any]]:
+    """The newest MAX_DEATHS entries of a client-supplied ``x-death`` that
+    are tables naming a queue and a reason; the rest are dropped (the
+    header is the client's to write, and nothing here may cost in
+    proportion to it)."""
+    if not isinstance(value, list):
+        return []
+    deaths: list[dict[str, Any]] = []
+    for d in value[:MAX_DEATHS]:
+        if (
+            isinstance(d, dict)
+            and isinstance(d.get("queue"), str)
+            and isinstance(d.get("reason"), str)
+        ):
+            deaths.append(d)
+    return deaths
+
+
+def _fitted(props: Any, deaths: list[dict[str, Any]], budget: int) -> bytes:
+    """``props`` encoded, dropping the oldest x-death entries (never the
+    newest) while they are larger than ``budget``: each entry's size is
+    measured once, so this costs one pass over them."""
+    raw = properties.encode_properties(props)
+    excess = len(raw) - budget
+    if excess <= 0 or len(deaths) <= 1:
+        return raw
+    keep = len(deaths)
+    while keep > 1 and excess > 0:
+        keep -= 1
+        # A field-array element: its type byte and the encoded table.
+        excess -= 1 + len(encode.field_table(deaths[keep]))
+    props.headers["x-death"] = deaths[:keep]
+    return properties.encode_properties(props)
