@@ -399,6 +399,7 @@ def test_key_in_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_bad_key_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.key"
     bad.write_text("not base64 at all!\n")
+    bad.chmod(0o600)
     with pytest.raises(EncryptionError, match="expected 32 random bytes in base64"):
         _broker(tmp_path / "data", bad).start()
     with pytest.raises(EncryptionError, match="cannot read encryption key file"):

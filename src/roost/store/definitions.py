@@ -32,6 +32,7 @@ from roost.broker.fields import jsonable
 from roost.broker.queue import Queue
 from roost.broker.users import SHA256, User, hash_password
 from roost.store import fsio
+from roost.store.datadir import DataDirUnsafe, read_nofollow
 
 FILENAME = "definitions.json"
 # The roost section's format: 2 records deleted ids (see Attribution).
@@ -334,9 +335,11 @@ def write_atomic(path: Path, content: bytes) -> None:
 
 def load(path: Path) -> dict[str, Any] | None:
     try:
-        raw = path.read_bytes()
+        raw = read_nofollow(path)
     except FileNotFoundError:
         return None
+    except DataDirUnsafe as exc:
+        raise DefinitionsError(str(exc)) from None
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
