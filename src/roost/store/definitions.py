@@ -163,8 +163,11 @@ def apply(broker: Broker, data: dict[str, Any], *, own: bool = False) -> list[st
                 user = User(
                     u["name"], u["password_hash"], tuple(tags), u.get("hashing_algorithm", SHA256)
                 )
+            elif u.get("password"):
+                user = User(u["name"], hash_password(u["password"]), tuple(tags))
             else:
-                user = User(u["name"], hash_password(u.get("password", "")), tuple(tags))
+                # As RabbitMQ: a user without a password; no password logs it in.
+                user = User(u["name"], "", tuple(tags))
             broker.users.put(user)
         except (KeyError, TypeError) as exc:
             problems.append(f"user {u!r}: {exc}")
@@ -240,14 +243,14 @@ def apply(broker: Broker, data: dict[str, Any], *, own: bool = False) -> list[st
 def restore(broker: Broker, saved: dict[str, Any]) -> list[str]:
     """Load a data directory's own definitions into a fresh broker.
 
-    The saved users and permissions replace the defaults, so a deleted
-    default user stays deleted; only definitions without any user get the
-    default user back (a broker nobody could log in to is no use)."""
+    The saved users and permissions replace the defaults: the default user
+    (guest) exists only on a brand-new data directory, one without
+    definitions. Deleting every user never brings guest back with its
+    well-known password; ``roost ctl add-user`` on the stopped broker
+    makes a new one."""
     broker.users.users.clear()
     broker.permissions.clear()
-    problems = apply(broker, saved, own=True)
-    broker.ensure_default_user()
-    return problems
+    return apply(broker, saved, own=True)
 
 
 class Attribution:
