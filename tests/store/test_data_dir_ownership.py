@@ -136,7 +136,7 @@ def test_a_symlinked_key_file_is_refused(tmp_path: Path) -> None:
     assert "symbolic link" in line and str(link) in line
 
 
-@pytest.mark.parametrize("mode", [0o640, 0o604])
+@pytest.mark.parametrize("mode", [0o640, 0o604], ids=["0640", "0604"])
 def test_a_key_file_others_may_read_is_refused(tmp_path: Path, mode: int) -> None:
     key = tmp_path / "loose.key"
     generate_key_file(key)
