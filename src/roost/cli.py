@@ -18,7 +18,7 @@ from roost.config import HELP, Config, ConfigError, load_config
 from roost.control import cli as control_cli
 from roost.server import Server
 from roost.store import definitions_cli, fsio
-from roost.store.datadir import DataDirInUse
+from roost.store.datadir import DataDirInUse, DataDirUnsafe
 from roost.store.definitions import DefinitionsError
 from roost.store.encryption import EncryptionError, generate_key_file
 from roost.store.message_store import StoreError
@@ -156,7 +156,14 @@ async def _serve(config: Config) -> int:
     server = Server(config)
     try:
         await server.start()
-    except (DataDirInUse, DefinitionsError, TLSError, EncryptionError, StoreError) as exc:
+    except (
+        DataDirInUse,
+        DataDirUnsafe,
+        DefinitionsError,
+        TLSError,
+        EncryptionError,
+        StoreError,
+    ) as exc:
         print(f"roost: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -183,3 +183,19 @@ def test_bad_log_format_is_refused() -> None:
             timeout=30,
         ).stdout
     )
+
+
+def test_control_characters_in_names_cannot_forge_text_lines(text_broker: RoostProcess) -> None:
+    """A client chooses user (and vhost, queue ...) names: a CR/LF in one
+    is escaped, so it cannot start a line of its own in the text log."""
+    forged = "2026-01-01 00:00:00,000 INFO roost.connection: forged"
+    creds = pika.PlainCredentials(f"mallory\r\n{forged}\x1b[2J", "pw")
+    params = pika.ConnectionParameters(
+        text_broker.host, text_broker.port, credentials=creds, connection_attempts=1
+    )
+    with pytest.raises(pika.exceptions.AMQPConnectionError):
+        pika.BlockingConnection(params)
+    refused = wait_for(text_broker, lambda line: "login refused for user 'mallory" in line)
+    assert "mallory\\x0d\\x0a2026-01-01" in refused and "\\x1b[2J" in refused
+    assert not any(line.startswith(forged) for line in text_broker.output)
+    assert not any("\x1b" in line for line in text_broker.output)

@@ -399,6 +399,7 @@ def test_key_in_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_bad_key_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.key"
     bad.write_text("not base64 at all!\n")
+    bad.chmod(0o600)
     with pytest.raises(EncryptionError, match="expected 32 random bytes in base64"):
         _broker(tmp_path / "data", bad).start()
     with pytest.raises(EncryptionError, match="cannot read encryption key file"):
@@ -517,3 +518,52 @@ def test_keygen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert roost_main(["keygen", str(path)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert path.read_bytes() == content
+
+
+# -- deduplication caches ---------------------------------------------------------
+
+DEDUP_KEY = "dedup-key-tamarillo-8842"
+
+
+def _dedup_publish(broker: RoostBroker, key: str) -> int:
+    """Publish a persistent message with ``key`` to the durable dedup queue;
+    returns the queue's depth afterwards."""
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    ok = ch.queue_declare("dedup-q", durable=True, arguments={"x-message-deduplication": True})
+    assert ok.method.queue == "dedup-q"
+    props = pika.BasicProperties(delivery_mode=2, headers={"x-deduplication-header": key})
+    ch.basic_publish("", "dedup-q", b"body", props)
+    depth = ch.queue_declare("dedup-q", passive=True).method.message_count
+    conn.close()
+    return int(depth)
+
+
+def test_dedup_keys_are_not_stored_in_clear(tmp_path: Path) -> None:
+    key = _key(tmp_path, "k.key")
+    data = tmp_path / "data"
+    with _broker(data, key) as broker:
+        assert _dedup_publish(broker, DEDUP_KEY) == 1
+    files = [p for p in data.rglob("*") if p.is_file()]
+    assert any("dedup" in p.parts for p in files)
+    for path in files:
+        assert DEDUP_KEY.encode() not in path.read_bytes(), path
+        assert DEDUP_KEY.encode().hex().encode() not in path.read_bytes(), path
+    # Still recovered: the same key after a restart is a duplicate.
+    with _broker(data, key) as broker:
+        assert _dedup_publish(broker, DEDUP_KEY) == 1
+        assert _dedup_publish(broker, "another-key") == 2
+
+
+def test_a_plain_dedup_cache_is_sealed_when_encryption_is_enabled(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with _broker(data) as broker:
+        assert _dedup_publish(broker, DEDUP_KEY) == 1
+    assert any(DEDUP_KEY.encode() in p.read_bytes() for p in data.rglob("*.json"))
+    key = _key(tmp_path, "k.key")
+    with _broker(data, key) as broker:
+        assert _dedup_publish(broker, DEDUP_KEY) == 1
+    assert not any(DEDUP_KEY.encode() in p.read_bytes() for p in data.rglob("*.json"))
+    with _broker(data, key) as broker:
+        assert _dedup_publish(broker, DEDUP_KEY) == 1

@@ -177,9 +177,9 @@ class Broker:
 
     def ensure_default_user(self) -> None:
         """Create the default user (guest), with full permissions on "/",
-        when there is no user at all: on first start, or after definitions
-        without users. A data directory's own users otherwise replace it, so
-        a deleted guest stays deleted."""
+        when there is no user at all: a new broker starts with it, and a
+        data directory's own definitions replace it
+        (``definitions.restore``), so a deleted guest stays deleted."""
         if self.users.users:
             return
         self.users.add(self.default_user, self.default_password, ("administrator",))

@@ -18,6 +18,13 @@ SHA256 = "rabbit_password_hashing_sha256"
 SHA512 = "rabbit_password_hashing_sha512"
 MD5 = "rabbit_password_hashing_md5"
 _HASHES = {SHA256: hashlib.sha256, SHA512: hashlib.sha512, MD5: hashlib.md5}
+BLANK_PASSWORD = "password must not be blank"
+
+
+def is_blank(password: str) -> bool:
+    """Blank passwords are refused wherever one is set, and never log in
+    (as in RabbitMQ): a user without a password uses another mechanism."""
+    return not password.strip()
 
 
 def hash_password(password: str, salt: bytes | None = None, algorithm: str = SHA256) -> str:
@@ -27,7 +34,7 @@ def hash_password(password: str, salt: bytes | None = None, algorithm: str = SHA
 
 
 def check_password(password: str, password_hash: str, algorithm: str = SHA256) -> bool:
-    if algorithm not in _HASHES or not password_hash:
+    if algorithm not in _HASHES or not password_hash or is_blank(password):
         return False
     try:
         raw = base64.b64decode(password_hash, validate=True)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import socket
+import stat
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,8 @@ from roost.config import ConfigError, load_config
 from roost.control import runtime_cli
 from roost.control.commands import READ_ONLY, ControlError, execute
 from roost.control.socket_path import control_socket, reachable
-from roost.store import definitions
-from roost.store.datadir import DataDirInUse, DataDirLock
+from roost.store import definitions, fsio
+from roost.store.datadir import DataDirInUse, DataDirLock, DataDirUnsafe
 from roost.store.definitions_cli import load_broker, new_broker
 
 TIMEOUT = 30.0
@@ -154,7 +157,9 @@ def request(path: Path, command: str, args: dict[str, Any]) -> Any:
     try:
         try:
             with reachable(path) as short:
+                _check_owner(path, os.lstat(short))
                 sock.connect(short)
+                _check_peer(path, sock)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
             raise ControlUnavailable(str(exc)) from exc
         except PermissionError as exc:
@@ -184,6 +189,31 @@ def request(path: Path, command: str, args: dict[str, Any]) -> Any:
     return response.get("result")
 
 
+def _check_owner(path: Path, st: os.stat_result) -> None:
+    """Refuse a socket another user could have put there: commands carry
+    passwords, and answers are trusted."""
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"{path} is not a socket; refusing to use it")
+    if st.st_uid != os.geteuid():
+        raise ControlError(
+            f"the control socket {path} is owned by uid {st.st_uid}, not by uid "
+            f"{os.geteuid()} running roost ctl; refusing to use it"
+        )
+
+
+def _check_peer(path: Path, sock: socket.socket) -> None:
+    """The process listening must run as this user too (Linux tells)."""
+    peercred = getattr(socket, "SO_PEERCRED", None)
+    if peercred is None:  # pragma: no cover - not Linux
+        return
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, peercred, 12))
+    if uid != os.geteuid():
+        raise ControlError(
+            f"the broker listening on {path} runs as uid {uid}, not as uid "
+            f"{os.geteuid()} running roost ctl; refusing to use it"
+        )
+
+
 def _offline(data_dir: Path, command: str, args: dict[str, Any], config: Any) -> Any:
     """Run ``command`` on the stopped broker's definitions."""
     if not data_dir.is_dir():
@@ -191,7 +221,7 @@ def _offline(data_dir: Path, command: str, args: dict[str, Any], config: Any) ->
             # Nothing stored yet: what the first ``roost serve`` would start with.
             return execute(new_broker(config), command, args)
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            fsio.makedirs(data_dir)  # never group-writable, whatever the umask
         except OSError as exc:
             raise CommandFailed(
                 f"cannot create data directory {data_dir}: {exc.strerror}", 1
@@ -202,6 +232,8 @@ def _offline(data_dir: Path, command: str, args: dict[str, Any], config: Any) ->
     except DataDirInUse as exc:
         # A broker holds the directory yet did not answer on the socket.
         raise ControlError(f"{exc}, but its control socket does not answer") from exc
+    except DataDirUnsafe as exc:
+        raise ControlError(str(exc)) from exc
     except OSError as exc:
         raise ControlError(f"cannot use data directory {data_dir}: {exc.strerror}") from exc
     try:

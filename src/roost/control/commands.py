@@ -21,7 +21,15 @@ from typing import Any
 from roost import safe_regex
 from roost.broker.broker import Broker
 from roost.broker.errors import CONNECTION_FORCED
-from roost.broker.users import MD5, SHA256, SHA512, User, hash_password
+from roost.broker.users import (
+    BLANK_PASSWORD,
+    MD5,
+    SHA256,
+    SHA512,
+    User,
+    hash_password,
+    is_blank,
+)
 
 Command = Callable[[Broker, dict[str, Any]], Any]
 
@@ -61,6 +69,13 @@ def vhost_name_arg(broker: Broker, args: dict[str, Any]) -> str:
     return name
 
 
+def _password_hash(args: dict[str, Any]) -> str:
+    password = str_arg(args, "password")
+    if is_blank(password):
+        raise ControlError(BLANK_PASSWORD)
+    return hash_password(password)
+
+
 def _done(message: str) -> dict[str, str]:
     return {"message": message}
 
@@ -74,7 +89,7 @@ def add_user(broker: Broker, args: dict[str, Any]) -> Any:
         raise ControlError("user name must not be empty")
     if name in broker.users.users:
         raise ControlError(f"user '{name}' already exists")
-    broker.users.put(User(name, hash_password(str_arg(args, "password")), _tags(args)))
+    broker.users.put(User(name, _password_hash(args), _tags(args)))
     broker.definitions_changed()
     return _done(f"added user '{name}'")
 
@@ -97,7 +112,7 @@ def change_password(broker: Broker, args: dict[str, Any]) -> Any:
     name = str_arg(args, "name")
     user = _user(broker, name)
     # Always stored with the default algorithm, whatever an import used.
-    broker.users.put(User(name, hash_password(str_arg(args, "password")), user.tags))
+    broker.users.put(User(name, _password_hash(args), user.tags))
     broker.definitions_changed()
     return _done(f"changed the password of user '{name}'")
 
@@ -133,7 +148,7 @@ def put_user(broker: Broker, args: dict[str, Any]) -> Any:
         if not valid:
             raise ControlError("invalid password_hash: not a salted hash in base64")
     elif "password" in args:
-        password_hash, algorithm = hash_password(str_arg(args, "password")), SHA256
+        password_hash, algorithm = _password_hash(args), SHA256
     elif existing is not None:
         password_hash, algorithm = existing.password_hash, existing.algorithm
     else:

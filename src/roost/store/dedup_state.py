@@ -16,8 +16,12 @@ keeps the message but not its key, so a re-send (the publisher had no
 confirm yet) is taken again: a duplicate, never a loss. Keys that are
 neither strings, numbers, booleans nor byte strings (a header holding a
 timestamp or a decimal) are not kept.
-The files are not encrypted, even with encryption at rest: they hold
-deduplication keys (message ids or header values), never bodies.
+With encryption at rest the file is sealed with the store's key (the
+keys are message ids or header values a publisher chose, as telling as a
+body): ``MAGIC``, the key id, then the JSON sealed as the message store
+seals records, bound to the file's own path so that one cache cannot be
+passed off as another's. A plain file (written before encryption was
+enabled) is still read, and rewritten sealed at start-up.
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ from typing import Any
 from roost.broker import clock
 from roost.broker.dedup import Deduplicator
 from roost.store import fsio
+from roost.store.encryption import KEY_ID_SIZE
 from roost.store.message_store import Batch, MessageStore
 
 log = logging.getLogger("roost.store")
 
 DEDUP_DIR = "dedup"
+# Plain files are JSON and start with "{".
+MAGIC = b"\x00roost-dedup-sealed\n"
 
 
 def _encode_key(key: Hashable) -> list[Any] | None:
@@ -109,14 +116,35 @@ class DedupState:
             self._mark(path, deduper)  # supersedes a pending delete
         deduper.on_change = lambda: self._mark(path, deduper)
 
+    def _aad(self, path: Path) -> bytes:
+        return str(path.relative_to(self.dir)).encode()
+
+    def _seal(self, path: Path, plain: bytes) -> bytes:
+        keyring = self.store.keyring
+        if keyring is None:
+            return plain
+        return MAGIC + keyring.current_id + keyring.seal(plain, self._aad(path))
+
+    def _unseal(self, path: Path, content: bytes) -> bytes:
+        if not content.startswith(MAGIC):
+            return content
+        keyring = self.store.keyring
+        if keyring is None:
+            raise ValueError("the file is encrypted and no encryption key was given")
+        kid_end = len(MAGIC) + KEY_ID_SIZE
+        return keyring.open(content[len(MAGIC) : kid_end], content[kid_end:], self._aad(path))
+
     def _load(self, path: Path, deduper: Deduplicator) -> None:
         try:
-            raw = json.loads(path.read_bytes())
+            content = path.read_bytes()
+            raw = json.loads(self._unseal(path, content))
         except FileNotFoundError:
             return
         except (OSError, ValueError) as exc:
             log.error("dedup cache %s unreadable, starting empty: %s", path, exc)
             return
+        if self.store.keyring is not None and not content.startswith(MAGIC):
+            self._mark(path, deduper)  # written before encryption: seal it now
         offset = clock.monotonic_ms() - clock.wall_ms()
         items: list[tuple[Hashable, float]] = []
         for entry in raw.get("keys", []) if isinstance(raw, dict) else []:
@@ -147,7 +175,8 @@ class DedupState:
                 if enc is not None:
                     enc.append(int(expires + offset) if expires else 0)
                     keys.append(enc)
-            out.append((path, json.dumps({"keys": keys}, separators=(",", ":")).encode()))
+            plain = json.dumps({"keys": keys}, separators=(",", ":")).encode()
+            out.append((path, self._seal(path, plain)))
         return out
 
     def _add_to_batch(self, batch: Batch) -> None:

@@ -32,6 +32,7 @@ from roost.broker.fields import jsonable
 from roost.broker.queue import Queue
 from roost.broker.users import SHA256, User, hash_password
 from roost.store import fsio
+from roost.store.datadir import DataDirUnsafe, read_nofollow
 
 FILENAME = "definitions.json"
 # The roost section's format: 2 records deleted ids (see Attribution).
@@ -173,8 +174,11 @@ def apply(broker: Broker, data: dict[str, Any], *, own: bool = False) -> list[st
                 user = User(
                     u["name"], u["password_hash"], tuple(tags), u.get("hashing_algorithm", SHA256)
                 )
+            elif u.get("password"):
+                user = User(u["name"], hash_password(u["password"]), tuple(tags))
             else:
-                user = User(u["name"], hash_password(u.get("password", "")), tuple(tags))
+                # As RabbitMQ: a user without a password; no password logs it in.
+                user = User(u["name"], "", tuple(tags))
             broker.users.put(user)
         except (KeyError, TypeError) as exc:
             problems.append(f"user {u!r}: {exc}")
@@ -259,14 +263,14 @@ def apply(broker: Broker, data: dict[str, Any], *, own: bool = False) -> list[st
 def restore(broker: Broker, saved: dict[str, Any]) -> list[str]:
     """Load a data directory's own definitions into a fresh broker.
 
-    The saved users and permissions replace the defaults, so a deleted
-    default user stays deleted; only definitions without any user get the
-    default user back (a broker nobody could log in to is no use)."""
+    The saved users and permissions replace the defaults: the default user
+    (guest) exists only on a brand-new data directory, one without
+    definitions. Deleting every user never brings guest back with its
+    well-known password; ``roost ctl add-user`` on the stopped broker
+    makes a new one."""
     broker.users.users.clear()
     broker.permissions.clear()
-    problems = apply(broker, saved, own=True)
-    broker.ensure_default_user()
-    return problems
+    return apply(broker, saved, own=True)
 
 
 class Attribution:
@@ -370,9 +374,11 @@ def write_atomic(path: Path, content: bytes) -> None:
 
 def load(path: Path) -> dict[str, Any] | None:
     try:
-        raw = path.read_bytes()
+        raw = read_nofollow(path)
     except FileNotFoundError:
         return None
+    except DataDirUnsafe as exc:
+        raise DefinitionsError(str(exc)) from None
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:

@@ -23,7 +23,7 @@ from roost.broker.broker import Broker
 from roost.cli_messages import CommandFailed, say
 from roost.config import Config, ConfigError, load_config
 from roost.store import definitions, definitions_import, fsio
-from roost.store.datadir import MESSAGES_DIR, DataDirInUse, DataDirLock
+from roost.store.datadir import MESSAGES_DIR, DataDirInUse, DataDirLock, DataDirUnsafe
 from roost.store.definitions_import import SECTIONS, UNSUPPORTED
 
 USAGE = """\
@@ -173,6 +173,8 @@ def _lock(data_dir: Path) -> DataDirLock:
         lock.acquire()
     except DataDirInUse as exc:
         raise CommandFailed(f"{exc}; stop it first", 1) from exc
+    except DataDirUnsafe as exc:
+        raise CommandFailed(str(exc), 1) from exc
     except OSError as exc:
         raise CommandFailed(f"cannot use data directory {data_dir}: {exc.strerror}", 1) from exc
     return lock

@@ -13,10 +13,11 @@ exist) is a problem: reported, and the rest imported.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from roost.broker.broker import Broker
-from roost.broker.users import MD5, SHA256, SHA512
+from roost.broker.users import BLANK_PASSWORD, MD5, SHA256, SHA512, is_blank
 from roost.store import definitions
 
 SECTIONS = ("users", "vhosts", "permissions", "exchanges", "queues", "bindings")
@@ -36,6 +37,7 @@ _OPTIONAL_STR = ("vhost", "type", "routing_key", "destination_type", "password_h
 _OPTIONAL_BOOL = ("durable", "auto_delete", "internal")
 # Errors shown in a refusal; a wrong file can have thousands.
 _MAX_SHOWN = 10
+log = logging.getLogger("roost.definitions")
 
 
 class ImportRefused(definitions.DefinitionsError):
@@ -78,6 +80,12 @@ def errors(data: Any) -> list[str]:
                     found.append(f"{where}: {key!r} must be true or false")
             if entry.get("arguments") is not None and not isinstance(entry["arguments"], dict):
                 found.append(f"{where}: 'arguments' must be an object")
+            password = entry.get("password")
+            if section == "users" and password is not None:
+                if not isinstance(password, str):
+                    found.append(f"{where}: 'password' must be a string")
+                elif is_blank(password):
+                    found.append(f"{where}: {BLANK_PASSWORD}")
             tags = entry.get("tags")
             if section == "users" and tags is not None and not isinstance(tags, str | list):
                 found.append(f"{where}: 'tags' must be a list or a string")
@@ -111,7 +119,8 @@ def import_into(broker: Broker, data: Any) -> list[str]:
     data = validated(data)
     # Another data directory's queue ids mean nothing here: new queues get
     # ids from this broker's own counter.
-    data.pop("roost", None)
+    if data.pop("roost", None) is not None:
+        log.warning("definitions import: ignored the 'roost' section (another broker's ids)")
     problems = unusable_users(data) + definitions.apply(broker, data)
     # Users and permissions are not vhost definitions: have them saved too.
     broker.definitions_changed()

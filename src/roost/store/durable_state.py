@@ -89,7 +89,13 @@ class DurableState:
         # them load their dedup caches.
         broker.set_dedup_persistence(self.dedup.attach)
         path = self.data_dir / definitions.FILENAME
-        saved = definitions.load(path)
+        try:
+            saved = definitions.load(path)
+        except definitions.DefinitionsError:
+            # Unreadable (a symbolic link, not JSON): close() must not
+            # replace it with the defaults.
+            self.broker = None
+            raise
         problems = definitions.restore(broker, saved) if saved is not None else []
         for problem in problems:
             log.error("recovering definitions: %s", problem)

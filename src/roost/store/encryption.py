@@ -27,7 +27,6 @@ import base64
 import binascii
 import hashlib
 import json
-import logging
 import os
 import stat
 import struct
@@ -36,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from roost.store import fsio
-
-log = logging.getLogger("roost.store")
+from roost.store.datadir import DataDirUnsafe, open_nofollow
 
 KEY_SIZE = 32
 KEY_ID_SIZE = 4
@@ -152,14 +150,25 @@ def parse_key(text: str | bytes, where: str) -> bytes:
 
 
 def read_key_file(path: str) -> bytes:
+    """The key in ``path``. Refused, before it is read, when the file is a
+    symbolic link or anyone but its owner may read or write it: a key
+    others could read protects nothing."""
     try:
-        st = os.stat(path)
-        with open(path, "rb") as fh:
-            text = fh.read()
+        fd = open_nofollow(Path(path), os.O_RDONLY)
+    except DataDirUnsafe as exc:
+        raise EncryptionError(f"encryption key file: {exc}") from None
     except OSError as exc:
         raise EncryptionError(f"cannot read encryption key file {path}: {exc.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("encryption key file %s is readable by other users (chmod 600 it)", path)
+    try:
+        mode = os.fstat(fd).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise EncryptionError(
+                f"encryption key file {path} is accessible to other users (mode "
+                f"{stat.S_IMODE(mode):04o}); refusing it: chmod 600 it"
+            )
+        text = os.read(fd, 4096)
+    finally:
+        fsio.close(fd)
     return parse_key(text, f"encryption key file {path}")
 
 

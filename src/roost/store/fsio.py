@@ -108,7 +108,8 @@ def write_atomic(path: Path, content: bytes) -> None:
     file or the new one, never a mix: temp file, fsync, rename, fsync of
     the directory."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Never through a link planted under the temporary name.
+    fd = open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         write_all(fd, content)
         fsync(fd)

@@ -140,15 +140,18 @@ def test_default_user_is_not_recreated_once_deleted(tmp_path: Path) -> None:
         assert isinstance(login(rb, "alice", "pw"), C.Connection.OpenOk)
 
 
-def test_default_user_is_created_when_definitions_have_no_users(tmp_path: Path) -> None:
+def test_default_user_is_not_created_when_definitions_have_no_users(tmp_path: Path) -> None:
+    """Only a brand-new data directory gets the default user: definitions
+    without users (every user deleted) stay without."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "definitions.json").write_text(
         json.dumps({"users": [], "vhosts": [{"name": "/"}], "permissions": []})
     )
     with RoostBroker(data_dir=str(data), default_user="admin", default_password="s3cret") as rb:
-        assert list(broker_of(rb).users.users) == ["admin"]
-        assert isinstance(login(rb, "admin", "s3cret"), C.Connection.OpenOk)
+        assert list(broker_of(rb).users.users) == []
+        close = login(rb, "admin", "s3cret")
+        assert isinstance(close, C.Connection.Close) and close.reply_code == 403
 
 
 def test_broker_without_store_has_default_user() -> None:
