@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
+from roost.broker.access import Actor
 from roost.broker.broker import Broker
 from roost.broker.users import User
 from roost.broker.vhost import VirtualHost
@@ -105,7 +106,7 @@ def visible_vhosts(request: web.Request) -> list[VirtualHost]:
     return [vh for name, vh in broker.vhosts.items() if (user.name, name) in broker.permissions]
 
 
-def vhost_of(request: web.Request, write: bool = False) -> VirtualHost:
+def vhost_of(request: web.Request) -> VirtualHost:
     """The vhost named in the URL (the default one is %2F); 404 when it
     does not exist, 401 when the user may not use it."""
     broker, user = broker_of(request), user_of(request)
@@ -114,9 +115,23 @@ def vhost_of(request: web.Request, write: bool = False) -> VirtualHost:
     if vh is None:
         not_found()
     allowed = (user.name, name) in broker.permissions
-    if not (is_admin(user) or allowed or (not write and sees_all(user))):
+    if not (allowed or sees_all(user)):
         raise HTTPError(401, "not_authorised", "Access refused.")
     return vh
+
+
+def acting_in(request: web.Request) -> tuple[VirtualHost, Actor]:
+    """The URL's vhost and the requesting user acting on its resources.
+    As RabbitMQ's management plugin (which does these operations over an
+    AMQP channel as the user), the user needs permissions on the vhost,
+    administrators included, and then the same checks as AMQP."""
+    broker, user = broker_of(request), user_of(request)
+    vh = vhost_of(request)
+    if (user.name, vh.name) not in broker.permissions:
+        raise HTTPError(
+            401, "not_authorised", f"access to vhost '{vh.name}' refused for user '{user.name}'"
+        )
+    return vh, Actor(user.name, vh.name, broker.permissions)
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
