@@ -31,8 +31,8 @@ from roost.http.common import (
     INFO,
     MANAGEMENT_TAGS,
     HTTPError,
-    authenticate,
     error,
+    login,
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -77,13 +77,14 @@ async def _api(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/api/"):
         return await handler(request)
     broker = request.app[BROKER]
-    user = authenticate(broker, request.headers.get("Authorization"))
     # No basic-auth challenge for the dashboard's own calls (it sends
     # X-Requested-With): the browser would pop up its login dialog (and a
     # headless one would hang) instead of letting the page show the error.
     realm = {} if request.headers.get("X-Requested-With") == "XMLHttpRequest" else _REALM
-    if user is None:
-        return error(401, "not_authorized", "Login failed", **realm)
+    try:
+        user = login(broker, request.headers.get("Authorization"), request.remote or "")
+    except HTTPError as exc:
+        return error(exc.status, exc.error, exc.reason, **realm)
     if not MANAGEMENT_TAGS.intersection(user.tags):
         return error(401, "not_authorised", "Not management user", **realm)
     if not _cross_site_proof(request):

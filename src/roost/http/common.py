@@ -7,6 +7,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import re
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -14,10 +15,12 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from roost.broker.access import Actor
+from roost.broker.access import Actor, loopback_allowed
 from roost.broker.broker import Broker
 from roost.broker.users import User
 from roost.broker.vhost import VirtualHost
+
+log = logging.getLogger("roost.http")
 
 BROKER: web.AppKey[Broker] = web.AppKey("broker", Broker)
 INFO: web.AppKey[dict[str, Any]] = web.AppKey("info", dict)
@@ -70,7 +73,8 @@ def user_of(request: web.Request) -> User:
     return CURRENT_USER.get()
 
 
-def authenticate(broker: Broker, header: str | None) -> User | None:
+def basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """The user name and password of a basic-auth header, or None."""
     if not header or not header.startswith("Basic "):
         return None
     try:
@@ -80,7 +84,76 @@ def authenticate(broker: Broker, header: str | None) -> User | None:
     name, sep, password = raw.partition(":")
     if not sep:
         return None
-    return broker.users.authenticate(name, password)
+    return name, password
+
+
+def authenticate(broker: Broker, header: str | None) -> User | None:
+    """The user a basic-auth header's credentials name, or None (no
+    throttle, no logging: see ``login``)."""
+    credentials = basic_credentials(header)
+    if credentials is None:
+        return None
+    return broker.users.authenticate(*credentials)
+
+
+def login(broker: Broker, header: str | None, peer: str) -> User:
+    """The user a request's basic auth logs in from address ``peer``,
+    decided as an AMQP login is: the same login throttle (per address and
+    per user), loopback-only users only from a loopback address, every
+    refusal logged (never the password). Raises a 401 HTTPError."""
+    if not header:
+        # A browser's first request carries no credentials: not a failure.
+        raise HTTPError(401, "not_authorized", "Login failed")
+    throttle = broker.login_throttle
+    if throttle.blocked(peer):
+        _login_refused(broker, peer, "", "too many failed logins from this address", False)
+    credentials = basic_credentials(header)
+    if credentials is None:
+        _login_refused(broker, peer, "", "malformed basic-auth credentials")
+    name, password = credentials
+    if throttle.blocked(peer, name):
+        _login_refused(broker, peer, name, "too many failed logins for this user", False)
+    user = broker.users.authenticate(name, password)
+    if user is None:
+        _login_refused(broker, peer, name, "invalid credentials")
+    if not loopback_allowed(name, peer, broker.loopback_users):
+        # RabbitMQ's management plugin's words.
+        _login_refused(
+            broker,
+            peer,
+            name,
+            f"user '{name}' can only connect via localhost",
+            reply=HTTPError(401, "not_authorised", "User can only log in via localhost"),
+        )
+    throttle.succeeded(peer, name)
+    return user
+
+
+def _login_refused(
+    broker: Broker,
+    peer: str,
+    user: str,
+    reason: str,
+    counts: bool = True,
+    reply: HTTPError | None = None,
+) -> NoReturn:
+    log.warning(
+        "%s: HTTP login refused for user '%s': %s",
+        peer,
+        user,
+        reason,
+        extra={"event": "login.refused", "peer": peer, "user": user},
+    )
+    blocked = broker.login_throttle.failed(peer, user) if counts else None
+    if blocked is not None:
+        log.warning(
+            "%s: too many failed logins, refusing logins for %s for %gs",
+            peer,
+            blocked,
+            broker.login_throttle.backoff,
+        )
+    # The client learns no more than from any failed login.
+    raise reply or HTTPError(401, "not_authorized", "Login failed")
 
 
 def is_admin(user: User) -> bool:
