@@ -210,6 +210,7 @@ def test_exclusive_queue_of_a_connection_is_off_limits(rb: RoostBroker) -> None:
         ch.queue_declare("mine", passive=True)  # round trip: the message is in
         before = _state(rb)
         for method, path, body in (
+            ("PUT", "/api/queues/%2F/mine", {}),
             ("DELETE", "/api/queues/%2F/mine", None),
             ("DELETE", "/api/queues/%2F/mine/contents", None),
             ("POST", "/api/queues/%2F/mine/get", {"count": 1, "ackmode": "ack_requeue_false"}),
