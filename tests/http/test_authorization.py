@@ -81,6 +81,40 @@ OPERATIONS: list[tuple[str, str, str, Any, int, int]] = [
     ),
     ("declare exchange", "PUT", "/api/exchanges/%2F/new", {"type": "direct"}, CONFIGURE, 201),
     ("delete exchange", "DELETE", "/api/exchanges/%2F/ex2", None, CONFIGURE, 204),
+    # A new queue with a dead-letter exchange / exchange with an alternate
+    # one: also read on itself and write on the other exchange.
+    (
+        "declare queue with DLX (read)",
+        "PUT",
+        "/api/queues/%2F/new",
+        {"arguments": {"x-dead-letter-exchange": "ex"}},
+        READ,
+        201,
+    ),
+    (
+        "declare queue with DLX (write)",
+        "PUT",
+        "/api/queues/%2F/new",
+        {"arguments": {"x-dead-letter-exchange": "ex"}},
+        WRITE,
+        201,
+    ),
+    (
+        "declare exchange with AE (read)",
+        "PUT",
+        "/api/exchanges/%2F/new",
+        {"type": "direct", "arguments": {"alternate-exchange": "ex"}},
+        READ,
+        201,
+    ),
+    (
+        "declare exchange with AE (write)",
+        "PUT",
+        "/api/exchanges/%2F/new",
+        {"type": "direct", "arguments": {"alternate-exchange": "ex"}},
+        WRITE,
+        201,
+    ),
     (
         "publish",
         "POST",
