@@ -13,9 +13,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from roost import __version__, logs
-from roost.broker.access import is_loopback
 from roost.config import HELP, Config, ConfigError, load_config
 from roost.control import cli as control_cli
+from roost.listener_exposure import exposure_warning
 from roost.server import Server
 from roost.store import definitions_cli, fsio
 from roost.store.datadir import DataDirInUse, DataDirUnsafe
@@ -119,24 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def _warn_if_only_guest(config: Config, server: Server) -> None:
-    """Listening beyond loopback with guest as the only user is either
-    unreachable (guest is loopback-only) or open to anyone who knows the
-    well-known default password: say so at start."""
-    host = config.host
-    loopback = host == "localhost" or (bool(host) and is_loopback(host))
-    if loopback or list(server.broker.users.users) != ["guest"]:
-        return
-    if "guest" in server.broker.loopback_users:
-        why = "guest may only connect from localhost, so remote clients cannot log in"
-    else:
-        why = "anyone on the network who knows its password can log in"
-    print(
-        f"roost: warning: listening on {host or 'all interfaces'} and the only user is "
-        f"'guest': {why}; create a user of your own (roost ctl) and delete guest",
-        file=sys.stderr,
-        flush=True,
-    )
+def _warn_about_exposure(config: Config, server: Server) -> None:
+    broker = server.broker
+    warning = exposure_warning(config, list(broker.users.users), broker.loopback_users)
+    if warning is not None:
+        print(f"roost: warning: {warning}", file=sys.stderr, flush=True)
 
 
 async def _serve(config: Config) -> int:
@@ -171,7 +158,7 @@ async def _serve(config: Config) -> int:
         verb = "cannot use" if exc.filename else "cannot listen on"
         print(f"roost: {verb} {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    _warn_if_only_guest(config, server)
+    _warn_about_exposure(config, server)
     gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

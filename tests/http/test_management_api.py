@@ -153,6 +153,7 @@ def test_bad_json_and_unknown_vhost(roost_broker: RoostBroker) -> None:
         roost_broker.http_url + "/api/exchanges/%2F/x", method="PUT", data=b"notjson"
     )
     req.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    req.add_header("Content-Type", "application/json")
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=5)
     assert err.value.code == 400

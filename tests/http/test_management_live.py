@@ -349,7 +349,9 @@ def test_vhosts_and_permissions(roost_broker: RoostBroker) -> None:
     assert call(roost_broker, "/api/permissions/dev/bob", "PUT", perm)[0] == 204
     _, shown, _ = call(roost_broker, "/api/permissions/dev/bob")
     assert shown == {"user": "bob", "vhost": "dev", **perm}
-    assert call(roost_broker, "/api/vhosts/dev/permissions")[1] == [shown]
+    # guest, which created dev, was granted full permissions there (as RabbitMQ).
+    guest = {"user": "guest", "vhost": "dev", **perm}
+    assert call(roost_broker, "/api/vhosts/dev/permissions")[1] == [guest, shown]
     assert call(roost_broker, "/api/users/bob/permissions")[1] == [shown]
     saved = _saved_definitions(roost_broker)["permissions"]
     assert {"user": "bob", "vhost": "dev", **perm} in saved

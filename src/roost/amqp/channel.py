@@ -90,6 +90,7 @@ class Channel:
         self._permissions = conn.broker.permissions
         self._perm_key = (conn.username, conn.vhost.name)
         self._perms_seen: access.Permissions | None = None
+        self.actor = access.Actor(conn.username, conn.vhost.name, self._permissions)
         self._writable: set[str] = set()
         self.consumers: dict[str, Consumer] = {}
         self._tag_bytes: dict[str, bytes] = {}
@@ -181,14 +182,7 @@ class Channel:
     # -- permissions (where rabbit_channel checks them) ------------------
 
     def _check(self, which: int, kind: str, name: str) -> None:
-        access.check(
-            self._permissions.get(self._perm_key),
-            which,
-            kind,
-            name,
-            self.vhost.name,
-            self.conn.username,
-        )
+        self.actor.check(which, kind, name)
 
     def _may_publish(self, exchange: str) -> None:
         perms = self._permissions.get(self._perm_key)
@@ -201,12 +195,7 @@ class Channel:
         self._writable.add(exchange)
 
     def _check_binding(self, kind: str, destination: str, source: str) -> None:
-        # rabbit_channel:binding_action_with_checks: write on the
-        # destination, the default exchange refused, read on the source.
-        self._check(WRITE, kind, destination)
-        if not source or (kind == "exchange" and not destination):
-            raise errors.access_refused("operation not permitted on the default exchange")
-        self._check(READ, "exchange", source)
+        self.actor.may_bind(kind, destination, source)
 
     def _late_reply(self, data: bytes) -> None:
         if not self.closing and self.conn.state is ConnectionState.RUNNING:
@@ -272,10 +261,7 @@ class Channel:
         ex = vhost.exchanges.get(ev.exchange)
         if ex is None:
             raise errors.not_found("exchange", ev.exchange, vhost.name)
-        if ex.internal:
-            raise errors.access_refused(
-                f"cannot publish to internal exchange '{ex.name}' in vhost '{vhost.name}'"
-            )
+        access.check_not_internal(ex.name, ex.internal, vhost.name)
         props = cast(bytes, ev.properties)  # always set once the event is emitted
         persistent = False
         priority = None
@@ -309,11 +295,7 @@ class Channel:
                     _scan_cache[props] = scanned
             persistent = scanned.delivery_mode == 2
             priority = scanned.priority
-            if scanned.user_id is not None and scanned.user_id != self.conn.username:
-                raise precondition(
-                    f"user_id property set to '{scanned.user_id}' but authenticated "
-                    f"user was '{self.conn.username}'"
-                )
+            self.actor.may_publish_as(scanned.user_id)
             if scanned.reply_to == REPLY_TO_QUEUE:
                 props = self._rewrite_reply_to(props)
             if props[0] & 0x20 and sender_selected.maybe_present(props):  # has headers
@@ -416,17 +398,12 @@ class Channel:
     def _exchange_declare(self, m: C.Exchange.Declare) -> None:
         args = _table(m.arguments)
         name = m.exchange
-        # A passive declare checks nothing. Otherwise configure, after the
-        # type and default-exchange checks (which declare_exchange makes);
-        # a new exchange with an alternate exchange also needs read on
-        # itself and write on the alternate, as in rabbit_channel.
+        # A passive declare checks nothing. Otherwise configure (and more
+        # for a new one), after the type and default-exchange checks
+        # (which declare_exchange makes), as in rabbit_channel.
         if not m.passive and name and m.exchange_type in EXCHANGE_TYPES:
-            self._check(CONFIGURE, "exchange", name)
-            ae = args.get("alternate-exchange")
             new = name not in self.vhost.exchanges and not name.startswith("amq.")
-            if new and isinstance(ae, str):
-                self._check(READ, "exchange", name)
-                self._check(WRITE, "exchange", ae)
+            self.actor.may_declare_exchange(name, new, args)
         self.vhost.declare_exchange(
             name,
             m.exchange_type,
@@ -486,7 +463,7 @@ class Channel:
             auto_delete=m.auto_delete,
             arguments=args,
             max_queues=self.conn.broker.max_queues_per_vhost,
-            authorize=lambda name, new: self._authorize_queue(name, new, args),
+            authorize=lambda name, new: self.actor.may_declare_queue(name, new, args),
         )
         if q.exclusive:
             self.conn.exclusive_queues.add(q)
@@ -495,16 +472,6 @@ class Channel:
             self._reply(
                 encoder.queue_declare_ok(self.number, q.name, q.message_count, q.consumer_count)
             )
-
-    def _authorize_queue(self, name: str, new: bool, args: dict[str, Any]) -> None:
-        # Configure on the queue (its generated name for a server-named
-        # one); a new queue with a dead-letter exchange also needs read on
-        # itself and write on that exchange, as in rabbit_channel.
-        self._check(CONFIGURE, "queue", name)
-        dlx = args.get("x-dead-letter-exchange")
-        if new and isinstance(dlx, str):
-            self._check(READ, "queue", name)
-            self._check(WRITE, "exchange", dlx)
 
     def _queue_bind(self, m: C.Queue.Bind) -> None:
         name = self._queue_name(m.queue)

@@ -393,6 +393,11 @@ class AMQPConnection(asyncio.Protocol):
             self._auth_failed(mechanism)
             return
         name, password = credentials
+        if self.broker.login_throttle.blocked(self.peer_host, name):
+            self._auth_failed(
+                mechanism, name, reason="too many failed logins for this user", counts=False
+            )
+            return
         if password is None:
             # EXTERNAL: the certificate's CN names an existing user.
             accepted = bool(name) and name in self.broker.users.users
@@ -404,6 +409,7 @@ class AMQPConnection(asyncio.Protocol):
         if not access.loopback_allowed(name, self.peer_host, self.broker.loopback_users):
             self._auth_failed(mechanism, name, f"user '{name}' can only connect via localhost")
             return
+        self.broker.login_throttle.succeeded(self.peer_host, name)
         self.username = name
         s = self.settings
         self.send_method(
@@ -430,11 +436,12 @@ class AMQPConnection(asyncio.Protocol):
             reason,
             extra={"event": "login.refused", "peer": self.peer, "user": user},
         )
-        if counts and self.broker.login_throttle.failed(self.peer_host):
+        blocked = self.broker.login_throttle.failed(self.peer_host, user) if counts else None
+        if blocked is not None:
             log.warning(
-                "%s: too many failed logins, refusing logins from %s for %gs",
+                "%s: too many failed logins, refusing logins for %s for %gs",
                 self.peer,
-                self.peer_host or "this address",
+                blocked,
                 self.broker.login_throttle.backoff,
             )
         if self.capabilities.get("authentication_failure_close"):

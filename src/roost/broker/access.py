@@ -18,10 +18,12 @@ import ipaddress
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from roost import safe_regex
-from roost.broker.errors import BrokerError, access_refused
+from roost.broker.errors import BrokerError, access_refused, precondition
 from roost.safe_regex import SafePattern
 
 log = logging.getLogger("roost.access")
@@ -77,6 +79,65 @@ def refused(kind: str, name: str, vhost: str, user: str) -> BrokerError:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """A user acting on the resources of one vhost: the one authorization
+    path that AMQP channels, the management API and ``roost ctl`` all go
+    through, with rabbit_channel's rules. The permission table is read on
+    every check, so a change applies at once to every way in."""
+
+    user: str
+    vhost: str
+    permissions: Mapping[tuple[str, str], Permissions]
+
+    @property
+    def perms(self) -> Permissions | None:
+        return self.permissions.get((self.user, self.vhost))
+
+    def check(self, which: int, kind: str, name: str) -> None:
+        check(self.perms, which, kind, name, self.vhost, self.user)
+
+    def may_declare_exchange(self, name: str, new: bool, arguments: Mapping[str, Any]) -> None:
+        # A new exchange with an alternate exchange also needs read on
+        # itself and write on the alternate.
+        self.check(CONFIGURE, "exchange", name)
+        ae = arguments.get("alternate-exchange")
+        if new and isinstance(ae, str):
+            self.check(READ, "exchange", name)
+            self.check(WRITE, "exchange", ae)
+
+    def may_declare_queue(self, name: str, new: bool, arguments: Mapping[str, Any]) -> None:
+        # A new queue with a dead-letter exchange also needs read on itself
+        # and write on that exchange.
+        self.check(CONFIGURE, "queue", name)
+        dlx = arguments.get("x-dead-letter-exchange")
+        if new and isinstance(dlx, str):
+            self.check(READ, "queue", name)
+            self.check(WRITE, "exchange", dlx)
+
+    def may_bind(self, kind: str, destination: str, source: str) -> None:
+        """rabbit_channel:binding_action_with_checks: write on the
+        destination, the default exchange refused, read on the source
+        (binding and unbinding alike)."""
+        self.check(WRITE, kind, destination)
+        if not source or (kind == "exchange" and not destination):
+            raise access_refused("operation not permitted on the default exchange")
+        self.check(READ, "exchange", source)
+
+    def may_publish_as(self, user_id: str | None) -> None:
+        """A published ``user_id`` must name the publishing user."""
+        if user_id is not None and user_id != self.user:
+            raise precondition(
+                f"user_id property set to '{user_id}' but authenticated user was '{self.user}'"
+            )
+
+
+def check_not_internal(name: str, internal: bool, vhost: str) -> None:
+    """Clients never publish to an internal exchange (403, as RabbitMQ)."""
+    if internal:
+        raise access_refused(f"cannot publish to internal exchange '{name}' in vhost '{vhost}'")
+
+
 def is_loopback(host: str) -> bool:
     """Whether a peer address is a loopback one (127.0.0.0/8, ::1, or an
     IPv4-mapped loopback). A peer that is not an IP address at all (a Unix
@@ -99,7 +160,8 @@ def loopback_allowed(user: str, host: str, loopback_users: frozenset[str]) -> bo
 
 
 class LoginThrottle:
-    """Refuses logins from an address that failed too often.
+    """Refuses logins from an address, or to an account, that failed too
+    often.
 
     After ``max_failures`` failed logins from one address within ``window``
     seconds, every login attempt from it is refused without looking at the
@@ -107,6 +169,14 @@ class LoginThrottle:
     guesser time rather than the broker CPU. Successful logins do not reset
     the count: a client holding one valid account must not be able to
     interleave guesses for another.
+
+    Guesses for one account spread over many addresses are caught per
+    user: after ``max_user_failures`` failures for one user name within
+    ``window``, logins as that user are refused for ``backoff`` seconds too
+    -- except from an address that logged in as that user before, so that
+    someone guessing cannot lock its clients out. Attempts refused during a
+    back-off do not count, so no block outlasts the guessing by more than
+    ``backoff``.
     """
 
     MAX_TRACKED = 10000
@@ -117,46 +187,80 @@ class LoginThrottle:
         window: float = 10.0,
         backoff: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        max_user_failures: int = 10,
     ) -> None:
         self.max_failures = max_failures
+        self.max_user_failures = max_user_failures
         self.window = window
         self.backoff = backoff
         self.clock = clock
-        self._failures: dict[str, deque[float]] = {}
-        self._blocked: dict[str, float] = {}
+        # Keyed by ("address", host) or ("user", name).
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+        self._blocked: dict[tuple[str, str], float] = {}
+        # (user, host) pairs that logged in, oldest first.
+        self._known: dict[tuple[str, str], None] = {}
 
-    def blocked(self, host: str) -> bool:
-        until = self._blocked.get(host)
+    def blocked(self, host: str, user: str | None = None) -> bool:
+        """Whether a login from ``host`` (as ``user``, once its name is
+        known) is to be refused without checking the credentials."""
+        if self._is_blocked(("address", host)):
+            return True
+        if user is None or (user, host) in self._known:
+            return False
+        return self._is_blocked(("user", user))
+
+    def failed(self, host: str, user: str = "") -> str | None:
+        """Record a failed login; what is now blocked (``"address 'h'"`` or
+        ``"user 'u'"``), or None."""
+        now = self.clock()
+        if self._count(("address", host), self.max_failures, now):
+            return f"address '{host}'"
+        if user and self._count(("user", user), self.max_user_failures, now):
+            return f"user '{user}'"
+        return None
+
+    def succeeded(self, host: str, user: str) -> None:
+        """Remember that ``user`` logged in from ``host``."""
+        key = (user, host)
+        self._known.pop(key, None)
+        if len(self._known) >= self.MAX_TRACKED:
+            del self._known[next(iter(self._known))]
+        self._known[key] = None
+
+    def _is_blocked(self, key: tuple[str, str]) -> bool:
+        until = self._blocked.get(key)
         if until is None:
             return False
         if self.clock() < until:
             return True
-        del self._blocked[host]
+        del self._blocked[key]
         return False
 
-    def failed(self, host: str) -> bool:
-        """Record a failed login; True when ``host`` is now blocked."""
-        if self.max_failures <= 0:
+    def _count(self, key: tuple[str, str], limit: int, now: float) -> bool:
+        if limit <= 0:
             return False
-        now = self.clock()
-        recent = self._failures.get(host)
+        recent = self._failures.get(key)
         if recent is None:
             if len(self._failures) >= self.MAX_TRACKED:
                 self._prune(now)
-            recent = self._failures[host] = deque()
+            recent = self._failures[key] = deque()
         recent.append(now)
         while recent and recent[0] <= now - self.window:
             recent.popleft()
-        if len(recent) < self.max_failures:
+        if len(recent) < limit:
             return False
-        del self._failures[host]
-        self._blocked[host] = now + self.backoff
+        del self._failures[key]
+        self._blocked[key] = now + self.backoff
         return True
 
     def _prune(self, now: float) -> None:
-        for host, recent in list(self._failures.items()):
+        for key, recent in list(self._failures.items()):
             if not recent or recent[-1] <= now - self.window:
-                del self._failures[host]
-        for host, until in list(self._blocked.items()):
+                del self._failures[key]
+        for key, until in list(self._blocked.items()):
             if until <= now:
-                del self._blocked[host]
+                del self._blocked[key]
+        # Still full of fresh entries (names made up by the thousand): the
+        # oldest go, so memory stays bounded.
+        while len(self._failures) >= self.MAX_TRACKED:
+            del self._failures[next(iter(self._failures))]

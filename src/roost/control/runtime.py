@@ -22,6 +22,7 @@ from pamqp import commands as C
 
 from roost import __version__
 from roost.broker import read_models
+from roost.broker.access import check_not_internal
 from roost.broker.broker import Broker
 from roost.broker.errors import BrokerError
 from roost.broker.message import Message
@@ -196,8 +197,10 @@ def publish(broker: Broker, args: dict[str, Any]) -> Any:
     ex = vh.exchanges.get(name)
     if ex is None:
         raise ControlError(f"exchange '{name}' does not exist in vhost '{vh.name}'")
-    if ex.internal:
-        raise ControlError(f"cannot publish to internal exchange '{name}'")
+    try:
+        check_not_internal(name, ex.internal, vh.name)
+    except BrokerError as exc:
+        raise ControlError(exc.text) from None
     routing_key = str_arg(args, "routing_key")
     try:
         body = base64.b64decode(str_arg(args, "body_base64", ""), validate=True)

@@ -20,6 +20,7 @@ from roost.http.common import (
     json_response,
     not_found,
     require_admin,
+    user_of,
 )
 
 
@@ -99,6 +100,20 @@ async def put_vhost(request: web.Request) -> web.Response:
     if name in broker.vhosts:
         return web.Response(status=204)
     _run(broker, commands.add_vhost, {"name": name})
+    # As RabbitMQ (rabbit_vhost:maybe_grant_full_permissions): the creator
+    # may use the new vhost, since resource operations need permissions
+    # there, administrators' included.
+    _run(
+        broker,
+        commands.set_permissions,
+        {
+            "vhost": name,
+            "user": user_of(request).name,
+            "configure": ".*",
+            "write": ".*",
+            "read": ".*",
+        },
+    )
     await definitions_saved(broker)
     return web.Response(status=201)
 

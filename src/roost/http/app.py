@@ -31,12 +31,43 @@ from roost.http.common import (
     INFO,
     MANAGEMENT_TAGS,
     HTTPError,
-    authenticate,
     error,
+    login,
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _REALM = {"WWW-Authenticate": 'Basic realm="RabbitMQ Management"'}
+# Sent with every response: no page of ours in another site's frame
+# (clickjacking), and the dashboard runs only its own script and styles.
+_SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _cross_site_proof(request: web.Request) -> bool:
+    """Whether a request that changes state cannot have been sent by
+    another site's form or script on behalf of a logged-in browser: those
+    can send only GET and POST with a form or text/plain body and no custom
+    headers (anything else needs a CORS preflight, which is never granted).
+    So a JSON body or an X-Requested-With header is required, except for a
+    PUT or DELETE without a body."""
+    if request.method in _SAFE_METHODS or "X-Requested-With" in request.headers:
+        return True
+    if request.content_type == "application/json":
+        return True
+    return request.method in ("PUT", "DELETE") and not request.body_exists
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in _SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
 
 
 @web.middleware
@@ -46,15 +77,23 @@ async def _api(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/api/"):
         return await handler(request)
     broker = request.app[BROKER]
-    user = authenticate(broker, request.headers.get("Authorization"))
     # No basic-auth challenge for the dashboard's own calls (it sends
     # X-Requested-With): the browser would pop up its login dialog (and a
     # headless one would hang) instead of letting the page show the error.
     realm = {} if request.headers.get("X-Requested-With") == "XMLHttpRequest" else _REALM
-    if user is None:
-        return error(401, "not_authorized", "Login failed", **realm)
+    try:
+        user = login(broker, request.headers.get("Authorization"), request.remote or "")
+    except HTTPError as exc:
+        return error(exc.status, exc.error, exc.reason, **realm)
     if not MANAGEMENT_TAGS.intersection(user.tags):
         return error(401, "not_authorised", "Not management user", **realm)
+    if not _cross_site_proof(request):
+        return error(
+            415,
+            "unsupported_media_type",
+            "a request that changes state needs Content-Type: application/json "
+            "(or an X-Requested-With header)",
+        )
     CURRENT_USER.set(user)
     try:
         return await handler(request)
@@ -83,6 +122,7 @@ def build_app(
     file system's free space is reported) and ``started`` (a time.time())
     by /api/nodes."""
     app = web.Application(middlewares=[_api])
+    app.on_response_prepare.append(_security_headers)
     app[BROKER] = broker
     app[INFO] = {
         "node": f"roost@{socket.gethostname()}",

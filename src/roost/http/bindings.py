@@ -19,6 +19,7 @@ from roost.broker.queue import Queue
 from roost.broker.read_models import BindingView
 from roost.broker.vhost import VirtualHost
 from roost.http.common import (
+    acting_in,
     bad_request,
     broker_of,
     definitions_saved,
@@ -56,20 +57,42 @@ async def list_vhost(request: web.Request) -> web.Response:
     return json_response([binding_json(b) for b in read_models.bindings(vhost_of(request))])
 
 
+# Who the API acts as on queues: never the owner of an exclusive one.
+_API_OWNER = object()
+
+
 def _exchange_name(name: str) -> str:
     return "" if name == "amq.default" else name
+
+
+def _to_queue(request: web.Request) -> bool:
+    resource = request.match_info.route.resource
+    return resource is not None and "/q/" in resource.canonical
 
 
 def _ends(request: web.Request, vh: VirtualHost) -> tuple[Exchange | None, Queue | Exchange | None]:
     source = vh.exchanges.get(_exchange_name(request.match_info["source"]))
     dest_name = request.match_info["destination"]
     dest: Queue | Exchange | None
-    resource = request.match_info.route.resource
-    if resource is not None and "/q/" in resource.canonical:
+    if _to_queue(request):
         dest = vh.queues.get(dest_name)
     else:
         dest = vh.exchanges.get(_exchange_name(dest_name))
     return source, dest
+
+
+def _may_bind(request: web.Request, vh: VirtualHost) -> None:
+    """queue.bind's / exchange.bind's checks, as the requesting user; then
+    another connection's exclusive queue is RESOURCE_LOCKED."""
+    _, actor = acting_in(request)
+    kind = "queue" if _to_queue(request) else "exchange"
+    dest = request.match_info["destination"]
+    if kind == "exchange":
+        dest = _exchange_name(dest)
+    actor.may_bind(kind, dest, _exchange_name(request.match_info["source"]))
+    q = vh.queues.get(dest) if kind == "queue" else None
+    if q is not None and q.exclusive_owner is not None:
+        vh.queue(q.name, _API_OWNER)
 
 
 def _between(source: Exchange, dest: Queue | Exchange) -> list[Binding]:
@@ -86,8 +109,9 @@ async def list_between(request: web.Request) -> web.Response:
 
 
 async def create(request: web.Request) -> web.Response:
-    vh = vhost_of(request, write=True)
+    vh, _ = acting_in(request)
     body = await json_body(request)
+    _may_bind(request, vh)
     source, dest = _ends(request, vh)
     if source is None or dest is None:
         not_found()
@@ -127,7 +151,8 @@ async def show(request: web.Request) -> web.Response:
 
 
 async def delete(request: web.Request) -> web.Response:
-    vh = vhost_of(request, write=True)
+    vh, _ = acting_in(request)
+    _may_bind(request, vh)
     b = _binding(request, vh)
     vh.unbind(b.source.name, b.destination, b.routing_key, b.arguments)
     await definitions_saved(broker_of(request))

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import Any, NoReturn, TypeVar, cast
@@ -14,11 +15,13 @@ from typing import Any, NoReturn, TypeVar, cast
 from aiohttp import web
 
 from roost import safe_regex
+from roost.broker.access import Actor, loopback_allowed
 from roost.broker.broker import Broker
 from roost.broker.users import User
 from roost.broker.vhost import VirtualHost
 
 T = TypeVar("T")
+log = logging.getLogger("roost.http")
 
 BROKER: web.AppKey[Broker] = web.AppKey("broker", Broker)
 INFO: web.AppKey[dict[str, Any]] = web.AppKey("info", dict)
@@ -71,7 +74,8 @@ def user_of(request: web.Request) -> User:
     return CURRENT_USER.get()
 
 
-def authenticate(broker: Broker, header: str | None) -> User | None:
+def basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """The user name and password of a basic-auth header, or None."""
     if not header or not header.startswith("Basic "):
         return None
     try:
@@ -81,7 +85,76 @@ def authenticate(broker: Broker, header: str | None) -> User | None:
     name, sep, password = raw.partition(":")
     if not sep:
         return None
-    return broker.users.authenticate(name, password)
+    return name, password
+
+
+def authenticate(broker: Broker, header: str | None) -> User | None:
+    """The user a basic-auth header's credentials name, or None (no
+    throttle, no logging: see ``login``)."""
+    credentials = basic_credentials(header)
+    if credentials is None:
+        return None
+    return broker.users.authenticate(*credentials)
+
+
+def login(broker: Broker, header: str | None, peer: str) -> User:
+    """The user a request's basic auth logs in from address ``peer``,
+    decided as an AMQP login is: the same login throttle (per address and
+    per user), loopback-only users only from a loopback address, every
+    refusal logged (never the password). Raises a 401 HTTPError."""
+    if not header:
+        # A browser's first request carries no credentials: not a failure.
+        raise HTTPError(401, "not_authorized", "Login failed")
+    throttle = broker.login_throttle
+    if throttle.blocked(peer):
+        _login_refused(broker, peer, "", "too many failed logins from this address", False)
+    credentials = basic_credentials(header)
+    if credentials is None:
+        _login_refused(broker, peer, "", "malformed basic-auth credentials")
+    name, password = credentials
+    if throttle.blocked(peer, name):
+        _login_refused(broker, peer, name, "too many failed logins for this user", False)
+    user = broker.users.authenticate(name, password)
+    if user is None:
+        _login_refused(broker, peer, name, "invalid credentials")
+    if not loopback_allowed(name, peer, broker.loopback_users):
+        # RabbitMQ's management plugin's words.
+        _login_refused(
+            broker,
+            peer,
+            name,
+            f"user '{name}' can only connect via localhost",
+            reply=HTTPError(401, "not_authorised", "User can only log in via localhost"),
+        )
+    throttle.succeeded(peer, name)
+    return user
+
+
+def _login_refused(
+    broker: Broker,
+    peer: str,
+    user: str,
+    reason: str,
+    counts: bool = True,
+    reply: HTTPError | None = None,
+) -> NoReturn:
+    log.warning(
+        "%s: HTTP login refused for user '%s': %s",
+        peer,
+        user,
+        reason,
+        extra={"event": "login.refused", "peer": peer, "user": user},
+    )
+    blocked = broker.login_throttle.failed(peer, user) if counts else None
+    if blocked is not None:
+        log.warning(
+            "%s: too many failed logins, refusing logins for %s for %gs",
+            peer,
+            blocked,
+            broker.login_throttle.backoff,
+        )
+    # The client learns no more than from any failed login.
+    raise reply or HTTPError(401, "not_authorized", "Login failed")
 
 
 def is_admin(user: User) -> bool:
@@ -107,7 +180,7 @@ def visible_vhosts(request: web.Request) -> list[VirtualHost]:
     return [vh for name, vh in broker.vhosts.items() if (user.name, name) in broker.permissions]
 
 
-def vhost_of(request: web.Request, write: bool = False) -> VirtualHost:
+def vhost_of(request: web.Request) -> VirtualHost:
     """The vhost named in the URL (the default one is %2F); 404 when it
     does not exist, 401 when the user may not use it."""
     broker, user = broker_of(request), user_of(request)
@@ -116,9 +189,23 @@ def vhost_of(request: web.Request, write: bool = False) -> VirtualHost:
     if vh is None:
         not_found()
     allowed = (user.name, name) in broker.permissions
-    if not (is_admin(user) or allowed or (not write and sees_all(user))):
+    if not (allowed or sees_all(user)):
         raise HTTPError(401, "not_authorised", "Access refused.")
     return vh
+
+
+def acting_in(request: web.Request) -> tuple[VirtualHost, Actor]:
+    """The URL's vhost and the requesting user acting on its resources.
+    As RabbitMQ's management plugin (which does these operations over an
+    AMQP channel as the user), the user needs permissions on the vhost,
+    administrators included, and then the same checks as AMQP."""
+    broker, user = broker_of(request), user_of(request)
+    vh = vhost_of(request)
+    if (user.name, vh.name) not in broker.permissions:
+        raise HTTPError(
+            401, "not_authorised", f"access to vhost '{vh.name}' refused for user '{user.name}'"
+        )
+    return vh, Actor(user.name, vh.name, broker.permissions)
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:

@@ -7,11 +7,13 @@ from typing import Any
 from aiohttp import web
 
 from roost.broker import read_models
+from roost.broker.access import CONFIGURE
 from roost.broker.broker import Broker
-from roost.broker.exchange import Exchange
+from roost.broker.exchange import EXCHANGE_TYPES, Exchange
 from roost.broker.fields import jsonable
 from roost.broker.vhost import VirtualHost
 from roost.http.common import (
+    acting_in,
     broker_of,
     definitions_saved,
     json_body,
@@ -72,26 +74,35 @@ async def show(request: web.Request) -> web.Response:
 
 
 async def put(request: web.Request) -> web.Response:
-    vh = vhost_of(request, write=True)
+    vh, actor = acting_in(request)
     body = await json_body(request)
     name = _name(request)
     existed = name in vh.exchanges
     arguments = body.get("arguments") or {}
+    args = dict(arguments) if isinstance(arguments, dict) else {}
+    kind = str(body.get("type", "direct"))
+    # Checked where exchange.declare checks it (after the type and the
+    # default exchange, which declare_exchange refuses).
+    if name and kind in EXCHANGE_TYPES:
+        new = name not in vh.exchanges and not name.startswith("amq.")
+        actor.may_declare_exchange(name, new, args)
     vh.declare_exchange(
         name,
-        str(body.get("type", "direct")),
+        kind,
         durable=bool(body.get("durable", False)),
         auto_delete=bool(body.get("auto_delete", False)),
         internal=bool(body.get("internal", False)),
-        arguments=dict(arguments) if isinstance(arguments, dict) else {},
+        arguments=args,
     )
     await definitions_saved(broker_of(request))
     return web.Response(status=204 if existed else 201)
 
 
 async def delete(request: web.Request) -> web.Response:
-    vh = vhost_of(request, write=True)
+    vh, actor = acting_in(request)
     name = _name(request)
+    if name and not name.startswith("amq."):
+        actor.check(CONFIGURE, "exchange", name)
     if name not in vh.exchanges:
         not_found()
     vh.delete_exchange(name, if_unused=request.query.get("if-unused") == "true")

@@ -12,17 +12,18 @@ from typing import Any
 from aiohttp import web
 from pamqp import commands as C
 
+from roost.broker.access import READ, WRITE, check_not_internal
 from roost.broker.fields import jsonable
 from roost.broker.message import Message, QueueEntry
 from roost.broker.queue import Queue
 from roost.http.common import (
+    acting_in,
     bad_request,
     broker_of,
     durable,
     json_body,
     json_response,
     not_found,
-    vhost_of,
 )
 from roost.properties import decode_properties, encode_properties
 
@@ -81,12 +82,16 @@ def _properties_json(raw: bytes) -> dict[str, Any] | list[Any]:
 
 
 async def publish(request: web.Request) -> web.Response:
-    vh = vhost_of(request, write=True)
+    vh, actor = acting_in(request)
     body = await json_body(request)
     name = request.match_info["name"]
+    # As basic.publish: write before the lookup (403 before 404), then no
+    # internal exchange, then the user_id rule.
+    actor.check(WRITE, "exchange", "" if name == "amq.default" else name)
     ex = vh.exchanges.get("" if name == "amq.default" else name)
     if ex is None:
         not_found()
+    check_not_internal(ex.name, ex.internal, vh.name)
     routing_key = body.get("routing_key", "")
     payload = body.get("payload", "")
     encoding = body.get("payload_encoding", "string")
@@ -103,6 +108,7 @@ async def publish(request: web.Request) -> web.Response:
         bad_request(f"unknown payload_encoding '{encoding}'")
     raw = _properties(body.get("properties") or {})
     scanned = decode_properties(raw)
+    actor.may_publish_as(scanned.user_id)
     msg = Message(
         ex.name,
         routing_key,
@@ -115,6 +121,9 @@ async def publish(request: web.Request) -> web.Response:
     await durable(broker_of(request))
     return json_response({"routed": routed})
 
+
+# Who the API acts as on queues: never the owner of an exclusive one.
+_API_OWNER = object()
 
 _ACKMODES = ("ack_requeue_true", "ack_requeue_false", "reject_requeue_true", "reject_requeue_false")
 
@@ -143,11 +152,15 @@ def _entry_json(q: Queue, entry: QueueEntry, encoding: str, left: int) -> dict[s
 
 
 async def get(request: web.Request) -> web.Response:
-    vh = vhost_of(request, write=True)
+    vh, actor = acting_in(request)
     body = await json_body(request)
+    actor.check(READ, "queue", request.match_info["name"])
     q = vh.queues.get(request.match_info["name"])
     if q is None:
         not_found()
+    if q.exclusive_owner is not None:
+        # Another connection's exclusive queue: RESOURCE_LOCKED, as basic.get.
+        vh.queue(q.name, _API_OWNER)
     count = body.get("count", 1)
     ackmode = body.get("ackmode", "ack_requeue_true")
     encoding = body.get("encoding", "auto")

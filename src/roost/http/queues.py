@@ -8,11 +8,13 @@ from typing import Any
 from aiohttp import web
 
 from roost.broker import read_models
+from roost.broker.access import CONFIGURE, READ
 from roost.broker.fields import jsonable
 from roost.broker.queue import Queue
 from roost.broker.vhost import VirtualHost
 from roost.http.common import (
     INFO,
+    acting_in,
     broker_of,
     definitions_saved,
     durable,
@@ -89,39 +91,47 @@ async def show(request: web.Request) -> web.Response:
 
 
 async def put(request: web.Request) -> web.Response:
-    vh = vhost_of(request, write=True)
+    vh, actor = acting_in(request)
     body = await json_body(request)
     name = request.match_info["name"]
     existed = name in vh.queues
     arguments = body.get("arguments") or {}
+    args = dict(arguments) if isinstance(arguments, dict) else {}
     vh.declare_queue(
         name,
         owner=_API_OWNER,
         durable=bool(body.get("durable", False)),
         auto_delete=bool(body.get("auto_delete", False)),
-        arguments=dict(arguments) if isinstance(arguments, dict) else {},
+        arguments=args,
+        max_queues=broker_of(request).max_queues_per_vhost,
+        authorize=lambda actual, new: actor.may_declare_queue(actual, new, args),
     )
     await definitions_saved(broker_of(request))
     return web.Response(status=204 if existed else 201)
 
 
 async def delete(request: web.Request) -> web.Response:
-    vh = vhost_of(request, write=True)
+    vh, actor = acting_in(request)
+    actor.check(CONFIGURE, "queue", request.match_info["name"])
     q = _queue(request, vh)
+    if q.exclusive_owner is not None:
+        # Another connection's exclusive queue: RESOURCE_LOCKED, as the
+        # management plugin's AMQP queue.delete gets it.
+        vh.queue(q.name, _API_OWNER)
     if request.query.get("if-unused") == "true" and q.consumer_count:
         return json_response({"error": "bad_request", "reason": "in use"}, status=400)
     if request.query.get("if-empty") == "true" and q.message_count:
         return json_response({"error": "bad_request", "reason": "not empty"}, status=400)
-    # An administrator may delete any queue, exclusive ones included, as
-    # in RabbitMQ's management UI.
     vh.remove_queue(q)
     await definitions_saved(broker_of(request))
     return web.Response(status=204)
 
 
 async def purge(request: web.Request) -> web.Response:
-    vh = vhost_of(request, write=True)
-    _queue(request, vh).purge()
+    vh, actor = acting_in(request)
+    actor.check(READ, "queue", request.match_info["name"])
+    _queue(request, vh)
+    vh.purge_queue(request.match_info["name"], _API_OWNER)
     await durable(broker_of(request))
     return web.Response(status=204)
 

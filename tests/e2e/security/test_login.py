@@ -179,10 +179,10 @@ def test_login_throttle_blocks_after_repeated_failures() -> None:
     now = [100.0]
     throttle = LoginThrottle(max_failures=5, window=10.0, backoff=30.0, clock=lambda: now[0])
     for _ in range(4):
-        assert throttle.failed("10.0.0.1") is False
+        assert throttle.failed("10.0.0.1") is None
         now[0] += 1
     assert not throttle.blocked("10.0.0.1")
-    assert throttle.failed("10.0.0.1") is True
+    assert throttle.failed("10.0.0.1") == "address '10.0.0.1'"
     assert throttle.blocked("10.0.0.1")
     assert not throttle.blocked("10.0.0.2")
     now[0] += 29.9
@@ -195,7 +195,7 @@ def test_login_throttle_forgets_failures_outside_the_window() -> None:
     now = [0.0]
     throttle = LoginThrottle(max_failures=3, window=10.0, backoff=5.0, clock=lambda: now[0])
     for _ in range(10):
-        assert throttle.failed("h") is False
+        assert throttle.failed("h") is None
         now[0] += 6.0  # never three within ten seconds
     assert not throttle.blocked("h")
 
