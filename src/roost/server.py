@@ -18,7 +18,12 @@ from roost.config import Config
 from roost.control.server import ControlServer
 from roost.control.socket_path import control_socket
 from roost.http.app import build_app
-from roost.http.limits import ConnectionGuard, HTTPLimits, guarded_factory
+from roost.http.limits import (
+    ConnectionGuard,
+    HTTPLimits,
+    guarded_factory,
+    quiet_unparsable_requests,
+)
 from roost.http.metrics import MetricsOptions
 from roost.resources import ResourceMonitor, parse_memory_watermark, parse_size, total_ram
 from roost.store.durable_state import DurableState
@@ -213,6 +218,7 @@ class Server:
         )
         await runner.setup()
         assert runner.server is not None
+        quiet_unparsable_requests()
         try:
             # Not a TCPSite: each connection's protocol is wrapped in a guard
             # that enforces the connection cap and the read timeouts.

@@ -121,11 +121,12 @@ def vhost_of(request: web.Request, write: bool = False) -> VirtualHost:
 
 async def json_body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object body; an empty body is an empty object."""
-    text = await request.text()
-    if not text.strip():
+    raw = await request.read()
+    if not raw.strip():
         return {}
     try:
-        data = json.loads(text)
+        # json.loads detects UTF-8/16/32; invalid bytes raise a ValueError.
+        data = json.loads(raw)
     except ValueError:
         bad_request("not_json")
     if not isinstance(data, dict):

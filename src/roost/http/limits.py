@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -195,3 +197,20 @@ async def bounded(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     finally:
         guard.request_finished()
+
+
+class _DropUnparsableRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse at ERROR with a traceback;
+    the client already got its 400, and anyone able to connect could fill
+    the log with them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+_QUIET = _DropUnparsableRequests()
+
+
+def quiet_unparsable_requests() -> None:
+    logging.getLogger("aiohttp.server").addFilter(_QUIET)  # a no-op the second time
