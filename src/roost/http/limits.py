@@ -118,6 +118,7 @@ class ConnectionGuard(asyncio.Protocol):
     def request_started(self, request: web.BaseRequest) -> None:
         """Headers are in: the body now has ``body_timeout`` to arrive."""
         self._responding = False
+        self._idle = False  # a pipelined request's body must not re-arm the header timer
         content = request.content
 
         def body_late() -> None:
