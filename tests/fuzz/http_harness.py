@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from roost.control import commands
 from roost.http.openapi import _PARAM, ENDPOINTS
 from roost.testing import RoostBroker
-from tests.fuzz.harness import ErrorLog, check_client
+from tests.fuzz.harness import ErrorLog
 
 ADMIN = "fuzz-admin"
 ADMIN_PASSWORD = "fuzz-secret"
@@ -288,6 +288,13 @@ def prepare(broker: RoostBroker) -> None:
         commands.set_permissions(b, {"vhost": "/", "user": ADMIN, **perms})
 
     broker.call(setup)
+    # Objects the name pool mentions, so that some requests find them.
+    auth = {"Authorization": GOOD_AUTH, "Content-Type": "application/json"}
+    for path in ("/api/queues/%2F/q1", "/api/exchanges/%2F/x1"):
+        body = b'{"type": "topic"}' if "exchanges" in path else b"{}"
+        assert send(broker.http_port, "PUT", path, auth, body) in (201, 204)
+    bind = "/api/bindings/%2F/e/x1/q/q1"
+    assert send(broker.http_port, "POST", bind, auth, b'{"routing_key": "k.#"}') == 201
 
 
 def fuzz_http(broker: RoostBroker, examples: int, seed_: int) -> Counter[int]:
@@ -351,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     with RoostBroker() as broker:
         prepare(broker)
         statuses = fuzz_http(broker, args.examples, args.seed)
-        check_amqp(broker)
-        check_client(broker.port, "after HTTP fuzzing")
+        check_amqp(broker)  # not guest on /: the fuzzer may have removed either
     crashes = errors.crashes()
     for c in crashes:
         print(c, file=sys.stderr)

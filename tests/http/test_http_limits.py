@@ -181,3 +181,19 @@ def test_default_body_limit_takes_a_large_definitions_import(roost_broker: Roost
     server = roost_broker.server
     assert server is not None
     assert roost_broker.call(lambda: len(server.broker.vhosts["/"].queues)) == 10_000
+
+
+def test_limit_options_are_validated() -> None:
+    from roost.config import ConfigError, load_config
+
+    cfg = load_config(None, {"ROOST_HTTP_MAX_CONNECTIONS": "12", "ROOST_METRICS_AUTH": "true"})
+    assert cfg.http_max_connections == 12 and cfg.metrics_auth
+    for bad in (
+        {"http_header_timeout": 0},
+        {"http_body_timeout": -1},
+        {"http_max_connections": -1},
+        {"http_max_body_size": -1},
+        {"metrics_cache_seconds": -5},
+    ):
+        with pytest.raises(ConfigError):
+            load_config(None, {}, bad)
