@@ -58,6 +58,13 @@ class Config:
     http_host: str = ""
     http_tls_cert: str = ""
     http_tls_key: str = ""
+    http_max_connections: int = 256
+    http_header_timeout: int = 30
+    http_body_timeout: int = 60
+    http_max_body_size: int = 20 * 1024 * 1024
+    metrics_per_object: bool = False
+    metrics_auth: bool = False
+    metrics_cache_seconds: int = 5
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
@@ -123,6 +130,22 @@ HELP = {
     "API over HTTPS (only) on http_port",
     "http_tls_key": "PEM private key of http_tls_cert (empty: the key is in the "
     "http_tls_cert file)",
+    "http_max_connections": "most management API connections open at once; one more is "
+    "answered 503 and closed (0: no limit)",
+    "http_header_timeout": "seconds a management API client has to send a request's "
+    "headers (from its first byte, or from connecting); an idle keep-alive connection is "
+    "closed after twice this",
+    "http_body_timeout": "seconds a management API client has to send a request's body "
+    "once its headers are in",
+    "http_max_body_size": "largest management API request body, in bytes (413 beyond it); "
+    "a definitions import must fit (0: no limit)",
+    "metrics_per_object": "also serve per-queue, per-exchange and per-vhost metrics at "
+    "/metrics (as RabbitMQ's prometheus.return_per_object_metrics); they are always at "
+    "/metrics/per-object",
+    "metrics_auth": "require the management API's basic auth (a user with a management "
+    "tag) on /metrics",
+    "metrics_cache_seconds": "seconds a rendered /metrics page is served again to later "
+    "scrapes before it is rendered anew (0: render every scrape)",
 }
 
 
@@ -231,6 +254,12 @@ def load_config(
         raise ConfigError(f"tls_port: {cfg.tls_port} is not between 0 and 65535")
     if not -1 <= cfg.http_port <= 65535:
         raise ConfigError(f"http_port: {cfg.http_port} is not between -1 (off) and 65535")
+    for bound in ("http_max_connections", "http_max_body_size", "metrics_cache_seconds"):
+        if getattr(cfg, bound) < 0:
+            raise ConfigError(f"{bound}: must not be negative")
+    for timeout in ("http_header_timeout", "http_body_timeout"):
+        if getattr(cfg, timeout) < 1:
+            raise ConfigError(f"{timeout}: must be at least 1 (second)")
     if cfg.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {cfg.log_format!r}")
     if cfg.tls_min_version not in ("1.2", "1.3"):

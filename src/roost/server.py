@@ -18,6 +18,13 @@ from roost.config import Config
 from roost.control.server import ControlServer
 from roost.control.socket_path import control_socket
 from roost.http.app import build_app
+from roost.http.limits import (
+    ConnectionGuard,
+    HTTPLimits,
+    guarded_factory,
+    quiet_unparsable_requests,
+)
+from roost.http.metrics import MetricsOptions
 from roost.resources import ResourceMonitor, parse_memory_watermark, parse_size, total_ram
 from roost.store.durable_state import DurableState
 from roost.store.encryption import load_keyring
@@ -46,6 +53,8 @@ class Server:
         self.port = 0
         self.tls_port = 0  # 0 while there is no amqps listener
         self._http: web.AppRunner | None = None
+        self._http_server: asyncio.Server | None = None
+        self._http_connections: set[ConnectionGuard] = set()
         self.http_port = 0  # 0 while the management API is not served
         self._http_tls: ssl.SSLContext | None = None  # HTTPS when http_tls_cert is set
         self.started = time.time()
@@ -184,17 +193,45 @@ class Server:
             listeners.append(
                 {"protocol": "amqp/ssl", "ip_address": self.config.host, "port": self.tls_port}
             )
+        limits = HTTPLimits(
+            max_connections=self.config.http_max_connections,
+            header_timeout=self.config.http_header_timeout,
+            body_timeout=self.config.http_body_timeout,
+        )
         runner = web.AppRunner(
-            build_app(broker, listeners, str(self.config.resolved_data_dir()), self.started),
+            build_app(
+                broker,
+                listeners,
+                str(self.config.resolved_data_dir()),
+                self.started,
+                client_max_size=self.config.http_max_body_size,
+                metrics=MetricsOptions(
+                    per_object=self.config.metrics_per_object,
+                    auth=self.config.metrics_auth,
+                    cache_seconds=self.config.metrics_cache_seconds,
+                ),
+            ),
             access_log=None,
             shutdown_timeout=1.0,
+            # An idle keep-alive connection holds a slot of http_max_connections.
+            # Later than the guard's header timer, which answers 408 where
+            # aiohttp's keep-alive timer would close without a word.
+            keepalive_timeout=2 * self.config.http_header_timeout,
         )
         await runner.setup()
-        site = web.TCPSite(
-            runner, host, self.config.http_port, reuse_address=True, ssl_context=self._http_tls
-        )
+        assert runner.server is not None
+        quiet_unparsable_requests()
         try:
-            await site.start()
+            # Not a TCPSite: each connection's protocol is wrapped in a guard
+            # that enforces the connection cap and the read timeouts.
+            self._http_server = await asyncio.get_running_loop().create_server(
+                guarded_factory(runner.server, limits, self._http_connections),
+                host,
+                self.config.http_port,
+                reuse_address=True,
+                ssl=self._http_tls,
+                backlog=1024,
+            )
         except OSError as exc:
             log.error(
                 "cannot serve the management API on %s:%d: %s",
@@ -205,7 +242,7 @@ class Server:
             await runner.cleanup()
             return
         self._http = runner
-        self.http_port = runner.addresses[0][1]
+        self.http_port = self._http_server.sockets[0].getsockname()[1]
         scheme = self.http_scheme
         listeners.append({"protocol": scheme, "ip_address": host, "port": self.http_port})
         log.info("roost serving the management API on %s://%s:%d", scheme, host, self.http_port)
@@ -224,6 +261,9 @@ class Server:
         if self.control is not None:
             await self.control.close()
             self.control = None
+        if self._http_server is not None:
+            self._http_server.close()
+            self._http_server = None
         if self._http is not None:
             await self._http.cleanup()
             self._http = None

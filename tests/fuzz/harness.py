@@ -297,12 +297,13 @@ CASES: list[Case] = [
 class ErrorLog(logging.Handler):
     """Collects ERROR records from asyncio and roost."""
 
-    def __init__(self) -> None:
+    def __init__(self, loggers: tuple[str, ...] = ("asyncio", "roost")) -> None:
         super().__init__(logging.ERROR)
         self.records: list[logging.LogRecord] = []
+        self.loggers = loggers
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith(("asyncio", "roost")):
+        if record.name.startswith(self.loggers):
             self.records.append(record)
 
     def crashes(self) -> list[str]:

@@ -7,7 +7,9 @@ import base64
 import datetime
 import ipaddress
 import json
+import socket
 import ssl
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -95,3 +97,26 @@ def test_process_announces_https(cert: tuple[Path, Path]) -> None:
 def test_http_tls_key_needs_cert() -> None:
     with pytest.raises(ConfigError, match="http_tls_key needs http_tls_cert"):
         load_config(None, {}, {"http_tls_key": "k.pem"})
+
+
+def test_slow_headers_over_https_are_cut_off(cert: tuple[Path, Path]) -> None:
+    # The read timeouts hold on the TLS listener too (there the guard
+    # closes at once after its 408: TLS has no half-close).
+    cert_path, key_path = cert
+    with RoostBroker(
+        http_tls_cert=str(cert_path), http_tls_key=str(key_path), http_header_timeout=1
+    ) as broker:
+        trusted = ssl.create_default_context(cafile=str(cert_path))
+        raw = socket.create_connection(("127.0.0.1", broker.http_port))
+        with trusted.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"GET /api/overview HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+            sock.settimeout(10)
+            start = time.monotonic()
+            got = b""
+            try:
+                while chunk := sock.recv(4096):
+                    got += chunk
+            except (ssl.SSLError, ConnectionError):
+                pass  # closed without a TLS close_notify
+            assert time.monotonic() - start < 10
+        assert got.startswith(b"HTTP/1.1 408")

@@ -204,9 +204,13 @@ def test_metrics_over_http(
     channel.confirm_delivery()  # published once basic_publish returns
     for _ in range(2):
         channel.basic_publish("", "m-http", b"x")
-    with urllib.request.urlopen(roost_broker.http_url + "/metrics", timeout=5) as resp:
+    samples = http_scrape(roost_broker.http_url + "/metrics/per-object")
+    assert samples[("rabbitmq_queue_messages_ready", q("m-http"))] == 2
+
+
+def http_scrape(url: str, headers: dict[str, str] | None = None) -> Samples:
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = resp.read().decode()
-    samples, _ = parse(text)
-    assert samples[("rabbitmq_queue_messages_ready", q("m-http"))] == 2
+        return parse(resp.read().decode())[0]

@@ -19,7 +19,7 @@ def _routes() -> set[tuple[str, str]]:
         assert resource is not None
         path = resource.canonical
         # The API and the metrics; the dashboard's pages are not API.
-        if route.method != "HEAD" and (path.startswith("/api/") or path == "/metrics"):
+        if route.method != "HEAD" and path.startswith(("/api/", "/metrics")):
             out.add((route.method.lower(), path))
     return out
 

@@ -4,6 +4,7 @@ event loop (handlers use the broker directly, as connections do)."""
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,8 +35,11 @@ from roost.http.common import (
     error,
     login,
 )
+from roost.http.limits import bounded
+from roost.http.metrics import MetricsOptions, register_metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DEFAULT_MAX_BODY = 20 * 1024 * 1024
 _REALM = {"WWW-Authenticate": 'Basic realm="RabbitMQ Management"'}
 # Sent with every response: no page of ours in another site's frame
 # (clickjacking), and the dashboard runs only its own script and styles.
@@ -109,6 +113,9 @@ async def _api(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(404, "Object Not Found", "Not Found")
     except web.HTTPMethodNotAllowed:
         return error(405, "Method Not Allowed", "Method Not Allowed")
+    except web.HTTPRequestEntityTooLarge as exc:
+        # Raised by request.read()/json() past client_max_size.
+        return error(413, "request_entity_too_large", exc.text or "Request body too large")
 
 
 def build_app(
@@ -116,12 +123,17 @@ def build_app(
     listeners: list[dict[str, Any]] | None = None,
     data_dir: str | None = None,
     started: float | None = None,
+    client_max_size: int = DEFAULT_MAX_BODY,
+    metrics: MetricsOptions | None = None,
 ) -> web.Application:
     """The management API over ``broker``; ``listeners`` (protocol,
     ip_address, port) are reported by /api/overview, ``data_dir`` (whose
     file system's free space is reported) and ``started`` (a time.time())
-    by /api/nodes."""
-    app = web.Application(middlewares=[_api])
+    by /api/nodes; ``client_max_size`` bounds request bodies (0: no
+    bound)."""
+    app = web.Application(
+        middlewares=[bounded, _api], client_max_size=client_max_size or sys.maxsize
+    )
     app.on_response_prepare.append(_security_headers)
     app[BROKER] = broker
     app[INFO] = {
@@ -144,11 +156,7 @@ def build_app(
         openapi,
     ):
         module.register(app)
-    # Imported here: the Prometheus exporter and its rate counters load
-    # only when an API is actually served.
-    from roost.http.metrics import register_metrics
-
-    register_metrics(app, broker)
+    register_metrics(app, broker, metrics or MetricsOptions())
     # The web dashboard at / (static files; the browser calls the API).
     from roost.http import dashboard
 

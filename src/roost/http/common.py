@@ -88,15 +88,6 @@ def basic_credentials(header: str | None) -> tuple[str, str] | None:
     return name, password
 
 
-def authenticate(broker: Broker, header: str | None) -> User | None:
-    """The user a basic-auth header's credentials name, or None (no
-    throttle, no logging: see ``login``)."""
-    credentials = basic_credentials(header)
-    if credentials is None:
-        return None
-    return broker.users.authenticate(*credentials)
-
-
 def login(broker: Broker, header: str | None, peer: str) -> User:
     """The user a request's basic auth logs in from address ``peer``,
     decided as an AMQP login is: the same login throttle (per address and
@@ -210,11 +201,12 @@ def acting_in(request: web.Request) -> tuple[VirtualHost, Actor]:
 
 async def json_body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object body; an empty body is an empty object."""
-    text = await request.text()
-    if not text.strip():
+    raw = await request.read()
+    if not raw.strip():
         return {}
     try:
-        data = json.loads(text)
+        # json.loads detects UTF-8/16/32; invalid bytes raise a ValueError.
+        data = json.loads(raw)
     except ValueError:
         bad_request("not_json")
     if not isinstance(data, dict):

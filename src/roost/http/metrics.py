@@ -14,9 +14,11 @@ a registry), and the broker keeps no runtime dependency for it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from roost.broker import read_models, stats
@@ -97,6 +99,9 @@ def _num(value: float) -> str:
 
 
 class _Writer:
+    """Accumulates lines; ``take`` hands over what has been written so far,
+    so that a renderer can yield to the event loop between families."""
+
     def __init__(self) -> None:
         self.lines: list[str] = []
 
@@ -109,6 +114,9 @@ class _Writer:
     ) -> None:
         self.lines.append(f"# HELP {name} {help_}")
         self.lines.append(f"# TYPE {name} {kind}")
+        self.family_samples(name, samples)
+
+    def family_samples(self, name: str, samples: Iterable[tuple[dict[str, str], float]]) -> None:
         for labels, value in samples:
             self.lines.append(f"{name}{_labels(labels)} {_num(value)}")
 
@@ -124,8 +132,10 @@ class _Writer:
         self.lines.append(f"{name}_sum {_num(total)}")
         self.lines.append(f"{name}_count {count}")
 
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+    def take(self) -> str:
+        text = "".join(line + "\n" for line in self.lines)
+        self.lines = []
+        return text
 
 
 def _store_bytes(store: MessageStore) -> int:
@@ -144,11 +154,25 @@ def _store_bytes(store: MessageStore) -> int:
     return total
 
 
-def render(broker: Broker) -> str:
-    """Every metric, in the Prometheus text format. Call it on the broker's
-    event loop (it reads the broker's live state)."""
+def render(broker: Broker, per_object: bool = True) -> str:
+    """Every metric, in the Prometheus text format (with ``per_object``,
+    RabbitMQ's /metrics/per-object; without, its aggregated /metrics). Call
+    it on the broker's event loop (it reads the broker's live state)."""
+    return "".join(_chunks(broker, per_object))
+
+
+# Samples rendered between two yields to the event loop.
+_CHUNK = 2000
+
+
+def _chunks(broker: Broker, per_object: bool) -> Iterator[str]:
+    """The page in pieces of about ``_CHUNK`` samples. The broker may change
+    between two pieces (a caller awaits in between): everything iterated is
+    a snapshot taken up front, and a queue deleted meanwhile is still
+    reported with its last values."""
     w = _Writer()
-    queues = [(vname, q) for vname, vh in broker.vhosts.items() for q in vh.queues.values()]
+    vhosts = list(broker.vhosts.items())
+    queues = [(vname, q) for vname, vh in vhosts for q in list(vh.queues.values())]
     channels = sum(len(c.channels) for c in read_models.connections(broker))
     consumers = read_models.totals(broker.vhosts.values()).consumers
 
@@ -177,95 +201,107 @@ def render(broker: Broker) -> str:
             ],
         )
 
-    # -- per queue (RabbitMQ's /metrics/per-object) ---------------------------
-    def per_queue(name: str, kind: str, help_: str, value: Any) -> None:
-        w.family(
-            name,
-            kind,
-            help_,
-            [({"vhost": vname, "queue": q.name}, value(q)) for vname, q in queues],
-        )
+    yield w.take()
 
-    per_queue(
+    # -- per queue (RabbitMQ's /metrics/per-object; summed in /metrics) --------
+    def per_queue(name: str, kind: str, help_: str, value: Any) -> Iterator[str]:
+        if not per_object:
+            w.one(name, kind, help_, sum(value(q) for _, q in queues))
+            return
+        w.lines.append(f"# HELP {name} {help_}")
+        w.lines.append(f"# TYPE {name} {kind}")
+        for i in range(0, len(queues), _CHUNK):
+            w.family_samples(
+                name,
+                [({"vhost": vn, "queue": q.name}, value(q)) for vn, q in queues[i : i + _CHUNK]],
+            )
+            yield w.take()
+
+    yield from per_queue(
         "rabbitmq_queue_messages_ready",
         "gauge",
         "Messages ready to be delivered to consumers",
         lambda q: q.message_count,
     )
-    per_queue(
+    yield from per_queue(
         "rabbitmq_queue_messages_unacked",
         "gauge",
         "Messages delivered to consumers but not yet acknowledged",
         lambda q: q.unacked,
     )
-    per_queue(
+    yield from per_queue(
         "rabbitmq_queue_messages",
         "gauge",
         "Sum of ready and unacknowledged messages - total queue depth",
         lambda q: q.message_count + q.unacked,
     )
-    per_queue(
+    yield from per_queue(
         "rabbitmq_queue_messages_ready_bytes",
         "gauge",
         "Size in bytes of ready messages",
         lambda q: q.ready_bytes,
     )
-    per_queue(
+    yield from per_queue(
         "rabbitmq_queue_consumers",
         "gauge",
         "Consumers on a queue",
         lambda q: q.consumer_count,
     )
-    per_queue(
+    yield from per_queue(
         "rabbitmq_queue_messages_published_total",
         "counter",
         "Total number of messages published to queues",
         lambda q: q.published,
     )
-    per_queue(
+    yield from per_queue(
         "roost_queue_messages_delivered_total",
         "counter",
         "Total number of messages delivered from a queue (basic.deliver and basic.get)",
         lambda q: q.delivered,
     )
-    per_queue(
+    yield from per_queue(
         "roost_queue_messages_acknowledged_total",
         "counter",
         "Total number of messages of a queue acknowledged",
         lambda q: q.acked,
     )
-    per_queue(
+    yield from per_queue(
         "roost_queue_messages_redelivered_total",
         "counter",
         "Total number of messages of a queue redelivered",
         lambda q: q.redelivered,
     )
-    per_queue(
+    yield from per_queue(
         "roost_queue_messages_dead_lettered_total",
         "counter",
         "Total number of messages dead-lettered (or dropped) from a queue",
         lambda q: q.dead_lettered,
     )
 
-    # -- per exchange and vhost ---------------------------------------------
-    w.family(
-        "roost_exchange_messages_published_in_total",
-        "counter",
-        "Total number of messages published to an exchange",
-        [
-            ({"vhost": vname, "exchange": ex.name}, ex.published)
-            for vname, vh in broker.vhosts.items()
-            for ex in vh.exchanges.values()
-        ],
-    )
-    vhost_counts = {vname: stats.vhost_counts(vh) for vname, vh in broker.vhosts.items()}
-    for i, key in enumerate(stats.VHOST_KEYS):
-        w.family(
-            f"roost_vhost_messages_{key}_total",
-            "counter",
-            f"Total number of messages by vhost: {key} (as in management message_stats)",
-            [({"vhost": vname}, counts[i]) for vname, counts in vhost_counts.items()],
-        )
+    # -- per exchange and vhost (per-object only) ----------------------------
+    if per_object:
+        exchanges = [(vname, ex) for vname, vh in vhosts for ex in list(vh.exchanges.values())]
+        name = "roost_exchange_messages_published_in_total"
+        w.lines.append(f"# HELP {name} Total number of messages published to an exchange")
+        w.lines.append(f"# TYPE {name} counter")
+        for i in range(0, len(exchanges), _CHUNK):
+            w.family_samples(
+                name,
+                [
+                    ({"vhost": vname, "exchange": ex.name}, ex.published)
+                    for vname, ex in exchanges[i : i + _CHUNK]
+                ],
+            )
+            yield w.take()
+        vhost_counts = {vname: stats.vhost_counts(vh) for vname, vh in vhosts}
+        for i, key in enumerate(stats.VHOST_KEYS):
+            w.family(
+                f"roost_vhost_messages_{key}_total",
+                "counter",
+                f"Total number of messages by vhost: {key} (as in management message_stats)",
+                [({"vhost": vname}, counts[i]) for vname, counts in vhost_counts.items()],
+            )
+        yield w.take()
 
     # -- roost's own -------------------------------------------------------
     store = broker.journal
@@ -301,17 +337,75 @@ def render(broker: Broker) -> str:
         ("rabbitmq_alarms_memory_used_watermark", "memory", "memory alarm"),
     ):
         w.one(name, "gauge", f"is 1 if the {help_} is in effect", int(alarm in broker.alarms))
-    return w.text()
+    yield w.take()
 
 
-def register_metrics(app: Any, broker: Broker) -> None:
-    """Serve ``render(broker)`` at GET /metrics of an aiohttp application."""
+@dataclass(frozen=True)
+class MetricsOptions:
+    per_object: bool = False  # /metrics as /metrics/per-object
+    auth: bool = False  # /metrics and /metrics/per-object need a management user
+    cache_seconds: float = 5.0
+
+
+class _Page:
+    """One endpoint's rendered page, reused for ``cache_seconds``; scrapes
+    arriving while it renders share that render."""
+
+    def __init__(self, broker: Broker, per_object: bool, cache_seconds: float) -> None:
+        self._broker = broker
+        self._per_object = per_object
+        self._cache_seconds = cache_seconds
+        self._body = b""
+        self._rendered_at = -math.inf
+        self._rendering: asyncio.Task[bytes] | None = None
+
+    async def get(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._rendered_at < self._cache_seconds:
+            return self._body
+        if self._rendering is None:
+            self._rendering = loop.create_task(self._render())
+        # Shielded: a scraper that hangs up does not cancel the others' render.
+        return await asyncio.shield(self._rendering)
+
+    async def _render(self) -> bytes:
+        try:
+            parts: list[bytes] = []
+            for chunk in _chunks(self._broker, self._per_object):
+                parts.append(chunk.encode())
+                await asyncio.sleep(0)  # let AMQP connections run between chunks
+            self._body = b"".join(parts)
+            self._rendered_at = asyncio.get_running_loop().time()
+            return self._body
+        finally:
+            self._rendering = None
+
+
+def register_metrics(app: Any, broker: Broker, options: MetricsOptions) -> None:
+    """Serve RabbitMQ's aggregated metrics at GET /metrics (or per-object
+    ones with ``options.per_object``) and per-object ones at GET
+    /metrics/per-object of an aiohttp application."""
     from aiohttp import web
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(
-            body=render(broker).encode(),
-            headers={"Content-Type": CONTENT_TYPE},
-        )
+    from roost.http.common import MANAGEMENT_TAGS, HTTPError, error, login
 
-    app.router.add_get("/metrics", metrics)
+    def handler(page: _Page) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def metrics(request: web.Request) -> web.Response:
+            if options.auth:
+                # The same login as the API's: throttled, loopback_users
+                # honoured, failures logged.
+                realm = {"WWW-Authenticate": 'Basic realm="RabbitMQ Management"'}
+                try:
+                    user = login(broker, request.headers.get("Authorization"), request.remote or "")
+                except HTTPError as exc:
+                    return error(exc.status, exc.error, exc.reason, **realm)
+                if not MANAGEMENT_TAGS.intersection(user.tags):
+                    return error(401, "not_authorized", "Login failed", **realm)
+            return web.Response(body=await page.get(), headers={"Content-Type": CONTENT_TYPE})
+
+        return metrics
+
+    per_object = _Page(broker, True, options.cache_seconds)
+    main = per_object if options.per_object else _Page(broker, False, options.cache_seconds)
+    app.router.add_get("/metrics", handler(main))
+    app.router.add_get("/metrics/per-object", handler(per_object))

@@ -82,7 +82,8 @@ ENDPOINTS += [
     ("GET", "/api/consumers/{vhost}", "connections", "List a vhost's consumers"),
     ("GET", "/api/definitions", "definitions", "Export definitions"),
     ("POST", "/api/definitions", "definitions", "Import definitions"),
-    ("GET", "/metrics", "metrics", "Prometheus metrics (no authentication)"),
+    ("GET", "/metrics", "metrics", "Prometheus metrics, aggregated (auth with metrics_auth)"),
+    ("GET", "/metrics/per-object", "metrics", "Prometheus metrics per queue, exchange, vhost"),
 ]
 
 _PARAM = re.compile(r"\{(\w+)[^}]*\}")
