@@ -72,3 +72,35 @@ def test_a_long_listing_lets_amqp_clients_in(roost_broker: RoostBroker) -> None:
         if longest < 0.5 * took:
             break
     assert longest < 0.5 * took, (longest, took)
+
+
+def _get(broker: RoostBroker, path: str) -> object:
+    request = urllib.request.Request(broker.http_url + path)
+    request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_bindings_connections_and_channels_are_paginated(roost_broker: RoostBroker) -> None:
+    client = connect(roost_broker.port)
+    for i in range(30):
+        client.send_frame(C.Queue.Declare(queue=f"bq-{i}"), 1)
+        client.expect(C.Queue.DeclareOk)
+        client.send_frame(C.Queue.Bind(queue=f"bq-{i}", exchange="amq.topic", routing_key="k"), 1)
+        client.expect(C.Queue.BindOk)
+    # 30 default-exchange bindings and 30 to amq.topic.
+    page = _get(roost_broker, "/api/bindings/%2F?page=2&page_size=25")
+    assert isinstance(page, dict)
+    assert (page["total_count"], page["page_count"], page["item_count"]) == (60, 3, 25)
+    only = _get(roost_broker, "/api/bindings?page=1&name=bq-7&use_regex=false")
+    assert isinstance(only, dict)
+    assert {(b["source"], b["destination"]) for b in only["items"]} == {
+        ("", "bq-7"),
+        ("amq.topic", "bq-7"),
+    }
+    assert len(_get(roost_broker, "/api/bindings/%2F")) == 60  # type: ignore[arg-type]
+    conns = _get(roost_broker, "/api/connections?page=1&page_size=1")
+    chans = _get(roost_broker, "/api/channels?page=1&page_size=1")
+    assert isinstance(conns, dict) and isinstance(chans, dict)
+    assert conns["total_count"] == chans["total_count"] == 1
+    assert chans["items"][0]["connection_details"]["name"] == conns["items"][0]["name"]

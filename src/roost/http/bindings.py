@@ -25,6 +25,7 @@ from roost.http.common import (
     definitions_saved,
     json_body,
     json_response,
+    listing,
     not_found,
     vhost_of,
     visible_vhosts,
@@ -47,14 +48,28 @@ def _json(vh: VirtualHost, bindings: Iterable[Binding]) -> list[dict[str, Any]]:
     return [binding_json(read_models.binding_view(vh.name, b)) for b in bindings]
 
 
+def _bindings(vhosts: Iterable[VirtualHost]) -> list[tuple[str, Binding]]:
+    return [
+        (vh.name, b) for vh in vhosts for ex in vh.exchanges.values() for b in ex.bindings.values()
+    ]
+
+
+def _render(pair: tuple[str, Binding]) -> dict[str, Any]:
+    return binding_json(read_models.binding_view(*pair))
+
+
+def _destination(pair: tuple[str, Binding]) -> str:
+    return pair[1].destination.name
+
+
+# Tens of thousands of bindings: rendered in chunks, and with ``page`` only
+# the page's (``name`` filters on the destination).
 async def list_all(request: web.Request) -> web.Response:
-    return json_response(
-        [binding_json(b) for vh in visible_vhosts(request) for b in read_models.bindings(vh)]
-    )
+    return await listing(request, _bindings(visible_vhosts(request)), _render, _destination)
 
 
 async def list_vhost(request: web.Request) -> web.Response:
-    return json_response([binding_json(b) for b in read_models.bindings(vhost_of(request))])
+    return await listing(request, _bindings([vhost_of(request)]), _render, _destination)
 
 
 # Who the API acts as on queues: never the owner of an exclusive one.

@@ -5,6 +5,8 @@ models, with RabbitMQ's names: a connection is "peer -> local"
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -121,14 +123,31 @@ def _channels(conns: list[ConnectionView]) -> list[tuple[ConnectionView, Channel
     return [(conn, ch) for conn in conns for ch in conn.channels]
 
 
+# Listings render only what passes the filter and falls on the page.
+def _name(c: ConnectionView) -> str:
+    return c.name
+
+
+def _channel_name(pair: tuple[ConnectionView, ChannelView]) -> str:
+    return pair[0].channel_name(pair[1])
+
+
+def _channel_renderer(
+    request: web.Request,
+) -> Callable[[tuple[ConnectionView, ChannelView]], dict[str, Any]]:
+    return lambda pair: channel_json(request, *pair)
+
+
 async def list_connections(request: web.Request) -> web.Response:
-    return await listing(request, [connection_json(request, c) for c in _connections(request)])
+    return await listing(
+        request, _connections(request), functools.partial(connection_json, request), _name
+    )
 
 
 async def list_vhost_connections(request: web.Request) -> web.Response:
     vh = vhost_of(request)
     conns = _connections(request, vh.name)
-    return await listing(request, [connection_json(request, c) for c in conns])
+    return await listing(request, conns, functools.partial(connection_json, request), _name)
 
 
 def _connection(request: web.Request) -> ConnectionView:
@@ -163,13 +182,13 @@ async def connection_channels(request: web.Request) -> web.Response:
 
 async def list_channels(request: web.Request) -> web.Response:
     chans = _channels(_connections(request))
-    return await listing(request, [channel_json(request, conn, ch) for conn, ch in chans])
+    return await listing(request, chans, _channel_renderer(request), _channel_name)
 
 
 async def list_vhost_channels(request: web.Request) -> web.Response:
     vh = vhost_of(request)
     chans = _channels(_connections(request, vh.name))
-    return await listing(request, [channel_json(request, conn, ch) for conn, ch in chans])
+    return await listing(request, chans, _channel_renderer(request), _channel_name)
 
 
 async def show_channel(request: web.Request) -> web.Response:
