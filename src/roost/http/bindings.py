@@ -62,6 +62,10 @@ def _destination(pair: tuple[str, Binding]) -> str:
     return pair[1].destination.name
 
 
+def _source(pair: tuple[str, Binding]) -> str:
+    return pair[1].source.name
+
+
 # Tens of thousands of bindings: rendered in chunks, and with ``page`` only
 # the page's (``name`` filters on the destination).
 async def list_all(request: web.Request) -> web.Response:
@@ -184,13 +188,14 @@ def _exchange(request: web.Request, vh: VirtualHost) -> Exchange:
 async def exchange_source(request: web.Request) -> web.Response:
     vh = vhost_of(request)
     ex = _exchange(request, vh)
-    return json_response(_json(vh, ex.bindings.values()))
+    pairs = [(vh.name, b) for b in ex.bindings.values()]
+    return await listing(request, pairs, _render, _destination)
 
 
 async def exchange_destination(request: web.Request) -> web.Response:
     vh = vhost_of(request)
     ex = _exchange(request, vh)
-    return json_response(_json(vh, ex.inbound))
+    return await listing(request, [(vh.name, b) for b in ex.inbound], _render, _source)
 
 
 async def queue_bindings(request: web.Request) -> web.Response:
