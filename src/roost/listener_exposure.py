@@ -32,7 +32,12 @@ def exposure_warning(
     """The warning to print at start, or None: every listener other
     machines can reach, when guest is the only user (loopback-only, so
     nobody can use them, or open to anyone who knows its password) or when
-    loopback-only users exist (who cannot log in there, over AMQP or HTTP)."""
+    loopback-only users exist (who cannot log in there, over AMQP or HTTP);
+    and on any listener when there are no users at all."""
+    if not users:
+        # Possible once every user was deleted: the default user is created
+        # only on a brand-new data directory.
+        return "there are no users, so nobody can log in; add one with roost ctl add-user"
     exposed = exposed_listeners(config)
     if not exposed:
         return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pika
@@ -136,6 +137,10 @@ def test_deleting_every_user_never_brings_guest_back(tmp_path: Path) -> None:
         assert deleted.returncode == 0, deleted.stderr
     with RoostProcess(data, "--http-port", "-1") as proc:
         assert not _can_log_in(proc.host, proc.port, "guest", "guest")
+        deadline = time.monotonic() + 10
+        while "there are no users" not in "".join(proc.output) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "there are no users, so nobody can log in" in "".join(proc.output)
         users = _roost("ctl", "list-users", "--data-dir", str(data), "--json")
         assert json.loads(users.stdout) == []
         # The way back in: a user made with roost ctl, as the broker's owner.

@@ -69,3 +69,8 @@ def test_serve_warns_about_an_http_listener_beyond_loopback(tmp_path: Path) -> N
         assert "guest may only connect from localhost" in out
     finally:
         proc.close()
+
+
+def test_no_users_at_all_is_said_on_any_listener() -> None:
+    warning = exposure_warning(Config(host="127.0.0.1"), [], LOOPBACK)
+    assert warning is not None and "there are no users" in warning
