@@ -84,7 +84,6 @@ class PublishReceived:
         "chunks",
         "discard",
         "exchange",
-        "held",
         "immediate",
         "mandatory",
         "properties",
@@ -94,7 +93,13 @@ class PublishReceived:
     )
 
     def __init__(
-        self, channel: int, exchange: str, routing_key: str, mandatory: bool, immediate: bool
+        self,
+        channel: int,
+        exchange: str,
+        routing_key: str,
+        mandatory: bool,
+        immediate: bool,
+        started: float = 0.0,
     ) -> None:
         self.channel = channel
         self.exchange = exchange
@@ -107,8 +112,7 @@ class PublishReceived:
         self.received = 0
         self.chunks: list[bytes] | None = None
         self.discard = False
-        self.started = 0.0  # when its basic.publish frame was read (the caller's clock)
-        self.held = 0  # bytes kept for it (properties, body frames) while unfinished
+        self.started = started  # when its basic.publish frame was read (the caller's clock)
 
 
 class ContentTooLarge:
@@ -205,6 +209,11 @@ class FrameDecoder:
         # although frame_max is meant to include them; accept what it accepts.
         limit = self.frame_max if self.frame_max else 0xFFFFFFFF
         closing = self.closing
+        open_channels = self._open_channels
+        # Bytes held for unfinished publishes, kept in a local on the hot
+        # path and written back however the loop ends.
+        unfinished = self.unfinished
+        max_unfinished = self.max_unfinished
         try:
             while n - pos >= 7:
                 ftype, ch, size = _frame_head(buf, pos)
@@ -242,7 +251,7 @@ class FrameDecoder:
                     # On channel 0 basic.publish is just a method the
                     # connection refuses at once, as RabbitMQ does.
                     if ch and _u32(buf, start)[0] == BASIC_PUBLISH_INDEX:
-                        if ch not in self._open_channels:
+                        if ch not in open_channels:
                             raise self._not_open(ch)
                         raw_args = buf[start + 4 : end]
                         args = self._publish_cache.get(raw_args)
@@ -254,8 +263,7 @@ class FrameDecoder:
                                 if len(self._publish_cache) >= 256:
                                     self._publish_cache.clear()
                                 self._publish_cache[raw_args] = args
-                        pub = content[ch] = PublishReceived(ch, *args)
-                        pub.started = now
+                        content[ch] = PublishReceived(ch, *args, now)
                     else:
                         method = self._parse_method(buf, start, end)
                         self._track(ch, method)
@@ -291,8 +299,11 @@ class FrameDecoder:
                         if not c.discard:
                             events.append(c)
                     else:
-                        c.held = len(c.properties)
-                        self._hold(c.held)
+                        # Held until the body is complete: the properties
+                        # and the body frames before the last one.
+                        unfinished += end - start - 12
+                        if unfinished > max_unfinished:
+                            raise self._too_much(unfinished)
                 elif ftype == FRAME_BODY:
                     c = content.get(ch)
                     if c is None:
@@ -310,11 +321,11 @@ class FrameDecoder:
                     if c.discard:
                         if c.received == c.body_size:
                             del content[ch]
-                            self.unfinished -= c.held
+                            unfinished -= len(c.properties)
                         continue
                     if c.received == c.body_size:
                         del content[ch]
-                        self.unfinished -= c.held
+                        unfinished -= len(c.properties) + c.received - size
                         if c.chunks is not None:
                             c.chunks.append(buf[start:end])
                             c.body = b"".join(c.chunks)
@@ -323,8 +334,9 @@ class FrameDecoder:
                             c.body = buf[start:end]
                         events.append(c)
                     else:
-                        c.held += size
-                        self._hold(size)
+                        unfinished += size
+                        if unfinished > max_unfinished:
+                            raise self._too_much(unfinished)
                         if c.chunks is None:
                             c.chunks = [buf[start:end]]
                         else:
@@ -342,18 +354,17 @@ class FrameDecoder:
             exc.events = events
             raise
         finally:
+            self.unfinished = unfinished
             if pos < n:
                 pending += buf[pos:]
         return events
 
-    def _hold(self, nbytes: int) -> None:
-        self.unfinished += nbytes
-        if self.unfinished > self.max_unfinished:
-            raise FrameError(
-                errors.RESOURCE_ERROR,
-                f"unfinished messages hold {self.unfinished} bytes, "
-                f"more than the limit of {self.max_unfinished} per connection",
-            )
+    def _too_much(self, unfinished: int) -> FrameError:
+        return FrameError(
+            errors.RESOURCE_ERROR,
+            f"unfinished messages hold {unfinished} bytes, "
+            f"more than the limit of {self.max_unfinished} per connection",
+        )
 
     def _track(self, ch: int, method: MethodFrame) -> None:
         """Follow which channels are open, as far as the client's own
@@ -476,7 +487,7 @@ class FrameDecoder:
         # RabbitMQ reads the whole content before closing the channel.
         if c is not None and not c.discard:
             del self._content[channel]
-            self.unfinished -= c.held
+            self.unfinished -= len(c.properties or b"") + c.received
 
 
 def _out_of_sync(err: FrameError) -> FrameError:
