@@ -1,0 +1,157 @@
+"""The cluster's tables in PostgreSQL, created and migrated automatically.
+
+Every node runs :func:`migrate` at start: under a transaction-scoped
+advisory lock (so nodes starting together take turns) it applies, in
+order, each migration whose version is not yet in ``roost_schema``, each in
+the same transaction as its row there. A database migrated by a newer roost
+(a version this one does not know) is refused: an older node must not write
+rows a newer schema means differently.
+
+Migrations are append-only: never edit one that was released, add the next.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import psycopg
+
+# pg_advisory_xact_lock key: "roost" in ASCII.
+MIGRATION_LOCK = 0x726F6F7374
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "nodes, definitions and messages",
+        """
+-- One row per incarnation of a node: a node that restarts, or that wakes
+-- from a pause after it was declared dead, registers again and gets a new
+-- epoch. Every claim and ack names the epoch it was made under (fencing).
+CREATE TABLE roost_nodes (
+    epoch         bigserial PRIMARY KEY,
+    name          text NOT NULL,
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at  timestamptz NOT NULL DEFAULT now(),
+    dead          boolean NOT NULL DEFAULT false,
+    amqp_address  text NOT NULL DEFAULT '',
+    http_address  text NOT NULL DEFAULT ''
+);
+CREATE INDEX roost_nodes_alive ON roost_nodes (name) WHERE NOT dead;
+
+-- Definitions, in RabbitMQ's model. Field tables (arguments) are stored in
+-- AMQP's own encoding, so their types survive (a long stays a long).
+CREATE TABLE roost_vhosts (
+    name         text PRIMARY KEY,
+    description  text NOT NULL DEFAULT '',
+    tags         text[] NOT NULL DEFAULT '{}'
+);
+CREATE TABLE roost_users (
+    name               text PRIMARY KEY,
+    password_hash      text NOT NULL DEFAULT '',
+    hashing_algorithm  text NOT NULL DEFAULT '',
+    tags               text[] NOT NULL DEFAULT '{}'
+);
+CREATE TABLE roost_permissions (
+    username   text NOT NULL REFERENCES roost_users (name) ON DELETE CASCADE,
+    vhost      text NOT NULL REFERENCES roost_vhosts (name) ON DELETE CASCADE,
+    configure  text NOT NULL,
+    write      text NOT NULL,
+    read       text NOT NULL,
+    PRIMARY KEY (username, vhost)
+);
+CREATE TABLE roost_exchanges (
+    vhost        text NOT NULL REFERENCES roost_vhosts (name) ON DELETE CASCADE,
+    name         text NOT NULL,
+    type         text NOT NULL,
+    durable      boolean NOT NULL,
+    auto_delete  boolean NOT NULL,
+    internal     boolean NOT NULL,
+    arguments    bytea NOT NULL DEFAULT '\\x',
+    PRIMARY KEY (vhost, name)
+);
+-- A queue's id is the key of its messages. An exclusive queue names the
+-- node epoch and connection that own it; it goes when that epoch is dead.
+CREATE TABLE roost_queues (
+    id               bigserial PRIMARY KEY,
+    vhost            text NOT NULL REFERENCES roost_vhosts (name) ON DELETE CASCADE,
+    name             text NOT NULL,
+    durable          boolean NOT NULL,
+    auto_delete      boolean NOT NULL,
+    arguments        bytea NOT NULL DEFAULT '\\x',
+    owner_epoch      bigint REFERENCES roost_nodes (epoch),
+    owner_connection text,
+    UNIQUE (vhost, name)
+);
+CREATE TABLE roost_bindings (
+    vhost             text NOT NULL REFERENCES roost_vhosts (name) ON DELETE CASCADE,
+    source            text NOT NULL,
+    destination       text NOT NULL,
+    destination_type  text NOT NULL,
+    routing_key       text NOT NULL,
+    arguments         bytea NOT NULL DEFAULT '\\x',
+    PRIMARY KEY (vhost, source, destination_type, destination, routing_key, arguments)
+);
+
+-- One row per message per queue it was routed to. Ready rows have no
+-- owner; a claimed row is held by the node epoch delivering it until it
+-- is acked (deleted) or released (owner back to NULL, redelivered).
+CREATE TABLE roost_messages (
+    id              bigserial PRIMARY KEY,
+    queue_id        bigint NOT NULL REFERENCES roost_queues (id) ON DELETE CASCADE,
+    priority        smallint NOT NULL DEFAULT 0,
+    exchange        text NOT NULL,
+    routing_key     text NOT NULL,
+    properties      bytea NOT NULL,
+    body            bytea NOT NULL,
+    published_at    timestamptz NOT NULL DEFAULT now(),
+    expires_at      timestamptz,
+    redelivered     boolean NOT NULL DEFAULT false,
+    delivery_count  integer NOT NULL DEFAULT 0,
+    owner           bigint
+);
+CREATE INDEX roost_messages_ready ON roost_messages (queue_id, priority DESC, id)
+    WHERE owner IS NULL;
+CREATE INDEX roost_messages_owned ON roost_messages (owner) WHERE owner IS NOT NULL;
+
+-- Transient messages (and every message of a non-durable queue): the same
+-- shape without the write-ahead log. PostgreSQL empties an unlogged table
+-- after its own crash, never after a roost node's.
+CREATE UNLOGGED TABLE roost_transient_messages (LIKE roost_messages INCLUDING ALL);
+""",
+    ),
+]
+
+LATEST = MIGRATIONS[-1][0]
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer roost."""
+
+
+def migrate(conn: psycopg.Connection[object]) -> int:
+    """Bring the schema up to :data:`LATEST`; returns the version found
+    before. ``conn`` must not be in a transaction."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS roost_schema ("
+            " version integer PRIMARY KEY,"
+            " description text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        row = conn.execute("SELECT coalesce(max(version), 0) FROM roost_schema").fetchone()
+        found = int(row[0]) if row else 0  # type: ignore[index]
+        if found > LATEST:
+            raise SchemaTooNew(
+                f"the database's roost schema is version {found}, newer than this "
+                f"roost's {LATEST}: upgrade this node"
+            )
+        for version, description, sql in MIGRATIONS:
+            if version > found:
+                conn.execute(sql.encode())
+                conn.execute(
+                    "INSERT INTO roost_schema (version, description) VALUES (%s, %s)",
+                    (version, description),
+                )
+    return found
