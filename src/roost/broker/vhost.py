@@ -80,6 +80,10 @@ class VirtualHost:
         self.name = name
         self.journal = journal
         self._changed = on_definitions_changed or _nothing
+        # In cluster mode every node must route to every queue, so transient
+        # queues, exchanges and bindings are shared definitions too: their
+        # changes are reported like durable ones (Broker.add_vhost sets it).
+        self.share_transient = False
         self._allocate_queue_id = allocate_queue_id
         # A deleted queue's (or delayed exchange's) log id: remembered as
         # deleted until everything logged under it is settled on disk.
@@ -188,9 +192,9 @@ class VirtualHost:
             logged = durable and self.journal is not None and alloc is not None
             ex.attach(self, alloc() if logged and alloc is not None else 0)
         self.exchanges[name] = ex
-        if durable:
-            if deduper is not None and self.persist_dedup is not None:
-                self.persist_dedup(self.name, "x", name, deduper)
+        if durable and deduper is not None and self.persist_dedup is not None:
+            self.persist_dedup(self.name, "x", name, deduper)
+        if durable or self.share_transient:
             self._changed()
         return ex
 
@@ -250,9 +254,9 @@ class VirtualHost:
             ex.discard()
             if ex.store_id:
                 self.store_id_settled(ex.store_id)
-        if ex.durable:
-            if ex.deduper is not None and self.persist_dedup is not None:
-                self.persist_dedup(self.name, "x", ex.name, None)
+        if ex.durable and ex.deduper is not None and self.persist_dedup is not None:
+            self.persist_dedup(self.name, "x", ex.name, None)
+        if ex.durable or self.share_transient:
             self._changed()
 
     # -- queues ---------------------------------------------------------
@@ -319,6 +323,7 @@ class VirtualHost:
                 q.store_id = self._allocate_queue_id()
             if q.deduper is not None and self.persist_dedup is not None:
                 self.persist_dedup(self.name, "q", name, q.deduper)
+        if durable or self.share_transient:
             self._changed()
         return q
 
@@ -397,9 +402,9 @@ class VirtualHost:
         stats.retire_queue(self, q)
         for hook in self.on_queue_deleted:
             hook(q)
-        if q.durable:
-            if q.deduper is not None and self.persist_dedup is not None:
-                self.persist_dedup(self.name, "q", q.name, None)
+        if q.durable and q.deduper is not None and self.persist_dedup is not None:
+            self.persist_dedup(self.name, "q", q.name, None)
+        if q.durable or self.share_transient:
             self._changed()
         return count
 
@@ -440,7 +445,7 @@ class VirtualHost:
                 destination.bindings.add(b)
             else:
                 destination.inbound.add(b)
-            if src.durable and destination.durable:
+            if (src.durable and destination.durable) or self.share_transient:
                 self._changed()
 
     def unbind(
@@ -473,7 +478,7 @@ class VirtualHost:
     def _drop_binding(self, b: Binding, cascade: bool) -> None:
         src = b.source
         src.remove_binding(b)
-        if src.durable and b.destination.durable and src.name:
+        if ((src.durable and b.destination.durable) or self.share_transient) and src.name:
             self._changed()
         dest = b.destination
         if isinstance(dest, Queue):

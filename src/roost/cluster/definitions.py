@@ -1,0 +1,344 @@
+"""Shared definitions: the cluster-mode counterpart of DurableState's
+definitions.json.
+
+Users, vhosts, permissions, exchanges, queues (transient and exclusive
+ones too: every node routes to every queue) and bindings live in
+PostgreSQL. Each node keeps its broker model as a cache of the tables:
+
+- A change on this node (``broker.on_definitions_changed``) wakes the
+  worker, which diffs the model against what it last wrote or read (the
+  *base*), applies the difference in one transaction that also bumps
+  ``roost_cluster.definitions_version`` and sends ``NOTIFY
+  roost_definitions '<epoch>:<version>'``. The callbacks waiting on the
+  change (declare-ok, bind-ok, a 2xx of the HTTP API) run only after the
+  COMMIT *and* once every other live node has announced that it applied
+  that version (``NOTIFY roost_definitions_applied``), so that what a
+  client was told exists on one node exists on all of them: a queue
+  declared on A can be used on B right after declare-ok. A node that does
+  not announce within the node timeout is not waited for any longer (it
+  is about to be declared dead).
+- A notification from another node makes the worker read the tables (one
+  REPEATABLE READ snapshot) and reconcile the model (:mod:`reconcile`),
+  then announce the version it has applied.
+
+Writes and reloads are done by one task, one at a time, so the base
+always describes the tables as of the last of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import psycopg
+
+from roost.broker.broker import Broker
+from roost.cluster import store
+from roost.cluster.nodes import DEFINITIONS_CHANNEL, AsyncConn, NodeRegistry
+from roost.cluster.reconcile import reconcile
+from roost.cluster.rows import Key, Owners, RemoteOwner, Rows, snapshot
+
+log = logging.getLogger("roost.cluster")
+
+APPLIED_CHANNEL = "roost_definitions_applied"
+# pg_advisory_xact_lock key under which a brand-new database gets its
+# default vhost and user ("roostdef").
+SEED_LOCK = 0x726F6F7374646566
+# How often a wait for the other nodes looks at who is still alive.
+_ACK_POLL = 0.25
+
+
+class ClusterDefinitions:
+    def __init__(self, registry: NodeRegistry, broker: Broker) -> None:
+        self.registry = registry
+        self.broker = broker
+        self.owners = Owners()
+        self.base: Rows = {}
+        self.version = 0  # the definitions version the model has applied
+        # roost_queues.id by ("queue", vhost, name): the key of a queue's
+        # messages for the message layer.
+        self.queue_ids: dict[Key, int] = {}
+        self._applying = False
+        self._reload_wanted = False
+        self._wake = asyncio.Event()
+        self._acks = asyncio.Event()  # set whenever another node announces
+        self.applied: dict[int, int] = {}  # epoch -> version it announced
+        self._written_generation = 0
+        self._released_generation = 0
+        self._waiters: list[tuple[int, Callable[[], None]]] = []
+        self._listen_conn: AsyncConn | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ack_tasks: set[asyncio.Task[None]] = set()
+
+    def queue_id(self, vhost: str, name: str) -> int | None:
+        return self.queue_ids.get(("queue", vhost, name))
+
+    # -- life cycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the definitions into the (fresh) broker model and keep it in
+        step from now on. The registry must be started."""
+        broker = self.broker
+        self.owners.epoch = self.registry.epoch
+        broker.share_transient_definitions = True
+        for vh in broker.vhosts.values():
+            vh.share_transient = True
+        # LISTEN before the first read: no change may fall between the two.
+        self._listen_conn = await self._listen()
+        # The fresh model is the base: what the tables lack of it (the
+        # default vhost and user, once deleted) goes from the model.
+        self.base = snapshot(broker, self.owners)
+        await self._seed()
+        await self._reload()
+        self._written_generation = broker.definitions_generation
+        self._released_generation = broker.definitions_generation
+        broker.on_definitions_changed = self._changed
+        broker.definitions_saved_hook = self._when_saved
+        self.registry.on_fenced.append(self._fenced)
+        self.registry.on_registered.append(self._registered)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._work(), name="roost-definitions"),
+            loop.create_task(self._receive(), name="roost-definitions-listen"),
+        ]
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Write what is still pending (exclusive queues of connections
+        just closed), then stop."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.broker.definitions_generation > self._written_generation:
+                    self._wake.set()
+                    await asyncio.sleep(0.02)
+        for task in [*self._tasks, *self._ack_tasks]:
+            task.cancel()
+        for task in [*self._tasks, *self._ack_tasks]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._listen_conn is not None:
+            await self._listen_conn.close()
+            self._listen_conn = None
+
+    # -- the broker's hooks ------------------------------------------------
+
+    def _changed(self) -> None:
+        if not self._applying:
+            self._wake.set()
+
+    def _when_saved(self, generation: int, callback: Callable[[], None]) -> None:
+        if generation <= self._released_generation:
+            callback()
+        else:
+            self._waiters.append((generation, callback))
+
+    def _release(self, generation: int) -> None:
+        if generation <= self._released_generation:
+            return
+        self._released_generation = generation
+        ready = [w for w in self._waiters if w[0] <= generation]
+        self._waiters = [w for w in self._waiters if w[0] > generation]
+        for _, callback in ready:
+            callback()
+
+    # -- the worker --------------------------------------------------------
+
+    async def _work(self) -> None:
+        failures = 0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                while (
+                    self._reload_wanted
+                    or self.broker.definitions_generation > self._written_generation
+                ):
+                    if self._reload_wanted:
+                        self._reload_wanted = False
+                        await self._reload()
+                    if self.broker.definitions_generation > self._written_generation:
+                        await self._flush()
+                failures = 0
+            except (psycopg.Error, OSError) as exc:
+                # The database is away or a write conflicted with another
+                # node's (a permission for a user just deleted there): read
+                # the tables again, then write what is still different.
+                failures += 1
+                log.warning("cluster: writing definitions failed (will retry): %s", exc)
+                self._reload_wanted = True
+                await asyncio.sleep(min(5.0, 0.05 * 2**failures))
+                self._wake.set()
+
+    async def _flush(self) -> None:
+        generation = self.broker.definitions_generation
+        rows = snapshot(self.broker, self.owners)
+        version = self.version
+        pool = self.registry.pool
+        assert pool is not None
+        if rows != self.base:
+            async with pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(
+                    "UPDATE roost_cluster SET definitions_version = definitions_version + 1"
+                    " RETURNING definitions_version"
+                )
+                got = await cur.fetchone()
+                assert got is not None
+                version = int(str(got[0]))
+                await store.write(conn, self.base, rows, self.queue_ids)
+                await conn.execute(
+                    "SELECT pg_notify(%s, %s)",
+                    (DEFINITIONS_CHANNEL, f"{self.registry.epoch}:{version}"),
+                )
+            # Our own write is applied here by definition; a remote one that
+            # committed before it is not, so the version stays ours to wait on.
+        self.base = rows
+        self._written_generation = max(self._written_generation, generation)
+        self._after_commit(generation, version)
+
+    def _after_commit(self, generation: int, version: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._acknowledged(generation, version))
+        self._ack_tasks.add(task)
+        task.add_done_callback(self._ack_tasks.discard)
+
+    async def _acknowledged(self, generation: int, version: int) -> None:
+        """Release the callbacks up to ``generation`` once every other live
+        node has applied ``version`` (or the node timeout has passed)."""
+        deadline = time.monotonic() + self.registry.timeout
+        while time.monotonic() < deadline:
+            live = await self._live_peers()
+            if all(self.applied.get(epoch, 0) >= version for epoch in live):
+                break
+            self._acks.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acks.wait(), _ACK_POLL)
+        else:
+            log.warning(
+                "cluster: definitions version %d not acknowledged by every node in %ds",
+                version,
+                self.registry.timeout,
+            )
+        self._release(generation)
+
+    async def _live_peers(self) -> set[int]:
+        pool = self.registry.pool
+        if pool is None:
+            return set()
+        try:
+            async with pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT epoch FROM roost_nodes WHERE NOT dead AND epoch <> %s",
+                    (self.registry.epoch,),
+                )
+                return {int(str(r[0])) for r in await cur.fetchall()}
+        except psycopg.Error:
+            return set()
+
+    async def _seed(self) -> None:
+        """On a brand-new database (no users, no vhosts) write the fresh
+        model's defaults: the vhost "/" and the default user."""
+        pool = self.registry.pool
+        assert pool is not None
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SEED_LOCK,))
+            cur = await conn.execute(
+                "SELECT NOT EXISTS (SELECT 1 FROM roost_users)"
+                " AND NOT EXISTS (SELECT 1 FROM roost_vhosts)"
+            )
+            got = await cur.fetchone()
+            if got is None or not got[0]:
+                return
+            await conn.execute(
+                "UPDATE roost_cluster SET definitions_version = definitions_version + 1"
+            )
+            await store.write(conn, {}, self.base, self.queue_ids)
+            log.info("cluster: new database; created the default vhost and user")
+
+    async def _reload(self) -> None:
+        pool = self.registry.pool
+        assert pool is not None
+        async with pool.connection() as conn, conn.transaction():
+            # One snapshot of every table and the version it is at.
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            version, remote, queue_ids = await store.read(conn)
+        # From here to the end, no await: nothing changes the model meanwhile.
+        self._applying = True
+        try:
+            self.base = reconcile(self.broker, self.owners, self.base, remote)
+        finally:
+            self._applying = False
+        self.queue_ids = queue_ids
+        self.version = max(self.version, version)
+        if snapshot(self.broker, self.owners) == self.base:
+            # Nothing local is pending: what reconciling changed needs no
+            # write, and whoever waits on a change so far may go on.
+            generation = self.broker.definitions_generation
+            self._written_generation = max(self._written_generation, generation)
+            if self._tasks:
+                self._after_commit(generation, self.version)
+        async with pool.connection() as conn:
+            await conn.execute(
+                "SELECT pg_notify(%s, %s)", (APPLIED_CHANNEL, f"{self.registry.epoch}:{version}")
+            )
+
+    # -- notifications -----------------------------------------------------
+
+    async def _listen(self) -> AsyncConn:
+        conn = await psycopg.AsyncConnection.connect(self.registry.url, autocommit=True)
+        await conn.execute(f"LISTEN {DEFINITIONS_CHANNEL}")
+        await conn.execute(f"LISTEN {APPLIED_CHANNEL}")
+        return conn
+
+    async def _receive(self) -> None:
+        while True:
+            try:
+                if self._listen_conn is None or self._listen_conn.closed:
+                    self._listen_conn = await self._listen()
+                    # Notifications sent while it was away are lost: read all.
+                    self._request_reload()
+                async for note in self._listen_conn.notifies():
+                    self._notified(note.channel, note.payload)
+            except asyncio.CancelledError:
+                raise
+            except (psycopg.Error, OSError) as exc:
+                log.warning("cluster: lost the notification connection: %s", exc)
+                if self._listen_conn is not None:
+                    await self._listen_conn.close()
+                    self._listen_conn = None
+                await asyncio.sleep(1.0)
+
+    def _notified(self, channel: str, payload: str) -> None:
+        epoch_text, _, version_text = payload.partition(":")
+        try:
+            epoch = int(epoch_text)
+            version = int(version_text or 0)
+        except ValueError:
+            return
+        if channel == APPLIED_CHANNEL:
+            if version > self.applied.get(epoch, 0):
+                self.applied[epoch] = version
+                self._acks.set()
+        elif epoch != self.registry.epoch:
+            self._request_reload()
+
+    def _request_reload(self) -> None:
+        self._reload_wanted = True
+        self._wake.set()
+
+    # -- fencing -----------------------------------------------------------
+
+    async def _fenced(self) -> None:
+        """This incarnation was declared dead: its exclusive queues are
+        gone from the tables already (the sweep deleted them); drop them
+        here too, cancelling their consumers."""
+        for vh in self.broker.vhosts.values():
+            for q in list(vh.queues.values()):
+                owner = q.exclusive_owner
+                if owner is not None and not isinstance(owner, RemoteOwner):
+                    vh.remove_queue(q)
+
+    async def _registered(self, epoch: int) -> None:
+        self.owners.epoch = epoch
+        self._request_reload()
