@@ -22,6 +22,7 @@ from pika.exceptions import (
     ProbableAuthenticationError,
 )
 
+from roost.cluster.devdb import ThrowawayPostgres
 from roost.testing import RoostProcess
 
 TIMEOUT = 3  # --node-timeout of every node here
@@ -204,3 +205,45 @@ def test_a_paused_node_is_fenced_and_comes_back_as_a_new_incarnation(
     assert incarnations() == [(first, True), (incarnations()[1][0], False)]
     with _connect(b) as again:  # and serves again
         again.channel().queue_declare("after", passive=False)
+
+
+def test_nodes_ride_out_a_database_restart() -> None:
+    # A server of its own: restarting the shared one would disturb others.
+    with ThrowawayPostgres() as pg:
+        procs = [
+            RoostProcess(
+                None, "--cluster", pg.url, "--node-name", n, "--node-timeout", str(TIMEOUT)
+            )
+            for n in ("a", "b")
+        ]
+        try:
+            a, b = (p.start() for p in procs)
+            pg.stop_immediate()
+            time.sleep(0.5)
+            pg.start()
+            with _connect(a) as ca, _connect(b) as cb:
+                # declare-ok waits for the write to get through.
+                ca.channel().queue_declare("after-restart", durable=True)
+                cb.channel().queue_declare("after-restart", passive=True)
+            assert [n["name"] for n in _api(a, "GET", "/api/nodes")] == ["a", "b"]
+        finally:
+            for p in procs:
+                p.close()
+
+
+def test_an_exclusive_queue_goes_everywhere_with_its_connection(
+    node: Callable[[str], RoostProcess],
+) -> None:
+    a, b = node("a"), node("b")
+    with _connect(b) as cb:
+        declared = cb.channel().queue_declare("", exclusive=True).method.queue
+        assert _api(a, "GET", f"/api/queues/%2F/{declared}")["exclusive"] is True
+
+    def gone() -> bool:
+        try:
+            _api(a, "GET", f"/api/queues/%2F/{declared}")
+        except urllib.error.HTTPError as exc:
+            return exc.code == 404
+        return False
+
+    _wait_for(gone, 5, "the exclusive queue deleted on a")

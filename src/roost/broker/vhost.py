@@ -273,18 +273,21 @@ class VirtualHost:
         arguments: dict[str, Any] | None = None,
         max_queues: int = 0,
         authorize: Callable[[str, bool], None] | None = None,
+        replicated: bool = False,
     ) -> Queue:
         """Declare a queue. ``max_queues`` (0: no limit) is the vhost's
         queue limit, which a client's declaration of a new queue must
         respect (recovery and definitions import pass none). ``authorize``
         is called with the actual name (generated for a server-named queue)
         and whether the queue is new, before anything else happens to it:
-        it raises to refuse the declaration."""
+        it raises to refuse the declaration. ``replicated``: the queue
+        exists already, declared on another cluster node, and may have a
+        name the server generated there (``amq.gen-...``)."""
         if passive:
             return self.queue(name, owner)
         if not name:
             name = generate_name("amq.gen-")
-        elif name.startswith("amq.") and name != REPLY_TO_QUEUE:
+        elif name.startswith("amq.") and name != REPLY_TO_QUEUE and not replicated:
             # Checked before the lookup: redeclaring even an existing
             # server-named queue by name is refused, as in RabbitMQ.
             raise errors.access_refused(f"queue name '{name}' contains reserved prefix 'amq.*'")

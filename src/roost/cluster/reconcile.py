@@ -128,6 +128,7 @@ def _put(broker: Broker, owners: Owners, key: Key, row: Row, exists: bool) -> No
             exclusive=exclusive,
             auto_delete=auto_delete,
             arguments=decode_table(args),
+            replicated=True,
         )
     elif table == "binding":
         _, vhost, source, dest_type, dest_name, routing_key, args = key
