@@ -152,7 +152,9 @@ HELP = {
     "cluster": "PostgreSQL URL (postgresql://user:pass@host/db) of a cluster: nodes sharing "
     "it share users, vhosts, exchanges, queues and bindings (empty: a single node keeping "
     "everything in data_dir)",
-    "node_name": "this node's name in the cluster (empty: host:port)",
+    "node_name": "this node's name in the cluster, unique to it: a node started with the "
+    "name of a running one takes over from it, as from its own earlier run (empty: this "
+    "machine's hostname:port)",
     "node_timeout": "seconds a cluster node may go without a heartbeat before the others "
     "declare it dead and take over what it held",
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 import time
 from typing import TYPE_CHECKING, Any
@@ -211,7 +212,9 @@ class Server:
         port = self._server.sockets[0].getsockname()[1]
         node = ClusterNode(
             self.config.cluster,
-            self.config.node_name or f"{self.config.host}:{port}",
+            # The machine's name, not the listen address: nodes on several
+            # machines all listening on 0.0.0.0 still get names of their own.
+            self.config.node_name or f"{socket.gethostname()}:{port}",
             self.config.node_timeout,
         )
         self.cluster = node

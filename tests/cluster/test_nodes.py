@@ -122,3 +122,24 @@ async def test_leaving_declares_the_node_dead_at_once(pg_url: str) -> None:
             "SELECT dead, cleaned_at IS NOT NULL FROM roost_nodes WHERE epoch = %s", (epoch,)
         ).fetchone()
     assert row == (True, True)
+
+
+async def test_a_restarted_node_takes_over_from_its_earlier_incarnation(pg_url: str) -> None:
+    crashed = NodeRegistry(pg_url, "a", 3)
+    await crashed.start()
+    # It dies without leaving (no heartbeats from now on).
+    assert crashed._task is not None
+    crashed._task.cancel()
+    restarted = NodeRegistry(pg_url, "a", 3)
+    await restarted.start()
+    try:
+        assert [(n.name, n.epoch) for n in await restarted.live_nodes()] == [("a", restarted.epoch)]
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute(
+                "SELECT dead, cleaned_at IS NOT NULL FROM roost_nodes WHERE epoch = %s",
+                (crashed.epoch,),
+            ).fetchone()
+        assert row == (True, True)
+    finally:
+        await restarted.leave()
+        await crashed.leave()

@@ -129,6 +129,8 @@ class NodeRegistry:
             )
             await self.pool.open(wait=True, timeout=self.timeout)
             await self._register()
+            # An earlier incarnation this one took over goes now.
+            await self.clean_dead()
         except (psycopg.Error, OSError) as exc:
             await self._close_connections()
             raise ClusterError(f"cannot use the cluster database: {exc}") from exc
@@ -146,12 +148,30 @@ class NodeRegistry:
 
     async def _register(self) -> None:
         conn = await self._heartbeat_connection()
-        cur = await conn.execute(
-            "INSERT INTO roost_nodes (name, amqp_address, http_address)"
-            " VALUES (%s, %s, %s) RETURNING epoch",
-            (self.name, self.amqp_address, self.http_address),
-        )
-        row = await cur.fetchone()
+        async with conn.transaction():
+            # A node that restarts (after a crash, a kill) takes over from
+            # its earlier incarnation at once rather than after the timeout:
+            # that one is declared dead here, and cleaned up by the next
+            # sweep. Two running nodes given the same name would fence each
+            # other in turn; the warning says why.
+            cur = await conn.execute(
+                "UPDATE roost_nodes SET dead = true WHERE name = %s AND NOT dead RETURNING epoch",
+                (self.name,),
+            )
+            for (earlier,) in await cur.fetchall():
+                log.warning(
+                    "cluster node %s: taking over from its earlier incarnation (epoch %s); "
+                    "if another running node has this name, give each node its own "
+                    "--node-name",
+                    self.name,
+                    earlier,
+                )
+            cur = await conn.execute(
+                "INSERT INTO roost_nodes (name, amqp_address, http_address)"
+                " VALUES (%s, %s, %s) RETURNING epoch",
+                (self.name, self.amqp_address, self.http_address),
+            )
+            row = await cur.fetchone()
         assert row is not None
         self.epoch = int(str(row[0]))
         self._fenced = False
