@@ -37,7 +37,7 @@ def test_what_was_created_elsewhere_is_created_here() -> None:
 
     broker, owners = _node()
     base = snapshot(broker, owners)
-    new_base = reconcile(broker, owners, base, remote)
+    new_base = reconcile(broker, owners, base, remote).base
     assert snapshot(broker, owners) == remote == new_base
     here = broker.vhosts["/"]
     assert here.queues["shipping"].arguments == {"x-max-length": 5}
@@ -66,7 +66,7 @@ def test_a_local_change_not_yet_written_wins() -> None:
     # Since the base: this node declared "fresh" and deleted "doomed".
     vh.declare_queue("fresh", owner=object())
     vh.remove_queue(vh.queues["doomed"])
-    new_base = reconcile(broker, owners, base, remote)
+    new_base = reconcile(broker, owners, base, remote).base
     assert set(vh.queues) == {"fresh"}  # neither undone
     # The new base is what the tables hold, so the next write sends both.
     assert ("queue", "/", "doomed") in new_base and ("queue", "/", "fresh") not in new_base
@@ -77,7 +77,7 @@ def test_a_remote_exclusive_queue_is_locked_here() -> None:
     base = snapshot(broker, owners)
     remote = dict(base)
     remote[("queue", "/", "theirs")] = (False, False, b"", 3, "10.0.0.1:5000#1")
-    new_base = reconcile(broker, owners, base, remote)
+    new_base = reconcile(broker, owners, base, remote).base
     q = broker.vhosts["/"].queues["theirs"]
     assert isinstance(q.exclusive_owner, RemoteOwner) and q.exclusive_owner.epoch == 3
     assert new_base == remote
@@ -85,7 +85,7 @@ def test_a_remote_exclusive_queue_is_locked_here() -> None:
         broker.vhosts["/"].declare_queue("theirs", owner=object(), passive=True)
     assert info.value.code == 405
     # Reconciling again changes nothing: the same owner object is found.
-    assert reconcile(broker, owners, new_base, remote) == remote
+    assert reconcile(broker, owners, new_base, remote).base == remote
     assert broker.vhosts["/"].queues["theirs"] is q
 
 

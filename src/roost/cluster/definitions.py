@@ -68,6 +68,8 @@ class ClusterDefinitions:
         self.applied: dict[int, int] = {}  # epoch -> version it announced
         self._written_generation = 0
         self._released_generation = 0
+        # Reached by reloads while a write was waiting for acknowledgements.
+        self._deferred_release = 0
         self._waiters: list[tuple[int, Callable[[], None]]] = []
         self._listen_conn: AsyncConn | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -175,66 +177,72 @@ class ClusterDefinitions:
     async def _flush(self) -> None:
         generation = self.broker.definitions_generation
         rows = snapshot(self.broker, self.owners)
-        version = self.version
         pool = self.registry.pool
         assert pool is not None
-        if rows != self.base:
-            async with pool.connection() as conn, conn.transaction():
-                cur = await conn.execute(
-                    "UPDATE roost_cluster SET definitions_version = definitions_version + 1"
-                    " RETURNING definitions_version"
-                )
-                got = await cur.fetchone()
-                assert got is not None
-                version = int(str(got[0]))
-                await store.write(conn, self.base, rows, self.queue_ids)
-                await conn.execute(
-                    "SELECT pg_notify(%s, %s)",
-                    (DEFINITIONS_CHANNEL, f"{self.registry.epoch}:{version}"),
-                )
-            # Our own write is applied here by definition; a remote one that
-            # committed before it is not, so the version stays ours to wait on.
+        if rows == self.base:
+            # Nothing to write (a change undone before it was written).
+            self._written_generation = max(self._written_generation, generation)
+            self._release(generation)
+            return
+        async with pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "UPDATE roost_cluster SET definitions_version = definitions_version + 1"
+                " RETURNING definitions_version"
+            )
+            got = await cur.fetchone()
+            assert got is not None
+            version = int(str(got[0]))
+            await store.write(conn, self.base, rows, self.queue_ids)
+            await conn.execute(
+                "SELECT pg_notify(%s, %s)",
+                (DEFINITIONS_CHANNEL, f"{self.registry.epoch}:{version}"),
+            )
+            # The nodes to wait for: those registered before this commit. A
+            # node registering after it loads the tables as they are now.
+            peers = await self._live_peers(conn)
         self.base = rows
         self._written_generation = max(self._written_generation, generation)
-        self._after_commit(generation, version)
-
-    def _after_commit(self, generation: int, version: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._acknowledged(generation, version))
+        task = asyncio.get_running_loop().create_task(
+            self._acknowledged(generation, version, peers)
+        )
         self._ack_tasks.add(task)
         task.add_done_callback(self._ack_tasks.discard)
 
-    async def _acknowledged(self, generation: int, version: int) -> None:
-        """Release the callbacks up to ``generation`` once every other live
-        node has applied ``version`` (or the node timeout has passed)."""
+    async def _acknowledged(self, generation: int, version: int, peers: set[int]) -> None:
+        """Release the callbacks up to ``generation`` once every peer still
+        alive has applied ``version`` (or the node timeout has passed)."""
         deadline = time.monotonic() + self.registry.timeout
-        while time.monotonic() < deadline:
-            live = await self._live_peers()
-            if all(self.applied.get(epoch, 0) >= version for epoch in live):
+        while True:
+            if all(self.applied.get(epoch, 0) >= version for epoch in peers):
+                break
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "cluster: definitions version %d not acknowledged by every node in %ds",
+                    version,
+                    self.registry.timeout,
+                )
                 break
             self._acks.clear()
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._acks.wait(), _ACK_POLL)
-        else:
-            log.warning(
-                "cluster: definitions version %d not acknowledged by every node in %ds",
-                version,
-                self.registry.timeout,
-            )
+            except TimeoutError:
+                # Slow to answer: still alive? A node declared dead is not
+                # waited for any longer.
+                pool = self.registry.pool
+                if pool is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        async with pool.connection() as conn:
+                            peers &= await self._live_peers(conn)
+        log.debug("cluster: definitions version %d acknowledged by %s", version, sorted(peers))
         self._release(generation)
+        if len(self._ack_tasks) <= 1:  # only this wait was left
+            self._release(self._deferred_release)
 
-    async def _live_peers(self) -> set[int]:
-        pool = self.registry.pool
-        if pool is None:
-            return set()
-        try:
-            async with pool.connection() as conn:
-                cur = await conn.execute(
-                    "SELECT epoch FROM roost_nodes WHERE NOT dead AND epoch <> %s",
-                    (self.registry.epoch,),
-                )
-                return {int(str(r[0])) for r in await cur.fetchall()}
-        except psycopg.Error:
-            return set()
+    async def _live_peers(self, conn: AsyncConn) -> set[int]:
+        cur = await conn.execute(
+            "SELECT epoch FROM roost_nodes WHERE NOT dead AND epoch <> %s", (self.registry.epoch,)
+        )
+        return {int(str(r[0])) for r in await cur.fetchall()}
 
     async def _seed(self) -> None:
         """On a brand-new database (no users, no vhosts) write the fresh
@@ -266,18 +274,24 @@ class ClusterDefinitions:
         # From here to the end, no await: nothing changes the model meanwhile.
         self._applying = True
         try:
-            self.base = reconcile(self.broker, self.owners, self.base, remote)
+            merged = reconcile(self.broker, self.owners, self.base, remote)
         finally:
             self._applying = False
+        self.base = merged.base
+        log.debug("cluster: applied definitions version %d", version)
         self.queue_ids = queue_ids
         self.version = max(self.version, version)
-        if snapshot(self.broker, self.owners) == self.base:
+        if merged.model == merged.base:
             # Nothing local is pending: what reconciling changed needs no
             # write, and whoever waits on a change so far may go on.
             generation = self.broker.definitions_generation
             self._written_generation = max(self._written_generation, generation)
-            if self._tasks:
-                self._after_commit(generation, self.version)
+            if self._ack_tasks:
+                # A write is waiting for the other nodes: releasing now
+                # would let its declare-ok overtake them. Its wait ends it.
+                self._deferred_release = max(self._deferred_release, generation)
+            else:
+                self._release(generation)
         async with pool.connection() as conn:
             await conn.execute(
                 "SELECT pg_notify(%s, %s)", (APPLIED_CHANNEL, f"{self.registry.epoch}:{version}")

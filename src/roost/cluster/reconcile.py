@@ -18,7 +18,7 @@ retried at the next reload and never written back as a deletion.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 from roost.broker.broker import Broker
 from roost.broker.errors import CONNECTION_FORCED, BrokerError
@@ -31,33 +31,49 @@ log = logging.getLogger("roost.cluster")
 _NO_OWNER = object()
 
 
-def reconcile(broker: Broker, owners: Owners, base: Rows, remote: Rows) -> Rows:
-    """Apply ``remote`` to the model; returns the new base."""
+class Merged(NamedTuple):
+    base: Rows  # the new base: what the tables hold, as far as this node knows
+    model: Rows  # the model's rows after the merge
+
+
+def reconcile(broker: Broker, owners: Owners, base: Rows, remote: Rows) -> Merged:
+    """Apply ``remote`` to the model."""
     before = snapshot(broker, owners)
     dirty = {k for k in before.keys() | base.keys() if before.get(k) != base.get(k)}
+    by_table: dict[str, Rows] = {t: {} for t in TABLES}
+    for key, row in before.items():
+        by_table[key[0]][key] = row
+    applied = 0
+
+    def current(table: str) -> Rows:
+        # Snapshots cost O(definitions): taken again only after a change.
+        return snapshot(broker, owners, table) if applied else by_table[table]
+
     for table in reversed(TABLES):
-        current = snapshot(broker, owners, table)
-        for key in current.keys() - remote.keys() - dirty:
-            _try(key, _delete, broker, key)
+        for key in current(table).keys() - remote.keys() - dirty:
+            applied += _try(key, _delete, broker, key)
     for table in TABLES:
-        current = snapshot(broker, owners, table)
+        rows = current(table)
         for key, row in remote.items():
-            if key[0] == table and key not in dirty and current.get(key) != row:
-                _try(key, _put, broker, owners, key, row, key in current)
-    after = snapshot(broker, owners)
+            if key[0] == table and key not in dirty and rows.get(key) != row:
+                applied += _try(key, _put, broker, owners, key, row, key in rows)
+    after = snapshot(broker, owners) if applied else before
     new_base: Rows = {}
     for key in remote.keys() | after.keys() | base.keys():
         kept = remote.get(key) if key in dirty else after.get(key)
         if kept is not None:
             new_base[key] = kept
-    return new_base
+    return Merged(new_base, after)
 
 
-def _try(key: Key, fn: Any, *args: Any) -> None:
+def _try(key: Key, fn: Any, *args: Any) -> int:
+    """1 when the change was applied (or tried: it may have done part)."""
     try:
         fn(*args)
+        log.debug("cluster: %s %r", "deleted" if fn is _delete else "applied", key)
     except (BrokerError, KeyError, ValueError, TypeError) as exc:
         log.error("cluster: cannot apply the definition change of %r: %s", key, exc)
+    return 1
 
 
 def _delete(broker: Broker, key: Key) -> None:

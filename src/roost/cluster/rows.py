@@ -59,6 +59,36 @@ def decode_table(raw: bytes) -> dict[str, Any]:
     return dict(table)
 
 
+class TableEncodings:
+    """encode_table for snapshots, each table encoded once: a snapshot is
+    taken on every change, and the arguments of thousands of queues and
+    bindings would otherwise be encoded again every time. Keyed by the
+    table's identity; the entry holds the table, so the id is not reused
+    while cached, and compares it, so a table changed in place is encoded
+    anew. Entries not used by a whole snapshot are dropped after it."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[dict[str, Any], dict[str, Any], bytes]] = {}
+        self._used: dict[int, tuple[dict[str, Any], dict[str, Any], bytes]] | None = None
+
+    def encode(self, table: dict[str, Any] | None) -> bytes:
+        if not table:
+            return b""
+        entry = self._cache.get(id(table))
+        if entry is None or entry[0] is not table or entry[1] != table:
+            entry = self._cache[id(table)] = (table, dict(table), encode_table(table))
+        if self._used is not None:
+            self._used[id(table)] = entry
+        return entry[2]
+
+    def begin(self) -> None:
+        self._used = {}
+
+    def end(self) -> None:
+        if self._used is not None:
+            self._cache, self._used = self._used, None
+
+
 class RemoteOwner:
     """The owner of an exclusive queue declared on another node (or by an
     earlier incarnation of this one)."""
@@ -79,6 +109,8 @@ class Owners:
     def __init__(self) -> None:
         self.epoch = 0  # this node's current epoch
         self._remote: dict[tuple[int, str], RemoteOwner] = {}
+        # Kept here as the one object every snapshot of a node is given.
+        self.tables = TableEncodings()
 
     def describe(self, owner: object) -> tuple[int, str]:
         if isinstance(owner, RemoteOwner):
@@ -102,8 +134,12 @@ class Owners:
 def snapshot(broker: Broker, owners: Owners, table: str | None = None) -> Rows:
     """The rows of one table (all tables when ``table`` is None)."""
     rows: Rows = {}
+    if table is None:
+        owners.tables.begin()
     for t in TABLES if table is None else (table,):
         rows.update(_ROWS[t](broker, owners))
+    if table is None:
+        owners.tables.end()
     return rows
 
 
@@ -138,7 +174,7 @@ def _exchanges(broker: Broker, owners: Owners) -> Iterator[tuple[Key, Row]]:
                         ex.durable,
                         ex.auto_delete,
                         ex.internal,
-                        encode_table(ex.arguments),
+                        owners.tables.encode(ex.arguments),
                     ),
                 )
 
@@ -148,7 +184,7 @@ def queue_row(q: Queue, owners: Owners) -> Row:
     connection: str | None = None
     if q.exclusive_owner is not None:
         epoch, connection = owners.describe(q.exclusive_owner)
-    return (q.durable, q.auto_delete, encode_table(q.arguments), epoch, connection)
+    return (q.durable, q.auto_delete, owners.tables.encode(q.arguments), epoch, connection)
 
 
 def _queues(broker: Broker, owners: Owners) -> Iterator[tuple[Key, Row]]:
@@ -171,7 +207,7 @@ def _bindings(broker: Broker, owners: Owners) -> Iterator[tuple[Key, Row]]:
                         b.destination.kind,
                         b.destination.name,
                         b.routing_key,
-                        encode_table(b.arguments),
+                        owners.tables.encode(b.arguments),
                     ),
                     (),
                 )
