@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -247,3 +249,29 @@ def test_an_exclusive_queue_goes_everywhere_with_its_connection(
         return False
 
     _wait_for(gone, 5, "the exclusive queue deleted on a")
+
+
+def test_roost_ctl_on_one_node_changes_the_cluster(node: Callable[[str], RoostProcess]) -> None:
+    a, b = node("a"), node("b")
+    for args in (
+        ("add-user", "bob", "--password", "pw"),
+        ("set-permissions", "bob", ".*", ".*", ".*"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "roost", "ctl", *args, "--data-dir", str(a.data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+    with _connect(b, "bob", "pw"):
+        pass
+
+
+def test_x_expires_is_not_enforced_across_nodes(node: Callable[[str], RoostProcess]) -> None:
+    a, b = node("a"), node("b")
+    with _connect(a) as ca, _connect(b) as cb:
+        ca.channel().queue_declare("short-lived", arguments={"x-expires": 200})
+        time.sleep(0.6)  # a cannot tell whether b uses it: it stays
+        ca.channel().queue_declare("short-lived", passive=True)
+        cb.channel().queue_declare("short-lived", passive=True)

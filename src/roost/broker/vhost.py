@@ -80,10 +80,11 @@ class VirtualHost:
         self.name = name
         self.journal = journal
         self._changed = on_definitions_changed or _nothing
-        # In cluster mode every node must route to every queue, so transient
+        # Set (by Broker.add_vhost) when the vhost is shared by the nodes of
+        # a cluster. Every node must route to every queue, so transient
         # queues, exchanges and bindings are shared definitions too: their
-        # changes are reported like durable ones (Broker.add_vhost sets it).
-        self.share_transient = False
+        # changes are reported like durable ones.
+        self.clustered = False
         self._allocate_queue_id = allocate_queue_id
         # A deleted queue's (or delayed exchange's) log id: remembered as
         # deleted until everything logged under it is settled on disk.
@@ -194,7 +195,7 @@ class VirtualHost:
         self.exchanges[name] = ex
         if durable and deduper is not None and self.persist_dedup is not None:
             self.persist_dedup(self.name, "x", name, deduper)
-        if durable or self.share_transient:
+        if durable or self.clustered:
             self._changed()
         return ex
 
@@ -256,7 +257,7 @@ class VirtualHost:
                 self.store_id_settled(ex.store_id)
         if ex.durable and ex.deduper is not None and self.persist_dedup is not None:
             self.persist_dedup(self.name, "x", ex.name, None)
-        if ex.durable or self.share_transient:
+        if ex.durable or self.clustered:
             self._changed()
 
     # -- queues ---------------------------------------------------------
@@ -326,7 +327,7 @@ class VirtualHost:
                 q.store_id = self._allocate_queue_id()
             if q.deduper is not None and self.persist_dedup is not None:
                 self.persist_dedup(self.name, "q", name, q.deduper)
-        if durable or self.share_transient:
+        if durable or self.clustered:
             self._changed()
         return q
 
@@ -407,7 +408,7 @@ class VirtualHost:
             hook(q)
         if q.durable and q.deduper is not None and self.persist_dedup is not None:
             self.persist_dedup(self.name, "q", q.name, None)
-        if q.durable or self.share_transient:
+        if q.durable or self.clustered:
             self._changed()
         return count
 
@@ -448,7 +449,7 @@ class VirtualHost:
                 destination.bindings.add(b)
             else:
                 destination.inbound.add(b)
-            if (src.durable and destination.durable) or self.share_transient:
+            if (src.durable and destination.durable) or self.clustered:
                 self._changed()
 
     def unbind(
@@ -481,7 +482,7 @@ class VirtualHost:
     def _drop_binding(self, b: Binding, cascade: bool) -> None:
         src = b.source
         src.remove_binding(b)
-        if ((src.durable and b.destination.durable) or self.share_transient) and src.name:
+        if ((src.durable and b.destination.durable) or self.clustered) and src.name:
             self._changed()
         dest = b.destination
         if isinstance(dest, Queue):

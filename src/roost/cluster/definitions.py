@@ -85,9 +85,9 @@ class ClusterDefinitions:
         step from now on. The registry must be started."""
         broker = self.broker
         self.owners.epoch = self.registry.epoch
-        broker.share_transient_definitions = True
+        broker.clustered = True
         for vh in broker.vhosts.values():
-            vh.share_transient = True
+            vh.clustered = True
         # LISTEN before the first read: no change may fall between the two.
         self._listen_conn = await self._listen()
         # The fresh model is the base: what the tables lack of it (the
