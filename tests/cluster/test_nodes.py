@@ -143,3 +143,37 @@ async def test_a_restarted_node_takes_over_from_its_earlier_incarnation(pg_url: 
     finally:
         await restarted.leave()
         await crashed.leave()
+
+
+async def test_after_losing_the_database_a_node_gives_others_time_to_beat(pg_url: str) -> None:
+    a = NodeRegistry(pg_url, "a", 3)
+    await a.start()
+    try:
+        assert a.judging
+        # As if PostgreSQL had been out of reach for 10 s: the other nodes'
+        # heartbeats are as stale as this one's.
+        a._last_beat -= 10
+        assert await a.beat()
+        assert not a.judging
+    finally:
+        await a.leave()
+
+
+async def test_old_dead_incarnations_are_pruned(pg_url: str) -> None:
+    a = NodeRegistry(pg_url, "a", 3)
+    gone = NodeRegistry(pg_url, "gone", 3)
+    await a.start()
+    await gone.start()
+    await gone.leave()
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE roost_nodes SET cleaned_at = now() - interval '2 hours' WHERE epoch = %s",
+                (gone.epoch,),
+            )
+        await a.sweep()
+        with psycopg.connect(pg_url) as conn:
+            names = [r[0] for r in conn.execute("SELECT name FROM roost_nodes")]
+        assert names == ["a"]
+    finally:
+        await a.leave()

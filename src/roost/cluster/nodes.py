@@ -51,6 +51,9 @@ log = logging.getLogger("roost.cluster")
 # used by the sweep after deleting a dead node's exclusive queues).
 DEFINITIONS_CHANNEL = "roost_definitions"
 
+# How long rows of dead, cleaned-up incarnations are kept.
+PRUNE_AFTER = "1 hour"
+
 AsyncConn = psycopg.AsyncConnection[tuple[object, ...]]
 # Called inside the cleanup transaction of a dead epoch, on its connection.
 NodeDeadHook = Callable[[int, AsyncConn], Awaitable[None]]
@@ -95,6 +98,8 @@ class NodeRegistry:
         self._beat_conn: AsyncConn | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_beat = 0.0  # time.monotonic() of the last heartbeat that held
+        # No judging of other nodes before this time.monotonic() (see beat()).
+        self._sweep_after = 0.0
 
     # -- for the message layer -------------------------------------------
 
@@ -236,7 +241,8 @@ class NodeRegistry:
                 # The fencing check comes first: a node that wakes from a
                 # pause must learn that it is dead before it judges others.
                 await asyncio.wait_for(self.beat(), self.interval)
-                await asyncio.wait_for(self.sweep(), self.timeout)
+                if self.judging:
+                    await asyncio.wait_for(self.sweep(), self.timeout)
             except asyncio.CancelledError:
                 raise
             except (psycopg.Error, OSError, TimeoutError) as exc:
@@ -246,6 +252,12 @@ class NodeRegistry:
                     self._beat_conn = None
             except Exception:
                 log.exception("cluster heartbeat failed")
+
+    @property
+    def judging(self) -> bool:
+        """Whether this node's sweeps declare other nodes dead: not for a
+        timeout after the database was out of its reach (see beat())."""
+        return time.monotonic() >= self._sweep_after
 
     async def beat(self) -> bool:
         """One heartbeat. Returns False when this incarnation had been
@@ -257,7 +269,20 @@ class NodeRegistry:
             (self.epoch,),
         )
         if await cur.fetchone() is not None:
-            self._last_beat = time.monotonic()
+            now = time.monotonic()
+            if now - self._last_beat > self.timeout:
+                # Back after PostgreSQL was out of reach for longer than the
+                # timeout: so were the other nodes, most likely, and their
+                # heartbeats are as stale as this one's was. Give them a
+                # timeout's time to beat before judging them dead.
+                self._sweep_after = now + self.timeout
+                log.warning(
+                    "cluster: the database is reachable again after %.0fs; declaring no "
+                    "node dead for %ds",
+                    now - self._last_beat,
+                    self.timeout,
+                )
+            self._last_beat = now
             return True
         await self._fence()
         return False
@@ -295,6 +320,13 @@ class NodeRegistry:
                 (self.timeout,),
             )
             declared = [(int(str(r[0])), str(r[1])) for r in await cur.fetchall()]
+            # Dead incarnations are kept a while, to be seen (and, for the
+            # fencing check, a missing row reads as dead anyway).
+            await conn.execute(
+                "DELETE FROM roost_nodes n WHERE dead AND cleaned_at < now() - %s::interval"
+                " AND NOT EXISTS (SELECT 1 FROM roost_queues q WHERE q.owner_epoch = n.epoch)",
+                (PRUNE_AFTER,),
+            )
         for epoch, name in declared:
             log.warning("cluster node %s (epoch %d) declared dead: no heartbeat", name, epoch)
         await self.clean_dead()
