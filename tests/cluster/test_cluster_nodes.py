@@ -275,3 +275,22 @@ def test_x_expires_is_not_enforced_across_nodes(node: Callable[[str], RoostProce
         time.sleep(0.6)  # a cannot tell whether b uses it: it stays
         ca.channel().queue_declare("short-lived", passive=True)
         cb.channel().queue_declare("short-lived", passive=True)
+
+
+def test_deleting_a_vhost_on_one_node_closes_its_connections_on_another(
+    node: Callable[[str], RoostProcess],
+) -> None:
+    a, b = node("a"), node("b")
+    _api(b, "PUT", "/api/vhosts/shared")
+    _api(
+        b, "PUT", "/api/permissions/shared/guest", {"configure": ".*", "write": ".*", "read": ".*"}
+    )
+    params = pika.ConnectionParameters(a.host, a.port, "shared")
+    conn = pika.BlockingConnection(params)
+    conn.channel().queue_declare("in-shared")
+    _api(b, "DELETE", "/api/vhosts/shared")
+    with pytest.raises(ConnectionClosedByBroker) as info:
+        for _ in range(50):
+            conn.process_data_events(0.1)
+    assert info.value.reply_code == 320
+    assert "shared" not in {v["name"] for v in _api(a, "GET", "/api/vhosts")}
