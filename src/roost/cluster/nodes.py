@@ -26,7 +26,7 @@ every claim or ack adds, so that a statement of a dead incarnation changes
 nothing even when the node has not noticed yet::
 
     UPDATE roost_messages SET owner = %(epoch)s WHERE ... AND EXISTS
-        (SELECT 1 FROM roost_nodes WHERE epoch = %(epoch)s AND NOT dead)
+        (SELECT 1 FROM roost_nodes WHERE epoch = %(epoch)s AND NOT dead FOR KEY SHARE)
 """
 
 from __future__ import annotations
@@ -55,8 +55,12 @@ DEFINITIONS_CHANNEL = "roost_definitions"
 PRUNE_AFTER = "1 hour"
 
 AsyncConn = psycopg.AsyncConnection[tuple[object, ...]]
-# Called inside the cleanup transaction of a dead epoch, on its connection.
-NodeDeadHook = Callable[[int, AsyncConn], Awaitable[None]]
+# Called inside the cleanup transaction of a dead epoch with its
+# connection, which holds the epoch's roost_nodes row FOR UPDATE: run every
+# statement on it (one on another connection that locks that row would
+# wait for this transaction, which waits for the hook). Must be idempotent:
+# a cleanup that fails is rolled back and done again by the next sweep.
+NodeDeadHook = Callable[[int, AsyncConn], Awaitable[object]]
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,13 @@ class NodeRegistry:
     @staticmethod
     def fence_sql(param: str = "%s") -> str:
         """The condition that makes a statement a no-op once the epoch bound
-        to ``param`` is dead."""
-        return f"EXISTS (SELECT 1 FROM roost_nodes WHERE epoch = {param} AND NOT dead)"
+        to ``param`` is dead. FOR KEY SHARE: a statement that passed the
+        check holds the node's row until it commits, and the dead node's
+        cleanup (FOR UPDATE on that row) waits for it, so no claim of the
+        dead incarnation lands after its claims were released."""
+        return (
+            f"EXISTS (SELECT 1 FROM roost_nodes WHERE epoch = {param} AND NOT dead FOR KEY SHARE)"
+        )
 
     # -- life cycle --------------------------------------------------------
 
@@ -134,8 +143,10 @@ class NodeRegistry:
             )
             await self.pool.open(wait=True, timeout=self.timeout)
             await self._register()
-            # An earlier incarnation this one took over goes now.
-            await self.clean_dead()
+            # An earlier incarnation this one took over goes now (or, should
+            # that fail, with the next sweep).
+            with contextlib.suppress(TimeoutError):
+                await self.clean_dead()
         except (psycopg.Error, OSError) as exc:
             await self._close_connections()
             raise ClusterError(f"cannot use the cluster database: {exc}") from exc
@@ -209,7 +220,7 @@ class NodeRegistry:
                         "UPDATE roost_nodes SET dead = true WHERE epoch = %s", (self.epoch,)
                     )
                 await self.clean_dead()
-            except psycopg.Error as exc:
+            except (psycopg.Error, TimeoutError) as exc:
                 log.error("cluster: could not leave cleanly (the others will time it out): %s", exc)
         await self._close_connections()
 
@@ -350,7 +361,18 @@ class NodeRegistry:
                 # The message layer first: its statements may need rows
                 # (queues) that the deletions below cascade over.
                 for hook in list(self.on_node_dead):
-                    await hook(epoch, conn)
+                    try:
+                        await asyncio.wait_for(hook(epoch, conn), self.timeout)
+                    except TimeoutError:
+                        # Rolled back, retried by the next sweep.
+                        log.error(
+                            "cluster: cleaning up after epoch %d: a node-dead hook did not "
+                            "finish in %ds (a statement on another connection waiting for "
+                            "this transaction's lock on the node's row?)",
+                            epoch,
+                            self.timeout,
+                        )
+                        raise
                 dropped = await drop_exclusive_queues(conn, epoch)
                 await conn.execute(
                     "UPDATE roost_nodes SET cleaned_at = now() WHERE epoch = %s", (epoch,)
