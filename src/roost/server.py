@@ -112,9 +112,9 @@ class Server:
                 default_user=self.config.default_user,
                 default_password=self.config.default_password,
                 max_message_size=self.config.max_message_size,
-                # The seam of cluster mode's message layer: its journal (the
-                # PostgreSQL backing queue) plugs in here; until it does,
-                # a cluster node keeps messages in memory only.
+                # In cluster mode no journal here: the message layer's plugs
+                # in at _join_cluster; until it does, a cluster node keeps
+                # messages in memory only.
                 journal=state.store if state is not None else None,
                 max_connections=self.config.max_connections,
                 max_connections_per_vhost=self.config.max_connections_per_vhost,
@@ -218,7 +218,11 @@ class Server:
             self.config.node_timeout,
         )
         self.cluster = node
-        await node.start(broker, self._fenced)
+        await node.register(self._fenced)
+        # The seam of the message layer: with the epoch known and before the
+        # definitions create the queues, it sets broker.journal and hooks
+        # node.registry.on_node_dead / on_registered.
+        await node.load(broker)
         await self._server.start_serving()
         if self._tls_server is not None:
             await self._tls_server.start_serving()

@@ -2,9 +2,13 @@
 shared definitions, started and stopped together.
 
 The message layer (``roost_messages``, the PostgreSQL backing queue) plugs
-in here: it needs :attr:`ClusterNode.registry` (``epoch``, ``is_current``,
-``fence_sql``, the ``on_node_dead`` hook, ``pool``) and the queues' ids
-(:meth:`ClusterDefinitions.queue_id`).
+in between :meth:`ClusterNode.register` and :meth:`ClusterNode.load` (see
+``Server._join_cluster``): it needs the registry's ``epoch`` (which changes
+when the node is fenced and registers again: ``on_registered``),
+``fence_sql``, the ``on_node_dead`` hook (given the cleanup transaction's
+connection) and ``pool``; and the queues' ids
+(:meth:`ClusterDefinitions.queue_id`), known once the definitions are
+loaded.
 """
 
 from __future__ import annotations
@@ -29,20 +33,23 @@ class ClusterNode:
     def name(self) -> str:
         return self.registry.name
 
-    async def start(self, broker: Broker, on_fenced: Callable[[], Awaitable[None]]) -> None:
-        """Register and load the definitions into ``broker`` (a fresh model).
-        ``on_fenced`` runs when this incarnation is found declared dead,
-        before the node registers again: it must close every client
-        connection. Raises ClusterError."""
-        registry = self.registry
-        # First of the hooks: nothing of the dead incarnation may go on.
-        registry.on_fenced.append(on_fenced)
-        await registry.start()
-        definitions = ClusterDefinitions(registry, broker)
+    async def register(self, on_fenced: Callable[[], Awaitable[None]]) -> None:
+        """Migrate the schema and register this incarnation (its epoch is
+        then ``registry.epoch``). ``on_fenced`` runs when the incarnation
+        is found declared dead, before the node registers again: it must
+        close every client connection. Raises ClusterError."""
+        # First of the fencing hooks: nothing of the dead incarnation may go on.
+        self.registry.on_fenced.append(on_fenced)
+        await self.registry.start()
+
+    async def load(self, broker: Broker) -> None:
+        """Load the shared definitions into ``broker`` (a fresh model) and
+        keep them in step from now on."""
+        definitions = ClusterDefinitions(self.registry, broker)
         try:
             await definitions.start()
         except BaseException:
-            await registry.leave()
+            await self.registry.leave()
             raise
         self.definitions = definitions
 
