@@ -85,8 +85,15 @@ def test_a_remote_exclusive_queue_is_locked_here() -> None:
         broker.vhosts["/"].declare_queue("theirs", owner=object(), passive=True)
     assert info.value.code == 405
     # Reconciling again changes nothing: the same owner object is found.
-    assert reconcile(broker, owners, new_base, remote).base == remote
+    merged = reconcile(broker, owners, new_base, remote)
+    assert merged.base == remote
     assert broker.vhosts["/"].queues["theirs"] is q
+    owners.retain(merged.model)
+    assert owners.resolve(3, "10.0.0.1:5000#1") is q.exclusive_owner
+    # Once the queue is gone, so is its owner.
+    del remote[("queue", "/", "theirs")]
+    owners.retain(reconcile(broker, owners, merged.base, remote).model)
+    assert owners.resolve(3, "10.0.0.1:5000#1") is not q.exclusive_owner
 
 
 def test_a_deleted_user_takes_its_permissions_along() -> None:

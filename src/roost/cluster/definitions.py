@@ -278,6 +278,7 @@ class ClusterDefinitions:
         finally:
             self._applying = False
         self.base = merged.base
+        self.owners.retain(merged.model)
         log.debug("cluster: applied definitions version %d", version)
         self.queue_ids = queue_ids
         self.version = max(self.version, version)

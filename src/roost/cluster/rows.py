@@ -126,8 +126,11 @@ class Owners:
             owner = self._remote[key] = RemoteOwner(epoch, connection)
         return owner
 
-    def forget(self, epoch: int) -> None:
-        for key in [k for k in self._remote if k[0] == epoch]:
+    def retain(self, rows: Rows) -> None:
+        """Forget the owners no queue of ``rows`` names any more (one per
+        remote connection that ever declared an exclusive queue, otherwise)."""
+        named = {(r[3], r[4]) for k, r in rows.items() if k[0] == "queue" and r[3] is not None}
+        for key in [k for k in self._remote if k not in named]:
             del self._remote[key]
 
 
