@@ -37,6 +37,7 @@ import psycopg
 
 from roost.broker.broker import Broker
 from roost.cluster import store
+from roost.cluster.errors import ClusterError
 from roost.cluster.nodes import DEFINITIONS_CHANNEL, AsyncConn, NodeRegistry
 from roost.cluster.reconcile import reconcile
 from roost.cluster.rows import Key, Owners, RemoteOwner, Rows, snapshot
@@ -88,13 +89,19 @@ class ClusterDefinitions:
         broker.clustered = True
         for vh in broker.vhosts.values():
             vh.clustered = True
-        # LISTEN before the first read: no change may fall between the two.
-        self._listen_conn = await self._listen()
-        # The fresh model is the base: what the tables lack of it (the
-        # default vhost and user, once deleted) goes from the model.
-        self.base = snapshot(broker, self.owners)
-        await self._seed()
-        await self._reload()
+        try:
+            # LISTEN before the first read: no change may fall between them.
+            self._listen_conn = await self._listen()
+            # The fresh model is the base: what the tables lack of it (the
+            # default vhost and user, once deleted) goes from the model.
+            self.base = snapshot(broker, self.owners)
+            await self._seed()
+            await self._reload()
+        except (psycopg.Error, OSError) as exc:
+            if self._listen_conn is not None:
+                await self._listen_conn.close()
+                self._listen_conn = None
+            raise ClusterError(f"cannot load the cluster's definitions: {exc}") from exc
         self._written_generation = broker.definitions_generation
         self._released_generation = broker.definitions_generation
         broker.on_definitions_changed = self._changed
@@ -146,6 +153,16 @@ class ClusterDefinitions:
         for _, callback in ready:
             callback()
 
+    def _release_unwritten(self, generation: int) -> None:
+        """Everything up to ``generation`` is in the tables without a write
+        of this node's own to wait for."""
+        if self._ack_tasks:
+            # A write is waiting for the other nodes: releasing now would
+            # let its declare-ok overtake them. The end of its wait does it.
+            self._deferred_release = max(self._deferred_release, generation)
+        else:
+            self._release(generation)
+
     # -- the worker --------------------------------------------------------
 
     async def _work(self) -> None:
@@ -164,12 +181,17 @@ class ClusterDefinitions:
                     if self.broker.definitions_generation > self._written_generation:
                         await self._flush()
                 failures = 0
-            except (psycopg.Error, OSError) as exc:
+            except Exception as exc:
                 # The database is away or a write conflicted with another
                 # node's (a permission for a user just deleted there): read
                 # the tables again, then write what is still different.
+                # Anything else is a bug, but this task must go on: every
+                # declare-ok waits for it.
                 failures += 1
-                log.warning("cluster: writing definitions failed (will retry): %s", exc)
+                if isinstance(exc, (psycopg.Error, OSError)):
+                    log.warning("cluster: writing definitions failed (will retry): %s", exc)
+                else:
+                    log.exception("cluster: syncing definitions failed (will retry)")
                 self._reload_wanted = True
                 await asyncio.sleep(min(5.0, 0.05 * 2**failures))
                 self._wake.set()
@@ -182,7 +204,7 @@ class ClusterDefinitions:
         if rows == self.base:
             # Nothing to write (a change undone before it was written).
             self._written_generation = max(self._written_generation, generation)
-            self._release(generation)
+            self._release_unwritten(generation)
             return
         async with pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
@@ -287,12 +309,7 @@ class ClusterDefinitions:
             # write, and whoever waits on a change so far may go on.
             generation = self.broker.definitions_generation
             self._written_generation = max(self._written_generation, generation)
-            if self._ack_tasks:
-                # A write is waiting for the other nodes: releasing now
-                # would let its declare-ok overtake them. Its wait ends it.
-                self._deferred_release = max(self._deferred_release, generation)
-            else:
-                self._release(generation)
+            self._release_unwritten(generation)
         async with pool.connection() as conn:
             await conn.execute(
                 "SELECT pg_notify(%s, %s)", (APPLIED_CHANNEL, f"{self.registry.epoch}:{version}")
@@ -317,7 +334,7 @@ class ClusterDefinitions:
                     self._notified(note.channel, note.payload)
             except asyncio.CancelledError:
                 raise
-            except (psycopg.Error, OSError) as exc:
+            except Exception as exc:
                 log.warning("cluster: lost the notification connection: %s", exc)
                 if self._listen_conn is not None:
                     await self._listen_conn.close()
