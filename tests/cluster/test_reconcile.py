@@ -113,3 +113,24 @@ def test_a_changed_queue_is_declared_again() -> None:
     remote[("queue", "/", "q")] = (True, False, encode_table({"x-max-length": 1}), None, None)
     reconcile(broker, owners, base, remote)
     assert vh.queues["q"].durable and vh.queues["q"].arguments == {"x-max-length": 1}
+
+
+def test_exchange_to_exchange_bindings_and_arguments_carry_over() -> None:
+    source, source_owners = _node()
+    vh = source.vhosts["/"]
+    vh.declare_exchange("ae", "fanout")
+    vh.declare_exchange("front", "topic", arguments={"alternate-exchange": "ae"})
+    vh.declare_exchange("back", "headers")
+    vh.bind("front", vh.exchanges["back"], "#", {})
+    q = vh.declare_queue("matched", owner=object())
+    vh.bind("back", q, "", {"x-match": "all", "kind": "order", "n": 3})
+    remote = snapshot(source, source_owners)
+
+    broker, owners = _node()
+    reconcile(broker, owners, snapshot(broker, owners), remote)
+    assert snapshot(broker, owners) == remote
+    here = broker.vhosts["/"]
+    assert here.exchanges["front"].arguments == {"alternate-exchange": "ae"}
+    [binding] = here.exchanges["back"].bindings.values()
+    assert binding.arguments == {"x-match": "all", "kind": "order", "n": 3}
+    assert [b.destination.name for b in here.exchanges["front"].bindings.values()] == ["back"]
