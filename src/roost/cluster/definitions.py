@@ -36,6 +36,7 @@ from collections.abc import Callable
 import psycopg
 
 from roost.broker.broker import Broker
+from roost.broker.queue import Queue
 from roost.cluster import store
 from roost.cluster.errors import ClusterError
 from roost.cluster.nodes import DEFINITIONS_CHANNEL, AsyncConn, NodeRegistry
@@ -62,6 +63,9 @@ class ClusterDefinitions:
         # roost_queues.id by ("queue", vhost, name): the key of a queue's
         # messages for the message layer.
         self.queue_ids: dict[Key, int] = {}
+        # The queue object each row of the base stands for: a queue deleted
+        # and declared again has the same row but is a new queue.
+        self._queue_objects: dict[Key, Queue] = {}
         self._applying = False
         self._reload_wanted = False
         self._wake = asyncio.Event()
@@ -199,9 +203,11 @@ class ClusterDefinitions:
     async def _flush(self) -> None:
         generation = self.broker.definitions_generation
         rows = snapshot(self.broker, self.owners)
+        queues = self._queues_now()
+        replaced = self._replaced(queues)
         pool = self.registry.pool
         assert pool is not None
-        if rows == self.base:
+        if rows == self.base and not replaced:
             # Nothing to write (a change undone before it was written).
             self._written_generation = max(self._written_generation, generation)
             self._release_unwritten(generation)
@@ -214,7 +220,7 @@ class ClusterDefinitions:
             got = await cur.fetchone()
             assert got is not None
             version = int(str(got[0]))
-            await store.write(conn, self.base, rows, self.queue_ids)
+            await store.write(conn, self.base, rows, self.queue_ids, replaced)
             await conn.execute(
                 "SELECT pg_notify(%s, %s)",
                 (DEFINITIONS_CHANNEL, f"{self.registry.epoch}:{version}"),
@@ -223,6 +229,7 @@ class ClusterDefinitions:
             # node registering after it loads the tables as they are now.
             peers = await self._live_peers(conn)
         self.base = rows
+        self._queue_objects = queues
         self._written_generation = max(self._written_generation, generation)
         task = asyncio.get_running_loop().create_task(
             self._acknowledged(generation, version, peers)
@@ -296,11 +303,13 @@ class ClusterDefinitions:
         # From here to the end, no await: nothing changes the model meanwhile.
         self._applying = True
         try:
-            merged = reconcile(self.broker, self.owners, self.base, remote)
+            pending = self._replaced(self._queues_now())
+            merged = reconcile(self.broker, self.owners, self.base, remote, pending)
         finally:
             self._applying = False
         self.base = merged.base
         self.owners.retain(merged.model)
+        self._track_queues(pending, merged.base)
         log.debug("cluster: applied definitions version %d", version)
         self.queue_ids = queue_ids
         self.version = max(self.version, version)
@@ -314,6 +323,30 @@ class ClusterDefinitions:
             await conn.execute(
                 "SELECT pg_notify(%s, %s)", (APPLIED_CHANNEL, f"{self.registry.epoch}:{version}")
             )
+
+    # -- queue identity ----------------------------------------------------
+
+    def _queues_now(self) -> dict[Key, Queue]:
+        return {
+            ("queue", vname, q.name): q
+            for vname, vh in self.broker.vhosts.items()
+            for q in vh.queues.values()
+        }
+
+    def _replaced(self, queues: dict[Key, Queue]) -> frozenset[Key]:
+        """Queues deleted and declared again here since they were written."""
+        known = self._queue_objects
+        return frozenset(k for k, q in queues.items() if k in known and known[k] is not q)
+
+    def _track_queues(self, pending: frozenset[Key], base: Rows) -> None:
+        """After a merge: the model's queues stand for the rows, but for
+        local replacements and deletions still to be written."""
+        old = self._queue_objects
+        objects = {k: old[k] if k in pending else q for k, q in self._queues_now().items()}
+        for k, q in old.items():
+            if k not in objects and k in base:  # a deletion still to write
+                objects[k] = q
+        self._queue_objects = objects
 
     # -- notifications -----------------------------------------------------
 

@@ -36,10 +36,17 @@ class Merged(NamedTuple):
     model: Rows  # the model's rows after the merge
 
 
-def reconcile(broker: Broker, owners: Owners, base: Rows, remote: Rows) -> Merged:
-    """Apply ``remote`` to the model."""
+def reconcile(
+    broker: Broker,
+    owners: Owners,
+    base: Rows,
+    remote: Rows,
+    pending: frozenset[Key] = frozenset(),
+) -> Merged:
+    """Apply ``remote`` to the model. ``pending`` are local changes that
+    rows do not show (a queue deleted and declared again alike)."""
     before = snapshot(broker, owners)
-    dirty = {k for k in before.keys() | base.keys() if before.get(k) != base.get(k)}
+    dirty = {k for k in before.keys() | base.keys() if before.get(k) != base.get(k)} | pending
     by_table: dict[str, Rows] = {t: {} for t in TABLES}
     for key, row in before.items():
         by_table[key[0]][key] = row

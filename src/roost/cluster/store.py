@@ -69,12 +69,23 @@ def _params(key: Key, row: Row) -> list[Any]:
     return values
 
 
-async def write(conn: AsyncConn, base: Rows, rows: Rows, queue_ids: dict[Key, int]) -> int:
+async def write(
+    conn: AsyncConn,
+    base: Rows,
+    rows: Rows,
+    queue_ids: dict[Key, int],
+    replaced: frozenset[Key] = frozenset(),
+) -> int:
     """Make the tables hold ``rows`` where they held ``base``; returns the
-    number of rows changed. Ids of upserted queues go into ``queue_ids``."""
+    number of rows changed. Ids of upserted queues go into ``queue_ids``.
+
+    ``replaced`` are queues deleted and declared again since ``base``: a
+    new queue, which must not inherit the old one's id (the key of its
+    messages), so its row is deleted and inserted anew, and the bindings
+    to it (gone with the old row) inserted again."""
     changed = 0
     for table in reversed(TABLES):
-        for key in base.keys() - rows.keys():
+        for key in (base.keys() - rows.keys()) | (replaced & base.keys()):
             if key[0] != table:
                 continue
             for sql in _DELETE[table]:
@@ -86,7 +97,9 @@ async def write(conn: AsyncConn, base: Rows, rows: Rows, queue_ids: dict[Key, in
             changed += 1
     for table in TABLES:
         for key, row in rows.items():
-            if key[0] != table or base.get(key) == row:
+            if key[0] != table:
+                continue
+            if base.get(key) == row and key not in replaced and not _binds(key, replaced):
                 continue
             cur = await conn.execute(_UPSERT[table], _params(key, row))
             if table == "queue":
@@ -95,6 +108,11 @@ async def write(conn: AsyncConn, base: Rows, rows: Rows, queue_ids: dict[Key, in
                     queue_ids[key] = int(str(got[0]))
             changed += 1
     return changed
+
+
+def _binds(key: Key, queues: frozenset[Key]) -> bool:
+    """Whether ``key`` is a binding to one of ``queues``."""
+    return key[0] == "binding" and key[3] == "queue" and ("queue", key[1], key[4]) in queues
 
 
 async def read(conn: AsyncConn) -> tuple[int, Rows, dict[Key, int]]:
