@@ -140,6 +140,9 @@ class NodeRegistry:
                 kwargs={"autocommit": True},
                 open=False,
                 name="roost",
+                # Waiting longer for a connection than a node may stay silent
+                # helps nobody (the default is 30 s).
+                timeout=self.timeout,
             )
             await self.pool.open(wait=True, timeout=self.timeout)
             await self._register()

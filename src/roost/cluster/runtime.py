@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+import psycopg
+
 from roost.broker.broker import Broker
 from roost.cluster.definitions import ClusterDefinitions
 from roost.cluster.nodes import NodeRegistry
@@ -57,11 +59,14 @@ class ClusterNode:
         await self.registry.set_addresses(amqp_address, http_address)
 
     async def nodes(self) -> list[NodeListing]:
-        """The live nodes, for /api/nodes."""
-        return [
-            NodeListing(n.name, n.uptime_ms, n.amqp_address, n.http_address)
-            for n in await self.registry.live_nodes()
-        ]
+        """The live nodes, for /api/nodes: while PostgreSQL is out of reach,
+        this node alone (what it knows for sure)."""
+        try:
+            live = await self.registry.live_nodes()
+        except (psycopg.Error, OSError) as exc:
+            log.warning("cluster: cannot list the nodes: %s", exc)
+            return [NodeListing(self.name, 0)]
+        return [NodeListing(n.name, n.uptime_ms, n.amqp_address, n.http_address) for n in live]
 
     async def stop(self) -> None:
         """Leave the cluster: write what is pending, then declare this
