@@ -3,6 +3,8 @@ with fencing, dead-node sweeps and their cleanup."""
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 
 from roost.cluster.nodes import AsyncConn, NodeRegistry
@@ -33,6 +35,19 @@ async def test_nodes_register_with_their_own_epochs(pg_url: str) -> None:
     finally:
         await a.leave()
         await b.leave()
+
+
+async def test_heartbeats_report_when_they_were_sent(pg_url: str) -> None:
+    a = NodeRegistry(pg_url, "a", 3)
+    sent: list[float] = []
+    a.on_beat.append(sent.append)
+    before = time.monotonic()
+    await a.start()
+    try:
+        assert await a.beat()
+        assert len(sent) == 2 and before <= sent[0] <= sent[1] <= time.monotonic()
+    finally:
+        await a.leave()
 
 
 async def test_a_silent_node_is_declared_dead_and_cleaned_up_once(pg_url: str) -> None:

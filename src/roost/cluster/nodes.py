@@ -97,6 +97,11 @@ class NodeRegistry:
         self.on_fenced: list[Callable[[], Awaitable[None]]] = []
         self.on_registered: list[Callable[[int], Awaitable[None]]] = []
         self.on_node_dead: list[NodeDeadHook] = []
+        # Called after each heartbeat that committed (registering counts),
+        # with the time.monotonic() taken before it was sent: no other node
+        # can find this incarnation silent before ``sent + timeout`` (the
+        # message layer's delivery lease).
+        self.on_beat: list[Callable[[float], None]] = []
         self.pool: AsyncConnectionPool[AsyncConn] | None = None
         # The heartbeat's own connection: never queued behind other work.
         self._beat_conn: AsyncConn | None = None
@@ -167,6 +172,7 @@ class NodeRegistry:
 
     async def _register(self) -> None:
         conn = await self._heartbeat_connection()
+        sent = time.monotonic()
         async with conn.transaction():
             # A node that restarts (after a crash, a kill) takes over from
             # its earlier incarnation at once rather than after the timeout:
@@ -196,6 +202,7 @@ class NodeRegistry:
         self._fenced = False
         self._last_beat = time.monotonic()
         log.info("cluster node %s registered as epoch %d", self.name, self.epoch)
+        self._beaten(sent)
 
     async def set_addresses(self, amqp_address: str, http_address: str) -> None:
         """Record where this node listens (known only once it does)."""
@@ -277,6 +284,7 @@ class NodeRegistry:
         """One heartbeat. Returns False when this incarnation had been
         declared dead (it has then been replaced by a new one)."""
         conn = await self._heartbeat_connection()
+        sent = time.monotonic()
         cur = await conn.execute(
             "UPDATE roost_nodes SET heartbeat_at = now() WHERE epoch = %s AND NOT dead"
             " RETURNING epoch",
@@ -297,9 +305,17 @@ class NodeRegistry:
                     self.timeout,
                 )
             self._last_beat = now
+            self._beaten(sent)
             return True
         await self._fence()
         return False
+
+    def _beaten(self, sent: float) -> None:
+        for hook in list(self.on_beat):
+            try:
+                hook(sent)
+            except Exception:
+                log.exception("cluster: a heartbeat hook failed")
 
     async def _fence(self) -> None:
         self._fenced = True
