@@ -37,7 +37,7 @@ import psycopg
 
 from roost.broker.broker import Broker
 from roost.broker.queue import Queue
-from roost.cluster import store
+from roost.cluster import changes, store
 from roost.cluster.errors import ClusterError
 from roost.cluster.nodes import DEFINITIONS_CHANNEL, AsyncConn, NodeRegistry
 from roost.cluster.reconcile import reconcile
@@ -49,6 +49,9 @@ APPLIED_CHANNEL = "roost_definitions_applied"
 # pg_advisory_xact_lock key under which a brand-new database gets its
 # default vhost and user ("roostdef").
 SEED_LOCK = 0x726F6F7374646566
+# Catching up reads the change log; every so often everything instead, so
+# that a change that could not be applied here is tried again.
+FULL_READ_EVERY = 300.0
 # How often a wait for the other nodes looks at who is still alive.
 _ACK_POLL = 0.25
 
@@ -66,6 +69,7 @@ class ClusterDefinitions:
         # The queue object each row of the base stands for: a queue deleted
         # and declared again has the same row but is a new queue.
         self._queue_objects: dict[Key, Queue] = {}
+        self._next_full_read = 0.0  # time.monotonic()
         self._applying = False
         self._reload_wanted = False
         self._wake = asyncio.Event()
@@ -220,7 +224,7 @@ class ClusterDefinitions:
             got = await cur.fetchone()
             assert got is not None
             version = int(str(got[0]))
-            await store.write(conn, self.base, rows, self.queue_ids, replaced)
+            await store.write(conn, self.base, rows, self.queue_ids, version, replaced)
             await conn.execute(
                 "SELECT pg_notify(%s, %s)",
                 (DEFINITIONS_CHANNEL, f"{self.registry.epoch}:{version}"),
@@ -287,19 +291,39 @@ class ClusterDefinitions:
             got = await cur.fetchone()
             if got is None or not got[0]:
                 return
-            await conn.execute(
+            cur = await conn.execute(
                 "UPDATE roost_cluster SET definitions_version = definitions_version + 1"
+                " RETURNING definitions_version"
             )
-            await store.write(conn, {}, self.base, self.queue_ids)
+            got = await cur.fetchone()
+            assert got is not None
+            await store.write(conn, {}, self.base, self.queue_ids, int(str(got[0])))
             log.info("cluster: new database; created the default vhost and user")
 
     async def _reload(self) -> None:
         pool = self.registry.pool
         assert pool is not None
+        full = self.version == 0 or time.monotonic() >= self._next_full_read
         async with pool.connection() as conn, conn.transaction():
-            # One snapshot of every table and the version it is at.
+            # One snapshot: the version, the changes up to it, the rows.
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            version, remote, queue_ids = await store.read(conn)
+            version = await store.version(conn)
+            scopes = None
+            if not full and version >= self.version:
+                scopes = await changes.since(conn, self.version, version)
+            if scopes is None:
+                remote, queue_ids = await store.read(conn)
+            else:
+                fetched, fetched_ids = await store.read(conn, changes.conditions(scopes))
+        if scopes is None:
+            self._next_full_read = time.monotonic() + FULL_READ_EVERY
+        else:
+            # The rest of the tables is as this node last wrote or read it.
+            touched = changes.Matcher(scopes)
+            remote = {k: row for k, row in self.base.items() if not touched(k)}
+            remote.update(fetched)
+            queue_ids = {k: i for k, i in self.queue_ids.items() if not touched(k)}
+            queue_ids.update(fetched_ids)
         # From here to the end, no await: nothing changes the model meanwhile.
         self._applying = True
         try:
@@ -310,7 +334,11 @@ class ClusterDefinitions:
         self.base = merged.base
         self.owners.retain(merged.model)
         self._track_queues(pending, merged.base)
-        log.debug("cluster: applied definitions version %d", version)
+        log.debug(
+            "cluster: applied definitions version %d (%s)",
+            version,
+            "read everything" if scopes is None else f"{len(scopes)} changed scope(s)",
+        )
         self.queue_ids = queue_ids
         self.version = max(self.version, version)
         if merged.model == merged.base:

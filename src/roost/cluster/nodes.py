@@ -437,6 +437,19 @@ async def drop_exclusive_queues(conn: AsyncConn, epoch: int) -> int:
         " WHERE b.vhost = g.vhost AND b.destination_type = 'queue' AND b.destination = g.name",
         ([str(r[0]) for r in gone], [str(r[1]) for r in gone]),
     )
-    await conn.execute("UPDATE roost_cluster SET definitions_version = definitions_version + 1")
+    cur = await conn.execute(
+        "UPDATE roost_cluster SET definitions_version = definitions_version + 1"
+        " RETURNING definitions_version"
+    )
+    version = await cur.fetchone()
+    assert version is not None
+    # The change log's scopes (roost.cluster.changes): each queue, with the
+    # bindings to it.
+    await conn.execute(
+        "INSERT INTO roost_definition_changes (version, scope)"
+        " SELECT %s, ARRAY['queue', g.vhost, g.name] FROM unnest(%s::text[], %s::text[])"
+        " AS g(vhost, name)",
+        (version[0], [str(r[0]) for r in gone], [str(r[1]) for r in gone]),
+    )
     await conn.execute("SELECT pg_notify(%s, %s)", (DEFINITIONS_CHANNEL, "0"))
     return len(gone)

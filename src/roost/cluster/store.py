@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from roost.cluster import changes
 from roost.cluster.nodes import AsyncConn
 from roost.cluster.rows import TABLES, Key, Row, Rows
 
@@ -74,6 +75,7 @@ async def write(
     base: Rows,
     rows: Rows,
     queue_ids: dict[Key, int],
+    version: int,
     replaced: frozenset[Key] = frozenset(),
 ) -> int:
     """Make the tables hold ``rows`` where they held ``base``; returns the
@@ -82,8 +84,10 @@ async def write(
     ``replaced`` are queues deleted and declared again since ``base``: a
     new queue, which must not inherit the old one's id (the key of its
     messages), so its row is deleted and inserted anew, and the bindings
-    to it (gone with the old row) inserted again."""
+    to it (gone with the old row) inserted again. What changed is logged
+    under ``version`` (:mod:`changes`)."""
     changed = 0
+    touched: list[Key] = []
     for table in reversed(TABLES):
         for key in (base.keys() - rows.keys()) | (replaced & base.keys()):
             if key[0] != table:
@@ -94,6 +98,7 @@ async def write(
                 else:
                     await conn.execute(sql, key[1:])
             queue_ids.pop(key, None)
+            touched.append(key)
             changed += 1
     for table in TABLES:
         for key, row in rows.items():
@@ -106,7 +111,9 @@ async def write(
                 got = await cur.fetchone()
                 if got is not None:
                     queue_ids[key] = int(str(got[0]))
+            touched.append(key)
             changed += 1
+    await changes.record(conn, version, touched)
     return changed
 
 
@@ -115,45 +122,53 @@ def _binds(key: Key, queues: frozenset[Key]) -> bool:
     return key[0] == "binding" and key[3] == "queue" and ("queue", key[1], key[4]) in queues
 
 
-async def read(conn: AsyncConn) -> tuple[int, Rows, dict[Key, int]]:
-    """The definitions version, every definition row, and the queues' ids;
-    in one snapshot (the caller's REPEATABLE READ transaction)."""
-    rows: Rows = {}
-    queue_ids: dict[Key, int] = {}
+_SELECT = {
+    "vhost": "SELECT name FROM roost_vhosts",
+    "user": "SELECT name, password_hash, hashing_algorithm, tags FROM roost_users",
+    "permission": "SELECT username, vhost, configure, write, read FROM roost_permissions",
+    "exchange": "SELECT vhost, name, type, durable, auto_delete, internal, arguments"
+    " FROM roost_exchanges",
+    "queue": "SELECT id, vhost, name, durable, auto_delete, arguments, owner_epoch,"
+    " owner_connection FROM roost_queues",
+    "binding": "SELECT vhost, source, destination_type, destination, routing_key, arguments"
+    " FROM roost_bindings",
+}
+
+
+async def version(conn: AsyncConn) -> int:
     cur = await conn.execute("SELECT definitions_version FROM roost_cluster")
     got = await cur.fetchone()
-    version = int(str(got[0])) if got is not None else 0
-    for r in await (await conn.execute("SELECT name FROM roost_vhosts")).fetchall():
-        rows[("vhost", r[0])] = ()
-    for r in await (
-        await conn.execute("SELECT name, password_hash, hashing_algorithm, tags FROM roost_users")
-    ).fetchall():
-        rows[("user", r[0])] = (r[1], r[2], tuple(r[3]))  # type: ignore[arg-type]
-    for r in await (
-        await conn.execute("SELECT username, vhost, configure, write, read FROM roost_permissions")
-    ).fetchall():
-        rows[("permission", r[0], r[1])] = (r[2], r[3], r[4])
-    for r in await (
-        await conn.execute(
-            "SELECT vhost, name, type, durable, auto_delete, internal, arguments"
-            " FROM roost_exchanges"
-        )
-    ).fetchall():
-        rows[("exchange", r[0], r[1])] = (r[2], r[3], r[4], r[5], bytes(r[6]))  # type: ignore[call-overload]
-    for r in await (
-        await conn.execute(
-            "SELECT id, vhost, name, durable, auto_delete, arguments, owner_epoch,"
-            " owner_connection FROM roost_queues"
-        )
-    ).fetchall():
-        key = ("queue", r[1], r[2])
-        rows[key] = (r[3], r[4], bytes(r[5]), r[6], r[7])  # type: ignore[call-overload]
-        queue_ids[key] = int(str(r[0]))
-    for r in await (
-        await conn.execute(
-            "SELECT vhost, source, destination_type, destination, routing_key, arguments"
-            " FROM roost_bindings"
-        )
-    ).fetchall():
-        rows[("binding", r[0], r[1], r[2], r[3], r[4], bytes(r[5]))] = ()  # type: ignore[call-overload]
-    return version, rows, queue_ids
+    return int(str(got[0])) if got is not None else 0
+
+
+async def read(
+    conn: AsyncConn, where: dict[str, tuple[str, list[Any]]] | None = None
+) -> tuple[Rows, dict[Key, int]]:
+    """Every definition row (only those ``where`` selects, per table, when
+    given) and the queues' ids; in the caller's transaction."""
+    rows: Rows = {}
+    queue_ids: dict[Key, int] = {}
+    for table in TABLES:
+        sql, params = _SELECT[table], list[Any]()
+        if where is not None:
+            if table not in where:
+                continue
+            condition, params = where[table]
+            sql += f" WHERE {condition}"
+        cur = await conn.execute(sql.encode(), params)
+        for r in await cur.fetchall():
+            if table == "vhost":
+                rows[("vhost", r[0])] = ()
+            elif table == "user":
+                rows[("user", r[0])] = (r[1], r[2], tuple(r[3]))  # type: ignore[arg-type]
+            elif table == "permission":
+                rows[("permission", r[0], r[1])] = (r[2], r[3], r[4])
+            elif table == "exchange":
+                rows[("exchange", r[0], r[1])] = (r[2], r[3], r[4], r[5], bytes(r[6]))  # type: ignore[call-overload]
+            elif table == "queue":
+                key = ("queue", r[1], r[2])
+                rows[key] = (r[3], r[4], bytes(r[5]), r[6], r[7])  # type: ignore[call-overload]
+                queue_ids[key] = int(str(r[0]))
+            else:
+                rows[("binding", r[0], r[1], r[2], r[3], r[4], bytes(r[5]))] = ()  # type: ignore[call-overload]
+    return rows, queue_ids
