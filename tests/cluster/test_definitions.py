@@ -4,12 +4,16 @@ against a real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import psycopg
 import pytest
 
 from roost.broker.broker import Broker
+from roost.broker.errors import BrokerError
+from roost.cluster import store
+from roost.cluster.rows import Owners, Rows, snapshot
 from roost.cluster.runtime import ClusterNode
 
 Node = tuple[Broker, ClusterNode]
@@ -80,3 +84,58 @@ async def test_a_queue_deleted_and_declared_again_is_a_new_queue(
     assert _rows(pg_url, "SELECT source, destination, routing_key FROM roost_bindings") == [
         ("amq.direct", "q", "k")
     ]
+
+
+@pytest.mark.parametrize("seed", [13, 7, 42, 2026])
+async def test_random_changes_on_two_nodes_converge(
+    start_node: Callable[[str], Awaitable[Node]], pg_url: str, seed: int
+) -> None:
+    a, _ = await start_node("a")
+    b, _ = await start_node("b")
+    rng = random.Random(seed)
+    names = [f"n{i}" for i in range(6)]
+
+    def change(broker: Broker) -> None:
+        vh = broker.vhosts["/"]
+        op, name, other = rng.randrange(6), rng.choice(names), rng.choice(names)
+        try:
+            if op == 0:
+                vh.declare_queue(name, owner=object(), durable=rng.random() < 0.5)
+            elif op == 1:
+                q = vh.queues.get(name)
+                if q is not None:
+                    vh.remove_queue(q)
+            elif op == 2:
+                vh.declare_exchange(name, "direct")
+            elif op == 3:
+                vh.delete_exchange(name)
+            elif op == 4 and name in vh.exchanges and other in vh.queues:
+                vh.bind(name, vh.queues[other], rng.choice("xy"), {})
+            elif op == 5 and name in vh.exchanges and other in vh.queues:
+                vh.unbind(name, vh.queues[other], rng.choice("xy"), {})
+        except BrokerError:
+            pass  # an inequivalent redeclaration, as a client would get
+
+    for _ in range(300):
+        change(rng.choice((a, b)))
+        if rng.random() < 0.3:
+            await asyncio.sleep(rng.choice((0, 0.001, 0.01)))
+    await _saved(a)
+    await _saved(b)
+
+    async def tables() -> Rows:
+        conn = await psycopg.AsyncConnection.connect(pg_url, autocommit=True)
+        try:
+            return (await store.read(conn))[0]
+        finally:
+            await conn.close()
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        rows_a, rows_b = snapshot(a, Owners()), snapshot(b, Owners())
+        db = await tables()
+        if rows_a == rows_b == db or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert rows_a == db
+    assert rows_b == db

@@ -426,30 +426,35 @@ class NodeRegistry:
 async def drop_exclusive_queues(conn: AsyncConn, epoch: int) -> int:
     """Delete the exclusive queues (and bindings to them) owned by a dead
     epoch, announcing the change; inside the caller's transaction."""
-    cur = await conn.execute(
-        "DELETE FROM roost_queues WHERE owner_epoch = %s RETURNING vhost, name", (epoch,)
-    )
-    gone = await cur.fetchall()
-    if not gone:
+    cur = await conn.execute("SELECT 1 FROM roost_queues WHERE owner_epoch = %s LIMIT 1", (epoch,))
+    if await cur.fetchone() is None:
         return 0
-    await conn.execute(
-        "DELETE FROM roost_bindings b USING unnest(%s::text[], %s::text[]) AS g(vhost, name)"
-        " WHERE b.vhost = g.vhost AND b.destination_type = 'queue' AND b.destination = g.name",
-        ([str(r[0]) for r in gone], [str(r[1]) for r in gone]),
-    )
+    # The definitions lock first, as every definitions write takes it: a
+    # binding to one of these queues written meanwhile is then either seen
+    # (and deleted) or refused (its queue gone), never left behind.
     cur = await conn.execute(
         "UPDATE roost_cluster SET definitions_version = definitions_version + 1"
         " RETURNING definitions_version"
     )
     version = await cur.fetchone()
     assert version is not None
+    cur = await conn.execute(
+        "DELETE FROM roost_queues WHERE owner_epoch = %s RETURNING vhost, name", (epoch,)
+    )
+    gone = await cur.fetchall()
+    vhosts, names = [str(r[0]) for r in gone], [str(r[1]) for r in gone]
+    await conn.execute(
+        "DELETE FROM roost_bindings b USING unnest(%s::text[], %s::text[]) AS g(vhost, name)"
+        " WHERE b.vhost = g.vhost AND b.destination_type = 'queue' AND b.destination = g.name",
+        (vhosts, names),
+    )
     # The change log's scopes (roost.cluster.changes): each queue, with the
     # bindings to it.
     await conn.execute(
         "INSERT INTO roost_definition_changes (version, scope)"
         " SELECT %s, ARRAY['queue', g.vhost, g.name] FROM unnest(%s::text[], %s::text[])"
         " AS g(vhost, name)",
-        (version[0], [str(r[0]) for r in gone], [str(r[1]) for r in gone]),
+        (version[0], vhosts, names),
     )
     await conn.execute("SELECT pg_notify(%s, %s)", (DEFINITIONS_CHANNEL, "0"))
     return len(gone)

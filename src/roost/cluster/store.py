@@ -57,9 +57,20 @@ _UPSERT = {
     " durable = EXCLUDED.durable, auto_delete = EXCLUDED.auto_delete,"
     " arguments = EXCLUDED.arguments, owner_epoch = EXCLUDED.owner_epoch,"
     " owner_connection = EXCLUDED.owner_connection RETURNING id",
+    # Only while both ends exist: another node may have deleted one since
+    # this node's model last heard (writes are serialised by the
+    # roost_cluster row lock, so the check sees every earlier write). The
+    # amq.* exchanges every vhost has are not rows.
     "binding": "INSERT INTO roost_bindings"
     " (vhost, source, destination_type, destination, routing_key, arguments)"
-    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+    " SELECT %(0)s, %(1)s, %(2)s, %(3)s, %(4)s, %(5)s"
+    " WHERE (%(1)s LIKE 'amq.%%'"
+    " OR EXISTS (SELECT 1 FROM roost_exchanges WHERE vhost = %(0)s AND name = %(1)s))"
+    " AND CASE WHEN %(2)s = 'queue'"
+    " THEN EXISTS (SELECT 1 FROM roost_queues WHERE vhost = %(0)s AND name = %(3)s)"
+    " ELSE %(3)s LIKE 'amq.%%'"
+    " OR EXISTS (SELECT 1 FROM roost_exchanges WHERE vhost = %(0)s AND name = %(3)s) END"
+    " ON CONFLICT DO NOTHING",
 }
 
 
@@ -106,7 +117,11 @@ async def write(
                 continue
             if base.get(key) == row and key not in replaced and not _binds(key, replaced):
                 continue
-            cur = await conn.execute(_UPSERT[table], _params(key, row))
+            params = _params(key, row)
+            cur = await conn.execute(
+                _UPSERT[table],
+                {str(i): v for i, v in enumerate(params)} if table == "binding" else params,
+            )
             if table == "queue":
                 got = await cur.fetchone()
                 if got is not None:
