@@ -96,10 +96,27 @@ async def test_random_changes_on_two_nodes_converge(
     names = [f"n{i}" for i in range(6)]
 
     def change(broker: Broker) -> None:
-        vh = broker.vhosts["/"]
-        op, name, other = rng.randrange(6), rng.choice(names), rng.choice(names)
+        vh = broker.vhosts.get(rng.choice(("/", "/", "v2")))
+        op, name, other = rng.randrange(10), rng.choice(names), rng.choice(names)
         try:
-            if op == 0:
+            if op == 6:
+                broker.add_vhost("v2")
+            elif op == 7 and rng.random() < 0.3:
+                broker.delete_vhost("v2")
+            elif op == 8:
+                broker.users.add(name, "pw")
+                where = rng.choice(("/", "v2"))
+                if where in broker.vhosts:
+                    broker.permissions[(name, where)] = (".*", "", "")
+                broker.definitions_changed()
+            elif op == 9 and name in broker.users.users:
+                del broker.users.users[name]
+                for key in [k for k in broker.permissions if k[0] == name]:
+                    del broker.permissions[key]
+                broker.definitions_changed()
+            elif vh is None:
+                pass
+            elif op == 0:
                 vh.declare_queue(name, owner=object(), durable=rng.random() < 0.5)
             elif op == 1:
                 q = vh.queues.get(name)

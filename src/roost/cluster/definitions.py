@@ -120,6 +120,7 @@ class ClusterDefinitions:
         self._tasks = [
             loop.create_task(self._work(), name="roost-definitions"),
             loop.create_task(self._receive(), name="roost-definitions-listen"),
+            loop.create_task(self._refresh(), name="roost-definitions-refresh"),
         ]
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -414,6 +415,13 @@ class ClusterDefinitions:
                 self.applied[epoch] = version
                 self._acks.set()
         elif epoch != self.registry.epoch:
+            self._request_reload()
+
+    async def _refresh(self) -> None:
+        """Read everything now and then even when nothing is announced: a
+        row that could not be applied is tried again."""
+        while True:
+            await asyncio.sleep(FULL_READ_EVERY)
             self._request_reload()
 
     def _request_reload(self) -> None:

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 from roost.broker.broker import Broker
 from roost.broker.errors import CONNECTION_FORCED, BrokerError
 from roost.broker.users import User
+from roost.broker.vhost import VirtualHost
 from roost.cluster.rows import TABLES, Key, Owners, Row, Rows, decode_table, snapshot
 
 log = logging.getLogger("roost.cluster")
@@ -73,14 +74,29 @@ def reconcile(
     return Merged(new_base, after)
 
 
+class Missing(Exception):
+    """What a row depends on (its vhost, user, exchange or queue) is not in
+    the model: this node deleted it and has not written that yet. The row
+    goes with the deletion; it is not applied meanwhile."""
+
+
 def _try(key: Key, fn: Any, *args: Any) -> int:
     """1 when the change was applied (or tried: it may have done part)."""
     try:
         fn(*args)
         log.debug("cluster: %s %r", "deleted" if fn is _delete else "applied", key)
+    except Missing as exc:
+        log.debug("cluster: not applying %r: %s is gone here", key, exc)
     except (BrokerError, KeyError, ValueError, TypeError) as exc:
         log.error("cluster: cannot apply the definition change of %r: %s", key, exc)
     return 1
+
+
+def _vhost(broker: Broker, name: str) -> VirtualHost:
+    vh = broker.vhosts.get(name)
+    if vh is None:
+        raise Missing(f"vhost {name!r}")
+    return vh
 
 
 def _delete(broker: Broker, key: Key) -> None:
@@ -123,9 +139,12 @@ def _put(broker: Broker, owners: Owners, key: Key, row: Row, exists: bool) -> No
         password_hash, algorithm, tags = row
         broker.users.put(User(key[1], password_hash, tuple(tags), algorithm))
     elif table == "permission":
+        _vhost(broker, key[2])
+        if key[1] not in broker.users.users:
+            raise Missing(f"user {key[1]!r}")
         broker.permissions[(key[1], key[2])] = (row[0], row[1], row[2])
     elif table == "exchange":
-        vh = broker.vhosts[key[1]]
+        vh = _vhost(broker, key[1])
         if exists:
             vh.delete_exchange(key[2])
         type_, durable, auto_delete, internal, args = row
@@ -138,7 +157,7 @@ def _put(broker: Broker, owners: Owners, key: Key, row: Row, exists: bool) -> No
             arguments=decode_table(args),
         )
     elif table == "queue":
-        vh = broker.vhosts[key[1]]
+        vh = _vhost(broker, key[1])
         old = vh.queues.get(key[2])
         if old is not None:
             vh.remove_queue(old)
@@ -155,6 +174,10 @@ def _put(broker: Broker, owners: Owners, key: Key, row: Row, exists: bool) -> No
         )
     elif table == "binding":
         _, vhost, source, dest_type, dest_name, routing_key, args = key
-        vh = broker.vhosts[vhost]
-        dest: Any = vh.queues[dest_name] if dest_type == "queue" else vh.exchanges[dest_name]
+        vh = _vhost(broker, vhost)
+        dest: Any = (vh.queues if dest_type == "queue" else vh.exchanges).get(dest_name)
+        if dest is None:
+            raise Missing(f"{dest_type} {dest_name!r}")
+        if source not in vh.exchanges:
+            raise Missing(f"exchange {source!r}")
         vh.bind(source, dest, routing_key, decode_table(args))
