@@ -225,7 +225,10 @@ class ClusterDefinitions:
             got = await cur.fetchone()
             assert got is not None
             version = int(str(got[0]))
-            await store.write(conn, self.base, rows, self.queue_ids, version, replaced)
+            # Ids go into a copy, taken only once committed: a write rolled
+            # back must not leave ids of rows that never were.
+            queue_ids = dict(self.queue_ids)
+            await store.write(conn, self.base, rows, queue_ids, version, replaced)
             await conn.execute(
                 "SELECT pg_notify(%s, %s)",
                 (DEFINITIONS_CHANNEL, f"{self.registry.epoch}:{version}"),
@@ -234,6 +237,7 @@ class ClusterDefinitions:
             # node registering after it loads the tables as they are now.
             peers = await self._live_peers(conn)
         self.base = rows
+        self.queue_ids = queue_ids
         self._queue_objects = queues
         self._written_generation = max(self._written_generation, generation)
         task = asyncio.get_running_loop().create_task(
@@ -298,7 +302,8 @@ class ClusterDefinitions:
             )
             got = await cur.fetchone()
             assert got is not None
-            await store.write(conn, {}, self.base, self.queue_ids, int(str(got[0])))
+            # The ids are read with everything else right after.
+            await store.write(conn, {}, self.base, {}, int(str(got[0])))
             log.info("cluster: new database; created the default vhost and user")
 
     async def _reload(self) -> None:
