@@ -273,7 +273,13 @@ class ClusterDefinitions:
                             peers &= await self._live_peers(conn)
         log.debug("cluster: definitions version %d acknowledged by %s", version, sorted(peers))
         self._release(generation)
-        if len(self._ack_tasks) <= 1:  # only this wait was left
+        # Out of the set now, not in the done callback: two waits ending in
+        # one turn of the loop would each still see the other, and the
+        # deferred release would wait for a wait that never comes.
+        current = asyncio.current_task()
+        if current is not None:
+            self._ack_tasks.discard(current)
+        if not self._ack_tasks:
             self._release(self._deferred_release)
 
     async def _live_peers(self, conn: AsyncConn) -> set[int]:
