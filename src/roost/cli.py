@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from roost import __version__, logs
+from roost.cluster.errors import ClusterError
 from roost.config import HELP, Config, ConfigError, load_config
 from roost.control import cli as control_cli
 from roost.listener_exposure import exposure_warning
@@ -150,6 +151,7 @@ async def _serve(config: Config) -> int:
         TLSError,
         EncryptionError,
         StoreError,
+        ClusterError,
     ) as exc:
         print(f"roost: {exc}", file=sys.stderr)
         return 1

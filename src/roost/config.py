@@ -65,6 +65,9 @@ class Config:
     metrics_per_object: bool = False
     metrics_auth: bool = False
     metrics_cache_seconds: int = 5
+    cluster: str = ""
+    node_name: str = ""
+    node_timeout: int = 10
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
@@ -146,6 +149,14 @@ HELP = {
     "tag) on /metrics",
     "metrics_cache_seconds": "seconds a rendered /metrics page is served again to later "
     "scrapes before it is rendered anew (0: render every scrape)",
+    "cluster": "PostgreSQL URL (postgresql://user:pass@host/db) of a cluster: nodes sharing "
+    "it share users, vhosts, exchanges, queues and bindings (empty: a single node keeping "
+    "everything in data_dir)",
+    "node_name": "this node's name in the cluster, unique to it: a node started with the "
+    "name of a running one takes over from it, as from its own earlier run (empty: this "
+    "machine's hostname:port)",
+    "node_timeout": "seconds a cluster node may go without a heartbeat before the others "
+    "declare it dead and take over what it held",
 }
 
 
@@ -260,6 +271,14 @@ def load_config(
     for timeout in ("http_header_timeout", "http_body_timeout"):
         if getattr(cfg, timeout) < 1:
             raise ConfigError(f"{timeout}: must be at least 1 (second)")
+    if cfg.node_timeout < 3:
+        # Heartbeats go every node_timeout/3 seconds: below 3, a busy node
+        # or a slow commit would be declared dead while it is alive.
+        raise ConfigError("node_timeout: must be at least 3 (seconds)")
+    if cfg.cluster and not cfg.cluster.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            "cluster: expected a PostgreSQL URL (postgresql://user:password@host/database)"
+        )
     if cfg.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {cfg.log_format!r}")
     if cfg.tls_min_version not in ("1.2", "1.3"):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -26,9 +27,13 @@ from roost.http.limits import (
 )
 from roost.http.metrics import MetricsOptions
 from roost.resources import ResourceMonitor, parse_memory_watermark, parse_size, total_ram
+from roost.store.datadir import DataDirLock
 from roost.store.durable_state import DurableState
 from roost.store.encryption import load_keyring
 from roost.tls import TLSError, server_context
+
+if TYPE_CHECKING:
+    from roost.cluster.runtime import ClusterNode
 
 log = logging.getLogger("roost")
 
@@ -59,6 +64,10 @@ class Server:
         self._http_tls: ssl.SSLContext | None = None  # HTTPS when http_tls_cert is set
         self.started = time.time()
         self.resources: ResourceMonitor | None = None  # the memory and disk alarms
+        # Cluster mode (config.cluster): this node of the cluster, and the
+        # data directory's lock (there is no DurableState to hold it).
+        self.cluster: ClusterNode | None = None
+        self._lock: DataDirLock | None = None
 
     @property
     def broker(self) -> Broker:
@@ -88,13 +97,25 @@ class Server:
         keyring = load_keyring(
             self.config.encryption_key_file, self.config.old_encryption_key_file, os.environ
         )
-        state = DurableState(self.config.resolved_data_dir(), self.config.segment_size, keyring)
+        clustered = bool(self.config.cluster)
+        state: DurableState | None = None
+        if clustered:
+            # No message log: definitions and messages live in PostgreSQL.
+            # The data directory still holds the control socket; locked so
+            # that two nodes never share it.
+            self._lock = DataDirLock(self.config.resolved_data_dir())
+            self._lock.acquire()
+        else:
+            state = DurableState(self.config.resolved_data_dir(), self.config.segment_size, keyring)
         try:
             broker = Broker(
                 default_user=self.config.default_user,
                 default_password=self.config.default_password,
                 max_message_size=self.config.max_message_size,
-                journal=state.store,
+                # In cluster mode no journal here: the message layer's plugs
+                # in at _join_cluster; until it does, a cluster node keeps
+                # messages in memory only.
+                journal=state.store if state is not None else None,
                 max_connections=self.config.max_connections,
                 max_connections_per_vhost=self.config.max_connections_per_vhost,
                 max_connections_per_user=self.config.max_connections_per_user,
@@ -104,8 +125,9 @@ class Server:
                     u.strip() for u in self.config.loopback_users.split(",") if u.strip()
                 ],
             )
-            state.recover(broker)
-            state.start(loop)
+            if state is not None:
+                state.recover(broker)
+                state.start(loop)
             broker.set_scheduler(loop.call_later)
             self.resources = ResourceMonitor(
                 broker,
@@ -120,6 +142,8 @@ class Server:
                 port=self.config.port,
                 reuse_address=True,
                 backlog=1024,
+                # A cluster node accepts clients once it has the definitions.
+                start_serving=not clustered,
             )
             if tls is not None:
                 try:
@@ -132,17 +156,28 @@ class Server:
                         ssl=tls,
                         # The AMQP handshake timer starts only after TLS is up.
                         ssl_handshake_timeout=self.settings.handshake_timeout,
+                        start_serving=not clustered,
                     )
                 except OSError as exc:
                     raise TLSError(
                         f"cannot listen on {self.config.host}:{self.config.tls_port}: "
                         f"{exc.strerror or exc}"
                     ) from exc
+            if clustered:
+                await self._join_cluster(broker)
         except BaseException:
-            if self._server is not None:
-                self._server.close()
-                self._server = None
-            state.close()
+            for server in (self._server, self._tls_server):
+                if server is not None:
+                    server.close()
+            self._server = self._tls_server = None
+            if self.cluster is not None:
+                await self.cluster.stop()
+                self.cluster = None
+            if state is not None:
+                state.close()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
             raise
         self.state = state
         self._broker = broker
@@ -153,6 +188,11 @@ class Server:
             log.info("roost listening for AMQP over TLS on %s:%d", self.config.host, self.tls_port)
         if self.config.http_port >= 0:
             await self._start_http(broker)
+        if self.cluster is not None:
+            http = f"{self.config.http_host or self.config.host}:{self.http_port}"
+            await self.cluster.set_addresses(
+                f"{self.config.host}:{self.port}", http if self.http_port else ""
+            )
         # For ``roost ctl``; without it the broker still serves, and ctl
         # reports that the data directory is in use.
         control = ControlServer(
@@ -163,6 +203,39 @@ class Server:
             self.control = control
         except OSError as exc:
             log.error("cannot create the control socket %s: %s", control.path, exc)
+
+    async def _join_cluster(self, broker: Broker) -> None:
+        """Register as a node, load the shared definitions, then serve."""
+        from roost.cluster.runtime import ClusterNode
+
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        node = ClusterNode(
+            self.config.cluster,
+            # The machine's name, not the listen address: nodes on several
+            # machines all listening on 0.0.0.0 still get names of their own.
+            self.config.node_name or f"{socket.gethostname()}:{port}",
+            self.config.node_timeout,
+        )
+        self.cluster = node
+        await node.register(self._fenced)
+        # The seam of the message layer: with the epoch known and before the
+        # definitions create the queues, it sets broker.journal and hooks
+        # node.registry.on_node_dead / on_registered.
+        await node.load(broker)
+        await self._server.start_serving()
+        if self._tls_server is not None:
+            await self._tls_server.start_serving()
+
+    async def _fenced(self) -> None:
+        """The cluster declared this node's incarnation dead (it was paused
+        or cut off too long): what its clients were doing is void, and
+        others may already hold it. Close every connection first."""
+        for conn in list(self.connections):
+            conn.close(
+                CONNECTION_FORCED,
+                "broker forced connection closure with reason 'node declared dead by the cluster'",
+            )
 
     def _status_info(self) -> dict[str, Any]:
         """For ``roost ctl status``: what the broker model does not know."""
@@ -210,6 +283,8 @@ class Server:
                     auth=self.config.metrics_auth,
                     cache_seconds=self.config.metrics_cache_seconds,
                 ),
+                node_name=self.cluster.name if self.cluster is not None else None,
+                cluster_nodes=self.cluster.nodes if self.cluster is not None else None,
             ),
             access_log=None,
             shutdown_timeout=1.0,
@@ -286,6 +361,12 @@ class Server:
         if self._tls_server is not None:
             await self._tls_server.wait_closed()
             self._tls_server = None
+        if self.cluster is not None:
+            await self.cluster.stop()
+            self.cluster = None
         if self.state is not None:
             self.state.close()
             self.state = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

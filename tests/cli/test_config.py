@@ -68,3 +68,23 @@ def test_data_dir_defaults_to_the_user_data_directory(monkeypatch: pytest.Monkey
     monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     monkeypatch.setenv("HOME", "/home/someone")
     assert str(Config().resolved_data_dir()) == "/home/someone/.local/share/roost"
+
+
+def test_cluster_options_from_file_environment_and_command_line(tmp_path: Path) -> None:
+    assert (Config().cluster, Config().node_name, Config().node_timeout) == ("", "", 10)
+    f = tmp_path / "roost.toml"
+    f.write_text('cluster = "postgresql://db/roost"\nnode-name = "a"\n')
+    cfg = load_config(str(f), env={"ROOST_NODE_TIMEOUT": "30"}, overrides={"node_name": "b"})
+    assert (cfg.cluster, cfg.node_name, cfg.node_timeout) == ("postgresql://db/roost", "b", 30)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ROOST_NODE_TIMEOUT": "2"}, "node_timeout: must be at least 3"),
+        ({"ROOST_CLUSTER": "mysql://db/roost"}, "cluster: expected a PostgreSQL URL"),
+    ],
+)
+def test_bad_cluster_options_are_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(env=env)

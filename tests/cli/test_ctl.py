@@ -419,3 +419,12 @@ def test_stopped_data_dir_edit_keeps_delayed_messages(
                 conn.sleep(0.05)
         assert body == b"held"
         conn.close()
+
+
+def test_a_stopped_cluster_nodes_data_directory_is_not_edited(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROOST_CLUSTER", "postgresql://db.invalid/roost")
+    rc, _, err = _ctl(capsys, tmp_path, "add-user", "alice", "--password", "pw")
+    assert rc == 1 and "definitions are in the cluster's database" in err
+    assert not (tmp_path / "definitions.json").exists()

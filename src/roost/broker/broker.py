@@ -71,6 +71,8 @@ class Broker:
         # covering a given generation is written.
         self.definitions_generation = 0
         self.definitions_saved_hook: Callable[[int, Callable[[], None]], None] | None = None
+        # Cluster mode: the vhosts are shared by the nodes (VirtualHost.clustered).
+        self.clustered = False
         self.next_queue_id = 1
         # Log ids of deleted queues and delayed exchanges that may still have
         # unsettled records on disk: recovery drops those records instead of
@@ -153,6 +155,7 @@ class Broker:
             )
             vh.scheduler = self.scheduler
             vh.persist_dedup = self.persist_dedup
+            vh.clustered = self.clustered
             vh.queue_memory_limit = self._vhost_queue_memory_limit()
             self.definitions_changed()
         return vh

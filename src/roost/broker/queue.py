@@ -407,6 +407,11 @@ class Queue:
         if self.deleted or expires is None:
             return
         if not self._consumer_count and now_ms() >= self._last_used + expires:
+            if self.vhost.clustered:
+                # Another node may be using the queue, which this one cannot
+                # see: deleting it would cancel that node's consumers. Not
+                # enforced in cluster mode yet (docs/cluster.md).
+                return
             self.vhost.remove_queue(self)
             return
         self._arm_expiry()

@@ -80,6 +80,11 @@ class VirtualHost:
         self.name = name
         self.journal = journal
         self._changed = on_definitions_changed or _nothing
+        # Set (by Broker.add_vhost) when the vhost is shared by the nodes of
+        # a cluster. Every node must route to every queue, so transient
+        # queues, exchanges and bindings are shared definitions too: their
+        # changes are reported like durable ones.
+        self.clustered = False
         self._allocate_queue_id = allocate_queue_id
         # A deleted queue's (or delayed exchange's) log id: remembered as
         # deleted until everything logged under it is settled on disk.
@@ -188,9 +193,9 @@ class VirtualHost:
             logged = durable and self.journal is not None and alloc is not None
             ex.attach(self, alloc() if logged and alloc is not None else 0)
         self.exchanges[name] = ex
-        if durable:
-            if deduper is not None and self.persist_dedup is not None:
-                self.persist_dedup(self.name, "x", name, deduper)
+        if durable and deduper is not None and self.persist_dedup is not None:
+            self.persist_dedup(self.name, "x", name, deduper)
+        if durable or self.clustered:
             self._changed()
         return ex
 
@@ -250,9 +255,9 @@ class VirtualHost:
             ex.discard()
             if ex.store_id:
                 self.store_id_settled(ex.store_id)
-        if ex.durable:
-            if ex.deduper is not None and self.persist_dedup is not None:
-                self.persist_dedup(self.name, "x", ex.name, None)
+        if ex.durable and ex.deduper is not None and self.persist_dedup is not None:
+            self.persist_dedup(self.name, "x", ex.name, None)
+        if ex.durable or self.clustered:
             self._changed()
 
     # -- queues ---------------------------------------------------------
@@ -269,18 +274,21 @@ class VirtualHost:
         arguments: dict[str, Any] | None = None,
         max_queues: int = 0,
         authorize: Callable[[str, bool], None] | None = None,
+        replicated: bool = False,
     ) -> Queue:
         """Declare a queue. ``max_queues`` (0: no limit) is the vhost's
         queue limit, which a client's declaration of a new queue must
         respect (recovery and definitions import pass none). ``authorize``
         is called with the actual name (generated for a server-named queue)
         and whether the queue is new, before anything else happens to it:
-        it raises to refuse the declaration."""
+        it raises to refuse the declaration. ``replicated``: the queue
+        exists already, declared on another cluster node, and may have a
+        name the server generated there (``amq.gen-...``)."""
         if passive:
             return self.queue(name, owner)
         if not name:
             name = generate_name("amq.gen-")
-        elif name.startswith("amq.") and name != REPLY_TO_QUEUE:
+        elif name.startswith("amq.") and name != REPLY_TO_QUEUE and not replicated:
             # Checked before the lookup: redeclaring even an existing
             # server-named queue by name is refused, as in RabbitMQ.
             raise errors.access_refused(f"queue name '{name}' contains reserved prefix 'amq.*'")
@@ -319,6 +327,7 @@ class VirtualHost:
                 q.store_id = self._allocate_queue_id()
             if q.deduper is not None and self.persist_dedup is not None:
                 self.persist_dedup(self.name, "q", name, q.deduper)
+        if durable or self.clustered:
             self._changed()
         return q
 
@@ -397,9 +406,9 @@ class VirtualHost:
         stats.retire_queue(self, q)
         for hook in self.on_queue_deleted:
             hook(q)
-        if q.durable:
-            if q.deduper is not None and self.persist_dedup is not None:
-                self.persist_dedup(self.name, "q", q.name, None)
+        if q.durable and q.deduper is not None and self.persist_dedup is not None:
+            self.persist_dedup(self.name, "q", q.name, None)
+        if q.durable or self.clustered:
             self._changed()
         return count
 
@@ -440,7 +449,7 @@ class VirtualHost:
                 destination.bindings.add(b)
             else:
                 destination.inbound.add(b)
-            if src.durable and destination.durable:
+            if (src.durable and destination.durable) or self.clustered:
                 self._changed()
 
     def unbind(
@@ -473,7 +482,7 @@ class VirtualHost:
     def _drop_binding(self, b: Binding, cascade: bool) -> None:
         src = b.source
         src.remove_binding(b)
-        if src.durable and b.destination.durable and src.name:
+        if ((src.durable and b.destination.durable) or self.clustered) and src.name:
             self._changed()
         dest = b.destination
         if isinstance(dest, Queue):

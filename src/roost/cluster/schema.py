@@ -120,6 +120,35 @@ CREATE INDEX roost_messages_owned ON roost_messages (owner) WHERE owner IS NOT N
 CREATE UNLOGGED TABLE roost_transient_messages (LIKE roost_messages INCLUDING ALL);
 """,
     ),
+    (
+        2,
+        "dead-node cleanup, definitions version and change log",
+        """
+-- Set once a dead node's cleanup (its exclusive queues, the message
+-- layer's release of its claims) has committed: the sweep that finds a
+-- dead node without it does the cleanup, exactly one node at a time.
+ALTER TABLE roost_nodes ADD COLUMN cleaned_at timestamptz;
+
+-- One row. Every change of definitions bumps definitions_version in its
+-- transaction: the row lock orders definition writes cluster-wide, and a
+-- node that reloads knows which version it has caught up with.
+-- changes_pruned_through: the change log holds every change after it.
+CREATE TABLE roost_cluster (
+    singleton               boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    definitions_version     bigint NOT NULL DEFAULT 0,
+    changes_pruned_through  bigint NOT NULL DEFAULT 0
+);
+INSERT INTO roost_cluster DEFAULT VALUES;
+
+-- What each definitions write touched (roost.cluster.changes): a node
+-- catching up fetches those rows only.
+CREATE TABLE roost_definition_changes (
+    version  bigint NOT NULL,
+    scope    text[] NOT NULL
+);
+CREATE INDEX roost_definition_changes_version ON roost_definition_changes (version);
+""",
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

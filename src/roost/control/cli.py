@@ -216,6 +216,14 @@ def _check_peer(path: Path, sock: socket.socket) -> None:
 
 def _offline(data_dir: Path, command: str, args: dict[str, Any], config: Any) -> Any:
     """Run ``command`` on the stopped broker's definitions."""
+    if config.cluster:
+        # A cluster node's data directory holds no definitions: an edit
+        # there would be silently ignored.
+        raise ControlError(
+            "no roost is running on this data directory, and in cluster mode the "
+            "definitions are in the cluster's database: run the command where a node "
+            "runs (or use the management API of any node)"
+        )
     if not data_dir.is_dir():
         if command in READ_ONLY:
             # Nothing stored yet: what the first ``roost serve`` would start with.

@@ -37,6 +37,7 @@ from roost.http.common import (
 )
 from roost.http.limits import bounded
 from roost.http.metrics import MetricsOptions, register_metrics
+from roost.http.nodes import ClusterNodes
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DEFAULT_MAX_BODY = 20 * 1024 * 1024
@@ -125,19 +126,23 @@ def build_app(
     started: float | None = None,
     client_max_size: int = DEFAULT_MAX_BODY,
     metrics: MetricsOptions | None = None,
+    node_name: str | None = None,
+    cluster_nodes: ClusterNodes | None = None,
 ) -> web.Application:
     """The management API over ``broker``; ``listeners`` (protocol,
     ip_address, port) are reported by /api/overview, ``data_dir`` (whose
     file system's free space is reported) and ``started`` (a time.time())
     by /api/nodes; ``client_max_size`` bounds request bodies (0: no
-    bound)."""
+    bound). In cluster mode ``node_name`` is this node's name and
+    ``cluster_nodes`` lists the live nodes for /api/nodes."""
     app = web.Application(
         middlewares=[bounded, _api], client_max_size=client_max_size or sys.maxsize
     )
     app.on_response_prepare.append(_security_headers)
     app[BROKER] = broker
     app[INFO] = {
-        "node": f"roost@{socket.gethostname()}",
+        "node": node_name or f"roost@{socket.gethostname()}",
+        "cluster_nodes": cluster_nodes,
         "listeners": listeners or [],
         "data_dir": data_dir or ".",
         "started": time.time() if started is None else started,

@@ -2,6 +2,10 @@
 fields of RabbitMQ 3.10's node objects that clients and monitoring scripts
 read (memory, disk, file descriptors, uptime, exchange types).
 
+In cluster mode the list holds every live node of the cluster (from the
+node registry in PostgreSQL): this node with all its fields, the others
+with what the registry knows of them (name, running, uptime, addresses).
+
 Erlang-specific figures are mapped onto what a Python process has:
 ``proc_used`` counts the event loop's asyncio tasks (RabbitMQ counts Erlang
 processes) and ``proc_total`` is RabbitMQ's default process limit, as roost
@@ -14,6 +18,8 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -36,6 +42,20 @@ from roost.resources import rss, total_ram
 MEMORY_WATERMARK = 0.4
 DISK_FREE_LIMIT = 50_000_000
 PROC_TOTAL = 1_048_576
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    """A live node of the cluster, as the node registry reports it."""
+
+    name: str
+    uptime_ms: int
+    amqp_address: str = ""
+    http_address: str = ""
+
+
+# Lists the cluster's live nodes (given to build_app in cluster mode).
+ClusterNodes = Callable[[], Awaitable[list[ClusterNode]]]
 
 
 def _fd_used() -> int:
@@ -118,18 +138,48 @@ def _require_monitor(request: web.Request) -> None:
         raise HTTPError(401, "not_authorised", "Not monitor user")
 
 
+def _peer_info(node: ClusterNode) -> dict[str, Any]:
+    # Another node's figures (memory, disk ...) are its own to report; the
+    # registry knows that it is alive and since when.
+    return {
+        "name": node.name,
+        "type": "disc",
+        "running": True,
+        "uptime": node.uptime_ms,
+        "amqp_address": node.amqp_address,
+        "http_address": node.http_address,
+    }
+
+
+async def _nodes(request: web.Request) -> list[dict[str, Any]]:
+    info = request.app[INFO]
+    listing: ClusterNodes | None = info.get("cluster_nodes")
+    if listing is None:
+        return [node_info(request)]
+    out = []
+    for node in await listing():
+        if node.name == info["node"]:
+            own = node_info(request)
+            own.update(amqp_address=node.amqp_address, http_address=node.http_address)
+            out.append(own)
+        else:
+            out.append(_peer_info(node))
+    return out
+
+
 async def list_nodes(request: web.Request) -> web.Response:
     _require_monitor(request)
-    return json_response([node_info(request)])
+    return json_response(await _nodes(request))
 
 
 async def show_node(request: web.Request) -> web.Response:
     _require_monitor(request)
     # RabbitMQ answers an unknown node with an empty 500 (the RPC to it
     # fails); a 404 says the same thing more usefully.
-    if request.match_info["name"] != request.app[INFO]["node"]:
-        not_found()
-    return json_response(node_info(request))
+    for node in await _nodes(request):
+        if node["name"] == request.match_info["name"]:
+            return json_response(node)
+    not_found()
 
 
 def register(app: web.Application) -> None:
