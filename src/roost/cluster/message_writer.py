@@ -436,10 +436,16 @@ class MessageWriter:
         purge_curs = []
         async with conn.pipeline(), conn.transaction():
             cur = conn.cursor()
-            for transient in (False, True):
-                rows = [r for r in batch.rows if r.transient is transient]
-                if rows:
-                    await cur.execute(_insert_sql(transient, drop_deleted), _columns(rows))
+            rows = batch.rows
+            if rows:
+                kinds = {r.transient for r in rows}
+                if len(kinds) == 1:
+                    await cur.execute(_insert_sql(kinds.pop(), drop_deleted), _columns(rows))
+                else:
+                    await cur.execute(
+                        _insert_mixed_sql(drop_deleted),
+                        (*_columns(rows), [r.transient for r in rows]),
+                    )
             for sql, ops in (
                 (_SETTLE, batch.settles),
                 (_RELEASE, batch.releases),
@@ -477,6 +483,25 @@ def _insert_sql(transient: bool, drop_deleted: bool) -> str:
     if drop_deleted:
         sql += " WHERE EXISTS (SELECT 1 FROM roost_queues q WHERE q.id = u.queue_id)"
     return sql
+
+
+_COLUMNS = "queue_id, priority, exchange, routing_key, properties, body, expires_ms"
+
+
+def _insert_mixed_sql(drop_deleted: bool) -> str:
+    # Both tables in one statement, the ids drawn from their shared sequence
+    # in row order (unnest() yields rows in array order), so publish order
+    # holds across durable and transient rows of one batch.
+    where = " WHERE EXISTS (SELECT 1 FROM roost_queues q WHERE q.id = u.queue_id)"
+    return (
+        f"WITH u AS (SELECT nextval('roost_messages_id_seq') AS id, u.* FROM unnest("
+        "%b::bigint[], %b::smallint[], %b::text[], %b::text[], %b::bytea[], %b::bytea[],"
+        f" %b::bigint[], %b::boolean[]) AS u({_COLUMNS}, transient)"
+        f"{where if drop_deleted else ''}),"
+        f" a AS (INSERT INTO {TABLES[0]} (id, {_COLUMNS})"
+        f" SELECT id, {_COLUMNS} FROM u WHERE NOT transient)"
+        f" INSERT INTO {TABLES[1]} (id, {_COLUMNS}) SELECT id, {_COLUMNS} FROM u WHERE transient"
+    )
 
 
 def _columns(rows: list[MessageRow]) -> tuple[list[Any], ...]:
