@@ -1,0 +1,166 @@
+"""One node's message path in cluster mode, assembled: the group-commit
+writer, the claimer, the Journal gate, the backing queues, and the two
+background jobs that keep them fed:
+
+- a LISTEN on :data:`~roost.cluster.claims.READY_CHANNEL`: another node
+  committed rows (or released some) for queues whose consumers here may be
+  waiting; after a lost listening connection every queue is woken (its
+  notifications may be lost);
+- housekeeping every ``count_interval`` seconds: the cluster-wide ready
+  counts behind ``len()``, and buffered entries no local consumer wants
+  are given back.
+
+This node's own commits wake its queues directly (no round trip through
+NOTIFY).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import psycopg
+
+from roost.cluster.claims import READY_CHANNEL, Claimer
+from roost.cluster.message_writer import MessageWriter
+from roost.cluster.pg_backing import PgBackingQueue
+from roost.cluster.pg_journal import PgJournal
+
+log = logging.getLogger(__name__)
+
+RECONNECT_DELAY = 1.0
+
+
+class NodeMessages:
+    def __init__(
+        self,
+        conninfo: str,
+        epoch: int,
+        *,
+        writer_connections: int = 1,
+        claim_connections: int = 4,
+        synchronous_claims: bool = True,
+        max_buffer: int = 1000,
+        count_interval: float = 1.0,
+    ) -> None:
+        self.conninfo = conninfo
+        self.epoch = epoch
+        self.max_buffer = max_buffer
+        self.count_interval = count_interval
+        self.writer = MessageWriter(
+            conninfo, connections=writer_connections, on_committed=self._ready
+        )
+        self.claimer = Claimer(
+            conninfo, max_connections=claim_connections, synchronous_commit=synchronous_claims
+        )
+        self.journal = PgJournal(self.writer)
+        self.queues: dict[int, PgBackingQueue] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listening = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.claimer.open()
+        await self.writer.start()
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="roost-ready-listener"),
+            asyncio.create_task(self._housekeeping(), name="roost-message-housekeeping"),
+        ]
+        await self._listening.wait()
+
+    async def close(self) -> None:
+        for q in list(self.queues.values()):
+            q.close()  # gives buffered entries back through the writer
+        self.queues.clear()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.writer.close()
+        await self.claimer.close()
+
+    def backing_queue(self, queue_id: int, durable: bool) -> PgBackingQueue:
+        """The backing queue of ``roost_queues.id = queue_id`` on this node."""
+        q = PgBackingQueue(
+            queue_id, durable, self.epoch, self.writer, self.claimer, max_buffer=self.max_buffer
+        )
+        self.queues[queue_id] = q
+        return q
+
+    def forget(self, queue_id: int) -> None:
+        """The queue was deleted here (call after ``close()`` on it)."""
+        self.queues.pop(queue_id, None)
+
+    async def on_node_dead(self, epoch: int) -> int:
+        """The registry declared ``epoch`` dead: its rows are ready again."""
+        return await self.claimer.release_dead(epoch)
+
+    # -- wake-ups ---------------------------------------------------------
+
+    def _ready(self, queue_ids: set[int] | None) -> None:
+        queues = self.queues
+        if queue_ids is None:
+            targets = list(queues.values())
+        else:
+            targets = [q for i in queue_ids if (q := queues.get(i)) is not None]
+        for q in targets:
+            q.wake()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                conn: psycopg.AsyncConnection[Any] = await psycopg.AsyncConnection.connect(
+                    self.conninfo, autocommit=True, application_name="roost-listener"
+                )
+                async with conn:
+                    await conn.execute(f"LISTEN {READY_CHANNEL}")
+                    if self._listening.is_set():
+                        self._ready(None)  # notifications may have been lost
+                    self._listening.set()
+                    async for note in conn.notifies():
+                        self._ready(_parse(note.payload))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("LISTEN %s: %s; reconnecting", READY_CHANNEL, exc)
+                self._listening.set()  # start() must not hang on an outage
+                await asyncio.sleep(RECONNECT_DELAY)
+
+    async def _housekeeping(self) -> None:
+        idle: set[int] = set()
+        while True:
+            await asyncio.sleep(self.count_interval)
+            queues = dict(self.queues)
+            if not queues:
+                continue
+            try:
+                counts = await self.claimer.count_ready(queues)
+            except Exception as exc:
+                log.warning("counting ready messages: %s", exc)
+                continue
+            for qid, n in counts.items():
+                q = queues[qid]
+                q.set_remote_count(n)
+                # Given back on the second tick without demand: a consumer
+                # between two deliveries is not "gone".
+                if q.in_memory() and (q.demand is None or q.demand() <= 0):
+                    if qid in idle:
+                        q.give_back()
+                        idle.discard(qid)
+                    else:
+                        idle.add(qid)
+                else:
+                    idle.discard(qid)
+                    if n:
+                        q.wake()
+
+
+def _parse(payload: str) -> set[int] | None:
+    if not payload:
+        return None
+    try:
+        return {int(s) for s in payload.split(",")}
+    except ValueError:
+        return None

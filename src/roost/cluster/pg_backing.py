@@ -1,0 +1,382 @@
+"""A queue's storage in cluster mode: the rows in PostgreSQL, and a local
+buffer of the rows this node claimed.
+
+How the synchronous backing-queue protocol meets the asynchronous database:
+
+- **Writes never wait.** ``publish``, ``settle`` and ``requeue`` (when it
+  gives rows back) only *enqueue* work on the node's
+  :class:`~roost.cluster.message_writer.MessageWriter` and return. Whoever
+  needs to know the outcome waits on the writer's batch: a publisher's
+  confirm goes through the Journal-shaped gate
+  (:class:`~roost.cluster.pg_journal.PgJournal`: ``barrier()`` before the
+  queues enqueue, ``wait_durable`` for the confirm), exactly as with the
+  local log. A published message is *not* put in the local buffer: it
+  becomes visible to every node's consumers at once, when it commits.
+- **Reads come from the buffer.** ``fetch``/``fetch_many``/``peek`` only
+  look at entries this node already claimed (held in PostgreSQL by its
+  epoch), ordered by priority then id. When a fetch comes up short, the
+  shortfall is recorded and a claim is started in the background; when
+  it returns, the entries join the buffer and ``ready_changed()`` tells
+  the queue to dispatch again.
+- **Wake-ups.** New ready rows (a commit on this node, a NOTIFY from
+  another) call :meth:`wake`: if local consumers have credit (``demand()``)
+  beyond what the buffer holds, a claim starts.
+- **The buffer stays small.** A claim asks for at most what local
+  consumers can take now (``demand()``, capped by ``max_buffer``), so
+  messages are not hoarded away from other nodes' consumers; what sits
+  unclaimed-for (no demand) for a while is given back (:meth:`give_back`).
+- **len()** is the buffer plus an estimate of the ready rows elsewhere:
+  counted cluster-wide every so often (:meth:`set_remote_count`), raised by
+  local publishes and lowered by claims in between. Dispatch tolerates an
+  estimate: a fetch may return fewer entries than ``len()`` suggested.
+
+Two small additions to the backing-queue protocol, both optional callbacks
+the queue sets (a local backing queue never calls them):
+
+- ``ready_changed: Callable[[], None]``: entries arrived asynchronously;
+  the queue should dispatch (``Queue.dispatch`` when it has consumers).
+- ``demand: Callable[[], int]``: how many more messages the queue's
+  consumers can take right now (the sum over consumers of their credit,
+  within prefetch). Without it, only a fetch that came up short causes a
+  claim.
+
+``ref`` of an entry is the row id (negative for the transient table).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from roost import properties
+from roost.broker.log_backed import ENTRY_OVERHEAD
+from roost.broker.message import Message, QueueEntry
+from roost.cluster.message_writer import MessageRow
+
+if TYPE_CHECKING:
+    from roost.broker.queue import Queue
+    from roost.cluster.claims import Claimed, Claimer
+    from roost.cluster.message_writer import MessageWriter
+
+log = logging.getLogger(__name__)
+
+# Pause after a failed claim before the next attempt.
+CLAIM_RETRY_DELAY = 0.5
+
+
+class PgBackingQueue:
+    """A :class:`~roost.broker.backing_queue.BackingQueue` over PostgreSQL
+    (see the module docstring)."""
+
+    def __init__(
+        self,
+        queue_id: int,
+        durable: bool,
+        epoch: int,
+        writer: MessageWriter,
+        claimer: Claimer,
+        *,
+        max_buffer: int = 1000,
+    ) -> None:
+        self.store_id = queue_id
+        self.durable = durable
+        self.epoch = epoch
+        self.writer = writer
+        self.claimer = claimer
+        self.max_buffer = max_buffer
+        self.bytes = 0  # body bytes of the buffered entries
+        self.ready_limit = 1 << 62
+        self.expiry_seen: Callable[[int], None] | None = None
+        self.ready_changed: Callable[[], None] | None = None
+        self.demand: Callable[[], int] | None = None
+        # (-priority, id, entry): the head is the next to deliver.
+        self._heap: list[tuple[int, int, QueueEntry]] = []
+        self._remote = 0  # ready rows not claimed by us (estimate)
+        self._shortfall = 0  # asked of fetch and not there (without demand())
+        self._claiming: asyncio.Task[None] | None = None
+        self._again = False  # woken while a claim was in flight
+        self._closed = False
+        self.claims = 0  # claim statements run (stats, tests)
+
+    # -- counts -----------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._heap) + self._remote
+
+    def in_memory(self) -> int:
+        return len(self._heap)
+
+    def memory(self) -> int:
+        return self.bytes + len(self._heap) * ENTRY_OVERHEAD
+
+    def set_remote_count(self, ready: int) -> None:
+        """The cluster-wide count of unclaimed rows, just measured."""
+        self._remote = ready
+
+    # -- messages in ------------------------------------------------------
+
+    def publish(self, entry: QueueEntry) -> bool:
+        message = entry.message
+        self.writer.enqueue(
+            MessageRow(
+                self.store_id,
+                message.exchange,
+                message.routing_key,
+                message.properties,
+                message.body,
+                entry.priority,
+                entry.expires or None,
+                not (self.durable and message.persistent),
+            )
+        )
+        self._remote += 1
+        return False  # not in this node's memory: it is claimed once committed
+
+    # -- messages out -----------------------------------------------------
+
+    def fetch(self) -> QueueEntry | None:
+        heap = self._heap
+        if not heap:
+            self._short(1)
+            return None
+        entry = heapq.heappop(heap)[2]
+        self.bytes -= len(entry.message.body)
+        return entry
+
+    def fetch_many(self, k: int) -> list[QueueEntry]:
+        heap = self._heap
+        n = min(k, len(heap))
+        pop = heapq.heappop
+        entries = [pop(heap)[2] for _ in range(n)]
+        size = 0
+        for e in entries:
+            size += len(e.message.body)
+        self.bytes -= size
+        if n < k:
+            self._short(k - n)
+        return entries
+
+    def peek(self) -> QueueEntry | None:
+        return self._heap[0][2] if self._heap else None
+
+    def requeue(self, entry: QueueEntry) -> None:
+        # Back into the buffer at its place: still claimed by this node, so
+        # the next local consumer gets it first (RabbitMQ's requeue
+        # position); give_back() hands it to the cluster if none comes.
+        self._push(entry)
+
+    def settle(self, entries: Iterable[QueueEntry]) -> None:
+        durable: list[int] = []
+        transient: list[int] = []
+        for e in entries:
+            ref = e.ref
+            if ref > 0:
+                durable.append(ref)
+            elif ref < 0:
+                transient.append(-ref)
+        if durable:
+            self.writer.settle_nowait(durable, self.epoch)
+        if transient:
+            self.writer.settle_nowait(transient, self.epoch, transient=True)
+
+    def delivered(self, entries: Iterable[QueueEntry], every: bool) -> None:
+        # The claim already recorded it: the row is owned by this epoch,
+        # and if the node dies it comes back redelivered.
+        pass
+
+    def purge(self) -> int:
+        n = len(self)
+        entries = [item[2] for item in self._heap]
+        self._heap.clear()
+        self.bytes = 0
+        self.settle(entries)
+        self._remote = 0
+        fut = self.writer.purge(self.store_id)
+        fut.add_done_callback(_log_failure)
+        return n
+
+    def page_out(self, budget: int) -> int:
+        return 0  # the buffer is bounded by max_buffer; the rest is in PostgreSQL
+
+    def restore(
+        self,
+        refs: Iterable[int],
+        delivered: Mapping[int, int],
+        seq: int,
+        keep_counts: bool,
+        sized: bool = False,
+    ) -> int:
+        return seq  # nothing to restore: the rows are in PostgreSQL
+
+    def read_restored(self, ref: int) -> QueueEntry:
+        raise NotImplementedError("cluster queues restore nothing locally")
+
+    def close(self) -> None:
+        self._closed = True
+        self.give_back()
+        self.ready_changed = self.demand = self.expiry_seen = None
+        if self._claiming is not None:
+            self._claiming.cancel()
+
+    # -- the buffer and claims ---------------------------------------------
+
+    def give_back(self) -> int:
+        """Hand every buffered entry back to the cluster (no local consumer
+        wants it): never-delivered ones as they were, requeued ones
+        redelivered. Returns how many."""
+        heap = self._heap
+        if not heap:
+            return 0
+        fresh: dict[bool, list[int]] = {False: [], True: []}
+        seen: dict[bool, list[int]] = {False: [], True: []}
+        for _, _, e in heap:
+            ids = seen if e.redelivered else fresh
+            ids[e.ref < 0].append(abs(e.ref))
+        n = len(heap)
+        heap.clear()
+        self.bytes = 0
+        self._remote += n
+        for transient in (False, True):
+            if fresh[transient]:
+                self.writer.unclaim_nowait(fresh[transient], self.epoch, transient)
+            if seen[transient]:
+                self.writer.release_nowait(seen[transient], self.epoch, transient)
+        return n
+
+    def wake(self) -> None:
+        """New ready rows may be there (a commit here, a NOTIFY from elsewhere)."""
+        if self._closed:
+            return
+        if self._claiming is not None:
+            self._again = True
+        elif self._wanted() > 0:
+            self._start_claim()
+
+    def _short(self, n: int) -> None:
+        if self._closed:
+            return
+        self._shortfall = min(self.max_buffer, self._shortfall + n)
+        if self._claiming is None:
+            self._start_claim()
+        else:
+            self._again = True
+
+    def _wanted(self) -> int:
+        demand = self.demand
+        want = demand() if demand is not None else self._shortfall
+        return min(want, self.max_buffer) - len(self._heap)
+
+    def _start_claim(self) -> None:
+        self._claiming = asyncio.get_running_loop().create_task(self._claim_loop())
+
+    async def _claim_loop(self) -> None:
+        try:
+            while not self._closed:
+                self._again = False
+                want = self._wanted()
+                if want <= 0:
+                    break
+                try:
+                    rows = await self.claimer.claim(self.store_id, want, self.epoch)
+                except Exception:
+                    log.exception("claim from queue %d", self.store_id)
+                    await asyncio.sleep(CLAIM_RETRY_DELAY)
+                    continue
+                self.claims += 1
+                self._shortfall = max(0, self._shortfall - len(rows))
+                if self._closed:
+                    self._heap.extend((0, 0, self._entry(r)) for r in rows)
+                    self.give_back()
+                    break
+                for row in rows:
+                    self._push(self._entry(row))
+                if len(rows) < want:
+                    # The queue's head is empty right now, cluster-wide.
+                    self._remote = 0
+                    self._shortfall = 0
+                else:
+                    self._remote = max(0, self._remote - len(rows))
+                if rows and self.ready_changed is not None:
+                    self.ready_changed()
+                if len(rows) < want and not self._again:
+                    break
+        finally:
+            self._claiming = None
+
+    def _push(self, entry: QueueEntry) -> None:
+        heapq.heappush(self._heap, (-entry.priority, abs(entry.ref), entry))
+        self.bytes += len(entry.message.body)
+
+    def _entry(self, row: Claimed) -> QueueEntry:
+        props = row.properties
+        # A row in the transient table may still be a persistent message
+        # (routed to a non-durable queue): dead-lettering needs to know.
+        persistent = not row.transient or (
+            bool(props) and properties.scan(props).delivery_mode == 2
+        )
+        message = Message(
+            row.exchange,
+            row.routing_key,
+            props,
+            row.body,
+            persistent,
+            row.priority or None,
+            written_ms=row.published_ms,
+        )
+        entry = QueueEntry(
+            row.id,
+            message,
+            row.redelivered,
+            row.expires_ms or 0,
+            row.priority,
+            -row.id if row.transient else row.id,
+        )
+        entry.deliveries = row.delivery_count - 1  # the queue counts this one
+        if entry.expires and self.expiry_seen is not None:
+            self.expiry_seen(entry.expires)
+        return entry
+
+
+def attach(queue: Queue, backing: PgBackingQueue) -> None:
+    """Put ``backing`` under ``queue``, which must not hold anything yet,
+    and connect the two callbacks (see the module docstring)."""
+    backing.expiry_seen = queue.backing.expiry_seen  # the queue's TTL timer
+    queue.backing = backing
+
+    def ready_changed() -> None:
+        if queue.consumer_count and not queue.deleted:
+            queue.dispatch()
+
+    backing.ready_changed = ready_changed
+    backing.demand = lambda: queue_demand(queue)
+
+
+def queue_demand(queue: Queue) -> int:
+    """How many more messages ``queue``'s consumers can take now: each
+    one's credit, within its prefetch. (A channel's credit is shared by its
+    consumers, so this may count it more than once: an upper bound, and
+    claims are capped by the buffer size anyway.)"""
+    if queue.options.single_active_consumer:
+        active = queue.active_consumer
+        consumers = [active] if active is not None else []
+    else:
+        consumers = queue.consumers()
+    total = 0
+    for c in consumers:
+        credit = c.sink.credit()
+        if not c.no_ack and c.prefetch:
+            credit = min(credit, c.prefetch - c.unacked)
+        if credit > 0:
+            total += credit
+    return total
+
+
+def _log_failure(fut: asyncio.Future[int]) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        exc = fut.exception()
+        if exc is not None:
+            log.warning("purge failed: %s", exc)

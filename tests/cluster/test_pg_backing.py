@@ -1,0 +1,236 @@
+"""PgBackingQueue under the broker's real Queue: publish through the vhost,
+confirm through the Journal gate, consume, ack, requeue, and two nodes
+sharing one queue."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from roost.broker.consumer import Consumer
+from roost.broker.message import Message, QueueEntry
+from roost.broker.queue import Queue
+from roost.broker.vhost import VirtualHost
+from roost.cluster.node_messages import NodeMessages
+from roost.cluster.pg_backing import attach
+from tests.cluster import fixtures
+
+PERSISTENT = b"\x10\x00\x02"  # flags: delivery-mode; delivery-mode 2
+
+
+class Sink:
+    """A consumer's owner that records deliveries (a channel without wire)."""
+
+    def __init__(self, credit: int = 1 << 30) -> None:
+        self._credit = credit
+        self.got: list[tuple[Consumer, QueueEntry]] = []
+        self.arrived = asyncio.Event()
+
+    def credit(self) -> int:
+        return self._credit
+
+    def deliver(self, consumer: Consumer, entries: list[QueueEntry]) -> None:
+        self.got.extend((consumer, e) for e in entries)
+        self.arrived.set()
+
+    def dispatch_soon(self, queue: Queue) -> None:
+        asyncio.get_running_loop().call_soon(queue.dispatch)
+
+    def cancelled_by_server(self, consumer: Consumer) -> None:
+        pass
+
+
+@dataclass
+class Node:
+    messages: NodeMessages
+    vhost: VirtualHost
+    queue: Queue
+    sinks: list[Sink] = field(default_factory=list)
+
+    def consume(self, prefetch: int = 0, credit: int = 1 << 30) -> tuple[Consumer, Sink]:
+        sink = Sink(credit)
+        consumer = Consumer(f"c{len(self.sinks)}", self.queue, sink, prefetch=prefetch)
+        self.sinks.append(sink)
+        self.queue.add_consumer(consumer)
+        return consumer, sink
+
+    def publish(self, body: bytes, persistent: bool = True) -> int:
+        props = PERSISTENT if persistent else b"\x00\x00"
+        message = Message("", "q", props, body, persistent)
+        routed, refused, batch = self.vhost.publish(self.vhost.default_exchange, message)
+        assert routed and not refused
+        return batch
+
+    async def confirmed(self, batch: int) -> None:
+        done = asyncio.Event()
+        self.messages.journal.wait_durable(batch, done.set)
+        await asyncio.wait_for(done.wait(), 10)
+        assert self.messages.journal.failure(batch) is None
+
+    def ack(self, consumer: Consumer, entries: list[QueueEntry]) -> None:
+        consumer.unacked -= len(entries)
+        self.queue.settle(entries)
+        self.queue.dispatch()  # credit came back, as a channel's ack does
+
+
+async def make_node(url: str, epoch: int, queue_id: int, durable: bool = True) -> Node:
+    messages = NodeMessages(url, epoch, count_interval=0.2)
+    await messages.start()
+    vhost = VirtualHost("/", journal=messages.journal)
+    loop = asyncio.get_running_loop()
+    vhost.scheduler = loop.call_later
+    queue = vhost.declare_queue("q", owner=None, durable=durable)
+    attach(queue, messages.backing_queue(queue_id, durable))
+    return Node(messages, vhost, queue)
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def two_nodes(pg_url: str) -> AsyncIterator[tuple[Node, Node, str]]:
+    a, (q,) = fixtures.prepare(pg_url)
+    b = fixtures.new_node(pg_url, "b")
+    node_a = await make_node(pg_url, a, q)
+    node_b = await make_node(pg_url, b, q)
+    yield node_a, node_b, pg_url
+    await node_a.messages.close()
+    await node_b.messages.close()
+
+
+def bodies(sink: Sink) -> list[bytes]:
+    return [e.message.body for _, e in sink.got]
+
+
+async def test_publish_confirm_consume_ack(two_nodes: tuple[Node, Node, str]) -> None:
+    node, _, url = two_nodes
+    batches = [node.publish(b"%d" % i) for i in range(200)]
+    await node.confirmed(max(batches))
+    assert fixtures.scalar(url, "SELECT count(*) FROM roost_messages") == 200
+    consumer, sink = node.consume(prefetch=50)
+    acked = 0
+    while acked < 200:
+        await wait_for(lambda seen=acked: len(sink.got) > seen)  # type: ignore[misc]
+        entries = [e for _, e in sink.got[acked:]]
+        acked += len(entries)
+        node.ack(consumer, entries)
+    assert bodies(sink) == [b"%d" % i for i in range(200)]  # FIFO
+    assert all(not e.redelivered and e.message.persistent for _, e in sink.got)
+    await node.confirmed(node.messages.writer.barrier())
+    assert fixtures.scalar(url, "SELECT count(*) FROM roost_messages") == 0
+
+
+async def test_a_waiting_consumer_is_woken_by_a_commit(two_nodes: tuple[Node, Node, str]) -> None:
+    node, other, _ = two_nodes
+    _, here = node.consume(prefetch=10)
+    _, there = other.consume(prefetch=10)
+    await asyncio.sleep(0.1)
+    node.publish(b"x", persistent=False)  # transient: the unlogged table
+    await wait_for(lambda: len(here.got) + len(there.got) == 1)
+    (_, entry), *_ = here.got or there.got
+    assert entry.ref < 0 and not entry.message.persistent
+
+
+async def test_competing_consumers_on_two_nodes_get_each_message_once(
+    two_nodes: tuple[Node, Node, str],
+) -> None:
+    a, b, _ = two_nodes
+    consumers = [(a, *a.consume(prefetch=5)), (b, *b.consume(prefetch=5))]
+    total = 400
+
+    async def ack_slowly(node: Node, consumer: Consumer, sink: Sink) -> None:
+        done = 0
+        while True:
+            await sink.arrived.wait()
+            sink.arrived.clear()
+            await asyncio.sleep(0.005)  # some work per batch
+            entries = [e for _, e in sink.got[done:]]
+            done += len(entries)
+            node.ack(consumer, entries)
+
+    workers = [asyncio.create_task(ack_slowly(*c)) for c in consumers]
+    try:
+        for i in range(total):
+            a.publish(b"%d" % i)
+            if i % 50 == 0:
+                await asyncio.sleep(0)
+        await wait_for(lambda: sum(len(s.got) for _, _, s in consumers) >= total, 30)
+    finally:
+        for w in workers:
+            w.cancel()
+    got = [body for _, _, s in consumers for body in bodies(s)]
+    assert sorted(got) == sorted(b"%d" % i for i in range(total))  # each exactly once
+    assert all(len(s.got) for _, _, s in consumers), "both nodes consumed"
+
+
+async def test_requeue_puts_it_back_first_and_redelivered(
+    two_nodes: tuple[Node, Node, str],
+) -> None:
+    node, _, _ = two_nodes
+    await node.confirmed(max(node.publish(b"%d" % i) for i in range(3)))
+    consumer, sink = node.consume(prefetch=1)
+    await wait_for(lambda: len(sink.got) == 1)
+    first = sink.got[0][1]
+    consumer.unacked -= 1
+    node.queue.requeue([first])  # basic.nack requeue=true
+    await wait_for(lambda: len(sink.got) == 2)
+    again = sink.got[1][1]
+    assert again.message.body == b"0" and again.redelivered
+
+
+async def test_a_paused_node_declared_dead_cannot_ack_what_another_redelivers(
+    two_nodes: tuple[Node, Node, str],
+) -> None:
+    a, b, url = two_nodes
+    await a.confirmed(max(a.publish(b"%d" % i) for i in range(10)))
+    ca, sink_a = a.consume(prefetch=10)
+    await wait_for(lambda: len(sink_a.got) == 10)
+    # a stops (SIGSTOP) past its timeout; the registry declares it dead.
+    fixtures.mark_dead(url, a.messages.epoch)
+    assert await b.messages.on_node_dead(a.messages.epoch) == 10
+    cb, sink_b = b.consume(prefetch=10)
+    await wait_for(lambda: len(sink_b.got) == 10)
+    assert all(e.redelivered for _, e in sink_b.got)
+    assert all(e.deliveries == 2 for _, e in sink_b.got)  # a's, then this one
+    # a wakes up and acks: fenced, nothing happens.
+    a.ack(ca, [e for _, e in sink_a.got])
+    await a.confirmed(a.messages.writer.barrier())
+    assert fixtures.scalar(url, "SELECT count(*) FROM roost_messages") == 10
+    b.ack(cb, [e for _, e in sink_b.got])
+    await b.confirmed(b.messages.writer.barrier())
+    assert fixtures.scalar(url, "SELECT count(*) FROM roost_messages") == 0
+
+
+async def test_buffered_messages_go_back_when_no_consumer_wants_them(
+    two_nodes: tuple[Node, Node, str],
+) -> None:
+    a, b, _ = two_nodes
+    await a.confirmed(max(a.publish(b"%d" % i) for i in range(20)))
+    consumer, sink = a.consume(prefetch=20)
+    await wait_for(lambda: len(sink.got) == 20)
+    # Requeued after delivery, and the consumer goes: nobody here wants them.
+    consumer.unacked -= 20
+    a.queue.remove_consumer(consumer)
+    a.queue.requeue([e for _, e in sink.got])
+    assert a.queue.backing.in_memory() == 20
+    await wait_for(lambda: a.queue.backing.in_memory() == 0, 5)
+    _, there = b.consume(prefetch=100)
+    await wait_for(lambda: len(there.got) == 20)
+    assert bodies(there) == [b"%d" % i for i in range(20)]
+    assert all(e.redelivered for _, e in there.got)
+
+
+async def test_len_counts_the_cluster(two_nodes: tuple[Node, Node, str]) -> None:
+    a, b, _ = two_nodes
+    await a.confirmed(max(a.publish(b"%d" % i) for i in range(7)))
+    assert a.queue.message_count == 7  # its own publishes, at once
+    await wait_for(lambda: b.queue.message_count == 7, 5)  # counted
+    assert b.queue.purge() == 7
+    await b.confirmed(b.messages.writer.barrier())
+    await wait_for(lambda: a.queue.message_count == 0, 5)
