@@ -135,3 +135,25 @@ async def test_release_dead_without_epoch_sweeps_every_dead_node(pg_url: str) ->
         assert await claimer.release_dead() == 0
     finally:
         await claimer.close()
+
+
+async def test_a_claim_walks_the_ready_index_and_stops_at_its_limit(pg_url: str) -> None:
+    """Never analyzed, the table looks tiny to the planner; a claim must
+    still not read (and sort) the whole ready set."""
+    epoch, (q,) = fixtures.prepare(pg_url)
+    await fill(pg_url, [msg(q, i) for i in range(5000)])
+    claimer = Claimer(pg_url)
+    await claimer.open()
+    try:
+        async with claimer.pool.connection() as conn:
+            await conn.execute("BEGIN")
+            cur = await conn.execute(
+                b"EXPLAIN (ANALYZE, FORMAT TEXT) " + CLAIM_SQL.encode(),
+                {"q": q, "n": 10, "epoch": epoch},
+            )
+            plan = "\n".join(r[0] for r in await cur.fetchall())
+            await conn.execute("ROLLBACK")
+    finally:
+        await claimer.close()
+    assert "Index Scan using roost_messages_ready" in plan, plan
+    assert "Sort" not in plan and "Bitmap" not in plan, plan
