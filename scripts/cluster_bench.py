@@ -3,7 +3,7 @@
     python scripts/cluster_bench.py                 # a throwaway server
     python scripts/cluster_bench.py --url postgresql://...   # an existing, empty database
 
-Two measurements:
+Measurements:
 
 - **publish**: ``--submitters`` concurrent publishers, each keeping
   ``--window`` rows in flight (a confirm-mode client with that many
@@ -12,6 +12,10 @@ Two measurements:
 - **consume**: ``--consumers`` concurrent consumers on the same queue, each
   claiming ``--claim`` rows at a time and settling (acking) them through
   the writer, until the queue is empty. Reports rows/s.
+- **queue path** (``--queue-path``): the broker's own path minus AMQP:
+  ``VirtualHost.publish`` into a queue backed by ``PgBackingQueue``,
+  confirms through the Journal gate, a consumer on the same node with
+  ``--prefetch`` acking everything.
 
 PostgreSQL runs with its defaults (fsync on, synchronous_commit on), so a
 confirmed row is on disk. Figures drift on shared machines: compare runs
@@ -28,10 +32,16 @@ from collections.abc import Iterator
 
 import psycopg
 
+from roost.broker.consumer import Consumer
+from roost.broker.message import Message, QueueEntry
+from roost.broker.queue import Queue
+from roost.broker.vhost import VirtualHost
 from roost.cluster import schema
 from roost.cluster.claims import Claimer
 from roost.cluster.devdb import ThrowawayPostgres
 from roost.cluster.message_writer import MessageRow, MessageWriter
+from roost.cluster.node_messages import NodeMessages
+from roost.cluster.pg_backing import attach
 
 PROPS = b"\x10\x00\x02"  # delivery-mode 2
 
@@ -120,6 +130,80 @@ async def consume(url: str, queue_id: int, epoch: int, args: argparse.Namespace)
     )
 
 
+class _AckingSink:
+    """A consumer's owner that acks every delivery on the next loop step
+    (a client acking at once, without the wire)."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.consumed = 0
+        self.redelivered = 0
+
+    def credit(self) -> int:
+        return 1 << 30
+
+    def deliver(self, consumer: Consumer, entries: list[QueueEntry]) -> None:
+        self.consumed += len(entries)
+        asyncio.get_running_loop().call_soon(self._ack, consumer, entries)
+
+    def _ack(self, consumer: Consumer, entries: list[QueueEntry]) -> None:
+        consumer.unacked -= len(entries)
+        self.queue.settle(entries)
+        self.queue.dispatch()
+
+    def dispatch_soon(self, queue: Queue) -> None:
+        asyncio.get_running_loop().call_soon(queue.dispatch)
+
+    def cancelled_by_server(self, consumer: Consumer) -> None:
+        pass
+
+
+async def queue_path(url: str, queue_id: int, epoch: int, args: argparse.Namespace) -> None:
+    """Publish through VirtualHost.publish into a PgBackingQueue (confirms
+    through the Journal gate) while a consumer on the same node with
+    prefetch ``--prefetch`` acks everything: the broker's own path, minus
+    AMQP."""
+    node = NodeMessages(url, epoch)
+    await node.start()
+    vhost = VirtualHost("/", journal=node.journal)
+    vhost.scheduler = asyncio.get_running_loop().call_later
+    queue = vhost.declare_queue("bench", owner=None, durable=True)
+    attach(queue, node.backing_queue(queue_id, True))
+    sink = _AckingSink(queue)
+    queue.add_consumer(Consumer("c", queue, sink, prefetch=args.prefetch))
+    body = b"x" * args.body_size
+    published = 0
+    stop = time.monotonic() + args.seconds
+
+    async def publisher() -> None:
+        nonlocal published
+        while time.monotonic() < stop:
+            batch = 0
+            for _ in range(args.window):
+                message = Message("", "bench", PROPS, body, True)
+                batch = vhost.publish(vhost.default_exchange, message)[2]
+            done = asyncio.Event()
+            node.journal.wait_durable(batch, done.set)
+            await done.wait()
+            assert node.journal.failure(batch) is None
+            published += args.window
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(publisher() for _ in range(args.submitters)))
+    elapsed = time.monotonic() - t0
+    consumed_meanwhile = sink.consumed
+    while sink.consumed < published:
+        await asyncio.sleep(0.01)
+    drained = time.monotonic() - t0
+    await node.close()
+    print(
+        f"queue path: {args.submitters} publishers x window {args.window},"
+        f" consumer prefetch {args.prefetch}: {published / elapsed:,.0f} msg/s published"
+        f" and confirmed, {consumed_meanwhile / elapsed:,.0f} msg/s consumed meanwhile,"
+        f" {published / drained:,.0f} msg/s end to end (all {published:,} consumed and acked)"
+    )
+
+
 @contextlib.contextmanager
 def database(url: str | None) -> Iterator[str]:
     if url:
@@ -132,6 +216,9 @@ def database(url: str | None) -> Iterator[str]:
 async def main(args: argparse.Namespace) -> None:
     with database(args.url) as url:
         epoch, queue_id = await asyncio.to_thread(prepare, url)
+        if args.queue_path:
+            await queue_path(url, queue_id, epoch, args)
+            return
         await publish(url, queue_id, args)
         if not args.no_consume:
             await consume(url, queue_id, epoch, args)
@@ -149,6 +236,12 @@ if __name__ == "__main__":
     p.add_argument("--claim", type=int, default=100, help="rows per claim")
     p.add_argument("--async-claims", action="store_true", help="synchronous_commit=off")
     p.add_argument("--no-consume", action="store_true")
+    p.add_argument(
+        "--queue-path",
+        action="store_true",
+        help="publish and consume through VirtualHost, Queue and PgBackingQueue instead",
+    )
+    p.add_argument("--prefetch", type=int, default=100, help="--queue-path consumer's")
     try:
         import uvloop
 

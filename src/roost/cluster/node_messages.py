@@ -43,11 +43,13 @@ class NodeMessages:
         claim_connections: int = 4,
         synchronous_claims: bool = True,
         max_buffer: int = 1000,
+        claim_ahead: int = 64,
         count_interval: float = 1.0,
     ) -> None:
         self.conninfo = conninfo
         self.epoch = epoch
         self.max_buffer = max_buffer
+        self.claim_ahead = claim_ahead
         self.count_interval = count_interval
         self.writer = MessageWriter(
             conninfo, connections=writer_connections, on_committed=self._ready
@@ -84,7 +86,13 @@ class NodeMessages:
     def backing_queue(self, queue_id: int, durable: bool) -> PgBackingQueue:
         """The backing queue of ``roost_queues.id = queue_id`` on this node."""
         q = PgBackingQueue(
-            queue_id, durable, self.epoch, self.writer, self.claimer, max_buffer=self.max_buffer
+            queue_id,
+            durable,
+            self.epoch,
+            self.writer,
+            self.claimer,
+            max_buffer=self.max_buffer,
+            claim_ahead=self.claim_ahead,
         )
         self.queues[queue_id] = q
         return q

@@ -21,10 +21,14 @@ How the synchronous backing-queue protocol meets the asynchronous database:
 - **Wake-ups.** New ready rows (a commit on this node, a NOTIFY from
   another) call :meth:`wake`: if local consumers have credit (``demand()``)
   beyond what the buffer holds, a claim starts.
-- **The buffer stays small.** A claim asks for at most what local
-  consumers can take now (``demand()``, capped by ``max_buffer``), so
-  messages are not hoarded away from other nodes' consumers; what sits
-  unclaimed-for (no demand) for a while is given back (:meth:`give_back`).
+- **The buffer stays small.** While local consumers want anything, a
+  claim asks for what they can take now (``demand()``) but at least
+  ``claim_ahead`` (capped by ``max_buffer``), and the next claim starts
+  when the buffer is half drained: a consumer with a small prefetch
+  would otherwise wait a claim round trip per few messages. That
+  ``claim_ahead`` is all a node holds back from other nodes' consumers;
+  what sits without local demand for a while is given back
+  (:meth:`give_back`).
 - **len()** is the buffer plus an estimate of the ready rows elsewhere:
   counted cluster-wide every so often (:meth:`set_remote_count`), raised by
   local publishes and lowered by claims in between. Dispatch tolerates an
@@ -81,6 +85,7 @@ class PgBackingQueue:
         claimer: Claimer,
         *,
         max_buffer: int = 1000,
+        claim_ahead: int = 64,
     ) -> None:
         self.store_id = queue_id
         self.durable = durable
@@ -88,6 +93,7 @@ class PgBackingQueue:
         self.writer = writer
         self.claimer = claimer
         self.max_buffer = max_buffer
+        self.claim_ahead = min(claim_ahead, max_buffer)
         self.bytes = 0  # body bytes of the buffered entries
         self.ready_limit = 1 << 62
         self.expiry_seen: Callable[[int], None] | None = None
@@ -145,6 +151,8 @@ class PgBackingQueue:
             return None
         entry = heapq.heappop(heap)[2]
         self.bytes -= len(entry.message.body)
+        if len(heap) < self._low_water and self._claiming is None:
+            self._top_up()
         return entry
 
     def fetch_many(self, k: int) -> list[QueueEntry]:
@@ -158,6 +166,8 @@ class PgBackingQueue:
         self.bytes -= size
         if n < k:
             self._short(k - n)
+        elif len(heap) < self._low_water and self._claiming is None:
+            self._top_up()
         return entries
 
     def peek(self) -> QueueEntry | None:
@@ -265,9 +275,22 @@ class PgBackingQueue:
         else:
             self._again = True
 
+    @property
+    def _low_water(self) -> int:
+        return self.claim_ahead // 2
+
+    def _top_up(self) -> None:
+        if not self._closed and self._wanted() > 0:
+            self._start_claim()
+
     def _wanted(self) -> int:
         demand = self.demand
-        want = demand() if demand is not None else self._shortfall
+        if demand is None:
+            want = self._shortfall
+        else:
+            want = demand()
+            if want > 0:
+                want = max(want, self.claim_ahead)
         return min(want, self.max_buffer) - len(self._heap)
 
     def _start_claim(self) -> None:
