@@ -19,8 +19,8 @@ a batch is resolved. That is the shape of the broker's
 failed; :meth:`failure` says which. A batch fails with:
 
 - :class:`WriteFailed`: PostgreSQL reported an error and the transaction
-  was rolled back (or the writer could not connect): nothing of it was
-  written. A publish may be nacked.
+  was rolled back, or (:class:`Unreachable`) the writer could not
+  connect: nothing of it was written. A publish may be nacked.
 - :class:`CommitOutcomeUnknown`: the connection broke or timed out while
   the transaction was in flight, so the COMMIT may or may not have
   happened (a crash or a failover during COMMIT). Never confirm such a
@@ -33,7 +33,9 @@ are retried; the retry drops the rows of queues that no longer exist, as
 a publish routed to a queue deleted meanwhile is dropped in RabbitMQ.
 
 Settles and releases are *fenced* by the node epoch (see :mod:`claims`):
-they touch only rows the epoch owns, and only while it is alive.
+they touch only rows the epoch owns, and only while it is alive. That
+makes them idempotent, so those of a batch lost to an outage are carried
+into the next batch rather than dropped.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ class WriteFailed(Exception):
 class CommitOutcomeUnknown(WriteFailed):
     """The batch may or may not have committed: close the connection so the
     client re-publishes (never confirm)."""
+
+
+class Unreachable(WriteFailed):
+    """No connection to PostgreSQL: the batch was not sent."""
 
 
 class MessageRow(NamedTuple):
@@ -286,6 +292,23 @@ class MessageWriter:
         self._wake.set()
         return fut
 
+    def _carry_forward(self, batch: _Batch) -> None:
+        """Settles, releases and unclaims of a batch lost to an outage go
+        into the next batch: each only ever applies to rows the epoch still
+        owns, so doing one twice is harmless, while losing one would leave
+        its rows held by a live node that believes them settled. (New rows
+        are never retried: their publishers were told to publish again.)"""
+        target = self._open
+        for mine, theirs in (
+            (batch.settles, target.settles),
+            (batch.releases, target.releases),
+            (batch.unclaims, target.unclaims),
+        ):
+            for key, ids in mine.items():
+                theirs.setdefault(key, []).extend(ids)
+        if batch.settles or batch.releases or batch.unclaims:
+            self._wake.set()
+
     def _close_full(self) -> None:
         self._close_pending = False
         batch = self._open
@@ -339,6 +362,8 @@ class MessageWriter:
         if error is not None:
             self._failures[batch.number] = error
             self._failures.pop(batch.number - 100_000, None)
+            if isinstance(error, CommitOutcomeUnknown | Unreachable) and not self._closing:
+                self._carry_forward(batch)
         for fut in batch.futures:
             if not fut.done():
                 if error is None:
@@ -377,7 +402,7 @@ class MessageWriter:
             # Nothing was sent: the batch is certainly not written. Pause a
             # little so an outage does not become a busy loop of attempts.
             await asyncio.sleep(0.2)
-            raise WriteFailed(f"cannot connect to PostgreSQL: {exc}") from exc
+            raise Unreachable(f"cannot connect to PostgreSQL: {exc}") from exc
         self._conns[slot] = conn
         return conn
 
@@ -565,5 +590,6 @@ __all__ = [
     "CommitOutcomeUnknown",
     "MessageRow",
     "MessageWriter",
+    "Unreachable",
     "WriteFailed",
 ]
