@@ -14,6 +14,7 @@ from roost.broker.consumer import Consumer
 from roost.broker.message import Message, QueueEntry
 from roost.broker.queue import Queue
 from roost.broker.vhost import VirtualHost
+from roost.cluster.devdb import ThrowawayPostgres
 from roost.cluster.node_messages import NodeMessages
 from roost.cluster.pg_backing import attach
 from tests.cluster import fixtures
@@ -234,3 +235,27 @@ async def test_len_counts_the_cluster(two_nodes: tuple[Node, Node, str]) -> None
     assert b.queue.purge() == 7
     await b.confirmed(b.messages.writer.barrier())
     await wait_for(lambda: a.queue.message_count == 0, 5)
+
+
+async def test_a_node_carries_on_after_postgresql_restarts(
+    two_nodes: tuple[Node, Node, str], postgres_server: ThrowawayPostgres
+) -> None:
+    a, b, _ = two_nodes
+    _, sink = b.consume(prefetch=10)
+    await a.confirmed(a.publish(b"before"))
+    await wait_for(lambda: len(sink.got) == 1)
+    await asyncio.to_thread(postgres_server.stop_immediate)
+    await asyncio.to_thread(postgres_server.start)
+    # The writer's old connection is dead: the first batch after the
+    # restart may fail (its outcome unknown), never confirm falsely.
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        batch = a.publish(b"after")
+        done = asyncio.Event()
+        a.messages.journal.wait_durable(batch, done.set)
+        await asyncio.wait_for(done.wait(), 20)
+        if a.messages.journal.failure(batch) is None:
+            break
+        assert asyncio.get_running_loop().time() < deadline
+    # b's listener and claim pool reconnect; the message reaches b.
+    await wait_for(lambda: b"after" in bodies(sink), 20)
