@@ -157,3 +157,22 @@ async def test_a_claim_walks_the_ready_index_and_stops_at_its_limit(pg_url: str)
         await claimer.close()
     assert "Index Scan using roost_messages_ready" in plan, plan
     assert "Sort" not in plan and "Bitmap" not in plan, plan
+
+
+async def test_claim_expired_takes_only_expired_rows_of_the_given_queues(pg_url: str) -> None:
+    epoch, (q, r, other) = fixtures.prepare(pg_url, queues=3)
+    rows = [
+        MessageRow(q, "", "old", b"", b"", 0, 1000),
+        MessageRow(q, "", "fresh", b"", b"", 0, 9000),
+        MessageRow(q, "", "forever", b"", b""),
+        MessageRow(r, "", "old-transient", b"", b"", 0, 2000, True),
+        MessageRow(other, "", "not-asked", b"", b"", 0, 1000),
+    ]
+    await fill(pg_url, rows)
+    claimer = Claimer(pg_url)
+    await claimer.open()
+    try:
+        got = await claimer.claim_expired([q, r], 10, epoch, now_ms=5000)
+    finally:
+        await claimer.close()
+    assert sorted((c.routing_key, c.queue_id) for c in got) == [("old", q), ("old-transient", r)]

@@ -259,3 +259,58 @@ async def test_a_node_carries_on_after_postgresql_restarts(
         assert asyncio.get_running_loop().time() < deadline
     # b's listener and claim pool reconnect; the message reaches b.
     await wait_for(lambda: b"after" in bodies(sink), 20)
+
+
+async def test_ttl_queue_without_consumers_dead_letters_through_the_cluster(
+    pg_url: str,
+) -> None:
+    """The retry pattern: a wait queue with a TTL and no consumers whose
+    expired messages dead-letter into a work queue consumed elsewhere."""
+    a, (wait_id, work_id) = fixtures.prepare(pg_url, queues=2)
+    b = fixtures.new_node(pg_url, "b")
+    nodes = []
+    for epoch in (a, b):
+        messages = NodeMessages(pg_url, epoch, count_interval=0.2)
+        await messages.start()
+        vhost = VirtualHost("/", journal=messages.journal)
+        vhost.scheduler = asyncio.get_running_loop().call_later
+        wait = vhost.declare_queue(
+            "wait",
+            owner=None,
+            durable=True,
+            arguments={
+                "x-message-ttl": 200,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": "work",
+            },
+        )
+        attach(wait, messages.backing_queue(wait_id, True))
+        work = vhost.declare_queue("work", owner=None, durable=True)
+        attach(work, messages.backing_queue(work_id, True))
+        nodes.append((messages, vhost, work))
+    try:
+        messages, vhost, _ = nodes[0]
+        message = Message("", "wait", PERSISTENT, b"retry me", True)
+        _, _, batch = vhost.publish(vhost.default_exchange, message)
+        done = asyncio.Event()
+        messages.journal.wait_durable(batch, done.set)
+        await asyncio.wait_for(done.wait(), 10)
+        _, _, work_b = nodes[1]
+        sink = Sink()
+        work_b.add_consumer(Consumer("c", work_b, sink, prefetch=10))
+        await wait_for(lambda: len(sink.got) == 1, 10)
+        entry = sink.got[0][1]
+        assert entry.message.body == b"retry me"
+        assert entry.message.headers["x-death"][0]["queue"] == "wait"
+        await wait_for(
+            lambda: (
+                fixtures.scalar(
+                    pg_url, "SELECT count(*) FROM roost_messages WHERE queue_id = %s", wait_id
+                )
+                == 0
+            ),
+            5,
+        )
+    finally:
+        for messages, _, _ in nodes:
+            await messages.close()

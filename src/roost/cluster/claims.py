@@ -65,29 +65,43 @@ class Claimed(NamedTuple):
     redelivered: bool
     delivery_count: int  # including this delivery
     published_ms: int
+    queue_id: int
 
 
-def _claim_from(table: str, transient: bool) -> str:
+# The head of one queue, in delivery order.
+_HEAD = "queue_id = %(q)s AND owner IS NULL ORDER BY priority DESC, id"
+# Rows past their expiry in any of the queues, oldest expiry first.
+_EXPIRED = (
+    "queue_id = ANY(%(qs)s) AND owner IS NULL AND expires_ms IS NOT NULL"
+    " AND expires_ms <= %(now)s ORDER BY expires_ms"
+)
+
+
+def _claim_from(table: str, transient: bool, pick: str) -> str:
     # ARRAY(subquery): the pick runs once, as an InitPlan (an IN (...) with
     # LIMIT may be planned as a join and re-run).
     return (
         f"UPDATE {table} m SET owner = %(epoch)s, delivery_count = m.delivery_count + 1"
-        f" WHERE m.id = ANY(ARRAY(SELECT id FROM {table}"
-        "  WHERE queue_id = %(q)s AND owner IS NULL"
-        "  ORDER BY priority DESC, id LIMIT %(n)s FOR UPDATE SKIP LOCKED))"
+        f" WHERE m.id = ANY(ARRAY(SELECT id FROM {table} WHERE {pick}"
+        "  LIMIT %(n)s FOR UPDATE SKIP LOCKED))"
         f" AND {FENCE}"
         f" RETURNING m.id, {'true' if transient else 'false'}, m.priority, m.exchange,"
         " m.routing_key, m.properties, m.body, m.expires_ms, m.redelivered,"
-        " m.delivery_count, (extract(epoch FROM m.published_at) * 1000)::bigint"
+        " m.delivery_count, (extract(epoch FROM m.published_at) * 1000)::bigint, m.queue_id"
     )
 
 
-# Both tables in one statement: one round trip, one (tiny) transaction.
-CLAIM_SQL = (
-    f"WITH d AS ({_claim_from(TABLES[0], False)}),"
-    f" t AS ({_claim_from(TABLES[1], True)})"
-    " SELECT * FROM d UNION ALL SELECT * FROM t"
-)
+def _both_tables(pick: str) -> str:
+    # Both tables in one statement: one round trip, one (tiny) transaction.
+    return (
+        f"WITH d AS ({_claim_from(TABLES[0], False, pick)}),"
+        f" t AS ({_claim_from(TABLES[1], True, pick)})"
+        " SELECT * FROM d UNION ALL SELECT * FROM t"
+    )
+
+
+CLAIM_SQL = _both_tables(_HEAD)
+CLAIM_EXPIRED_SQL = _both_tables(_EXPIRED)
 
 _COUNT_READY_SQL = (
     "SELECT queue_id, count(*) FROM ("
@@ -146,6 +160,19 @@ class Claimer:
         when the epoch is dead."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(CLAIM_SQL, {"q": queue_id, "n": n, "epoch": epoch})
+            rows = [Claimed(*r) for r in await cur.fetchall()]
+        rows.sort(key=_order)
+        return rows
+
+    async def claim_expired(
+        self, queue_ids: Iterable[int], n: int, epoch: int, now_ms: int
+    ) -> list[Claimed]:
+        """Claim up to ``n`` rows per table that expired by ``now_ms`` in any
+        of the queues, so the queue can dead-letter them although no
+        consumer claims them (a TTL queue without consumers)."""
+        args = {"qs": list(queue_ids), "n": n, "epoch": epoch, "now": now_ms}
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(CLAIM_EXPIRED_SQL, args)
             rows = [Claimed(*r) for r in await cur.fetchall()]
         rows.sort(key=_order)
         return rows

@@ -7,8 +7,10 @@ background jobs that keep them fed:
   waiting; after a lost listening connection every queue is woken (its
   notifications may be lost);
 - housekeeping every ``count_interval`` seconds: the cluster-wide ready
-  counts behind ``len()``, and buffered entries no local consumer wants
-  are given back.
+  counts behind ``len()``; buffered entries no local consumer wants are
+  given back; rows past their expiry that nobody claimed are claimed for
+  their queue to dead-letter (up to ``expiry_batch`` per table a tick;
+  every node sweeps, ``SKIP LOCKED`` keeps them apart).
 
 This node's own commits wake its queues directly (no round trip through
 NOTIFY).
@@ -23,7 +25,8 @@ from typing import Any
 
 import psycopg
 
-from roost.cluster.claims import READY_CHANNEL, Claimer
+from roost.broker import clock
+from roost.cluster.claims import READY_CHANNEL, Claimed, Claimer
 from roost.cluster.message_writer import MessageWriter
 from roost.cluster.pg_backing import PgBackingQueue
 from roost.cluster.pg_journal import PgJournal
@@ -45,12 +48,14 @@ class NodeMessages:
         max_buffer: int = 1000,
         claim_ahead: int = 64,
         count_interval: float = 1.0,
+        expiry_batch: int = 1000,
     ) -> None:
         self.conninfo = conninfo
         self.epoch = epoch
         self.max_buffer = max_buffer
         self.claim_ahead = claim_ahead
         self.count_interval = count_interval
+        self.expiry_batch = expiry_batch
         self.writer = MessageWriter(
             conninfo, connections=writer_connections, on_committed=self._ready
         )
@@ -107,6 +112,12 @@ class NodeMessages:
 
     # -- wake-ups ---------------------------------------------------------
 
+    async def _sweep_expired(self, queues: dict[int, PgBackingQueue]) -> None:
+        try:
+            await _sweep_expired_rows(self.claimer, queues, self.expiry_batch, self.epoch)
+        except Exception as exc:
+            log.warning("sweeping expired messages: %s", exc)
+
     def _ready(self, queue_ids: set[int] | None) -> None:
         queues = self.queues
         if queue_ids is None:
@@ -148,6 +159,7 @@ class NodeMessages:
             except Exception as exc:
                 log.warning("counting ready messages: %s", exc)
                 continue
+            await self._sweep_expired(queues)
             for qid, n in counts.items():
                 q = queues[qid]
                 q.set_remote_count(n)
@@ -163,6 +175,18 @@ class NodeMessages:
                     idle.discard(qid)
                     if n:
                         q.wake()
+
+
+async def _sweep_expired_rows(
+    claimer: Claimer, queues: dict[int, PgBackingQueue], n: int, epoch: int
+) -> int:
+    rows = await claimer.claim_expired(queues, n, epoch, clock.wall_ms())
+    by_queue: dict[int, list[Claimed]] = {}
+    for row in rows:
+        by_queue.setdefault(row.queue_id, []).append(row)
+    for qid, mine in by_queue.items():
+        queues[qid].take_expired(mine)
+    return len(rows)
 
 
 def _parse(payload: str) -> set[int] | None:

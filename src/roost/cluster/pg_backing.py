@@ -29,6 +29,10 @@ How the synchronous backing-queue protocol meets the asynchronous database:
   ``claim_ahead`` is all a node holds back from other nodes' consumers;
   what sits without local demand for a while is given back
   (:meth:`give_back`).
+- **Expiry.** Only claimed entries reach the queue's TTL logic, so the
+  node sweeps rows past their expiry that nobody claims (a TTL queue
+  without consumers) into the buffer (:meth:`take_expired`), and the
+  queue dead-letters them as usual.
 - **len()** is the buffer plus an estimate of the ready rows elsewhere:
   counted cluster-wide every so often (:meth:`set_remote_count`), raised by
   local publishes and lowered by claims in between. Dispatch tolerates an
@@ -256,6 +260,15 @@ class PgBackingQueue:
             if seen[transient]:
                 self.writer.release_nowait(seen[transient], self.epoch, transient)
         return n
+
+    def take_expired(self, rows: Iterable[Claimed]) -> None:
+        """Rows past their expiry, claimed by the node's sweep: into the
+        buffer, and the queue's TTL timer (``expiry_seen``) dead-letters
+        them from the head as it does locally."""
+        for row in rows:
+            self._push(self._entry(row))
+        if self._closed:
+            self.give_back()
 
     def wake(self) -> None:
         """New ready rows may be there (a commit here, a NOTIFY from elsewhere)."""

@@ -117,6 +117,9 @@ CREATE INDEX roost_messages_ready ON roost_messages (queue_id, priority DESC, id
     WHERE owner IS NULL;
 -- Releasing a dead node's rows finds them by owner.
 CREATE INDEX roost_messages_owned ON roost_messages (owner) WHERE owner IS NOT NULL;
+-- The expiry sweep finds ready rows past their TTL that no consumer claims.
+CREATE INDEX roost_messages_expiring ON roost_messages (expires_ms)
+    WHERE owner IS NULL AND expires_ms IS NOT NULL;
 
 -- Transient messages (and every message of a non-durable queue): the same
 -- shape without the write-ahead log. PostgreSQL empties an unlogged table
