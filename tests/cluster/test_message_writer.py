@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -285,3 +287,33 @@ async def test_commit_notifies_the_queues(pg_url: str) -> None:
     finally:
         await writer.close()
         await listener.close()
+
+
+async def test_several_writer_connections_resolve_in_a_durable_prefix(pg_url: str) -> None:
+    _, (q,) = fixtures.prepare(pg_url)
+    writer = MessageWriter(pg_url, connections=3, max_batch_rows=7)
+    await writer.start()
+    resolved: list[tuple[int, int]] = []  # (batch, durable_batch when called back)
+
+    def record(batch: int) -> None:
+        resolved.append((batch, writer.durable_batch))
+
+    try:
+        for i in range(300):
+            batch = writer.enqueue(row(q, i))
+            if i % 10 == 9:
+                writer.wait_durable(batch, functools.partial(record, batch))
+                await asyncio.sleep(0)
+        await writer.submit([])
+        await wait_until(lambda: len(resolved) == 30)
+    finally:
+        await writer.close()
+    assert all(durable >= batch for batch, durable in resolved)
+    assert writer.transactions > 1
+    assert fixtures.scalar(pg_url, "SELECT count(*) FROM roost_messages") == 300
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
