@@ -314,3 +314,19 @@ async def test_ttl_queue_without_consumers_dead_letters_through_the_cluster(
     finally:
         for messages, _, _ in nodes:
             await messages.close()
+
+
+async def test_a_node_shutting_down_gives_back_what_it_holds(
+    two_nodes: tuple[Node, Node, str],
+) -> None:
+    a, b, url = two_nodes
+    await a.confirmed(max(a.publish(b"%d" % i) for i in range(100)))
+    _, sink = a.consume(prefetch=5)
+    await wait_for(lambda: len(sink.got) == 5)
+    await a.messages.close()  # 5 delivered unacked, more claimed ahead
+    assert fixtures.scalar(url, "SELECT count(*) FROM roost_messages WHERE owner IS NOT NULL") == 0
+    delivered = {e.message.body for _, e in sink.got}
+    _, there = b.consume(prefetch=200)
+    await wait_for(lambda: len(there.got) == 100)
+    assert {e.message.body for _, e in there.got if e.redelivered} == delivered
+    # (The fixture closes a again: closing twice is harmless.)

@@ -195,6 +195,14 @@ class Claimer:
         async with self.pool.connection() as conn:
             return await release_dead(conn, epoch)
 
+    async def release_own(self, epoch: int) -> int:
+        """A node shutting down gives back every row it still holds
+        (delivered and never acked, like a closing channel's): ready again,
+        redelivered. Fenced like an ack; acks that come later find the rows
+        no longer theirs and do nothing."""
+        async with self.pool.connection() as conn:
+            return await release_own(conn, epoch)
+
 
 async def release_dead(conn: psycopg.AsyncConnection[Any], epoch: int | None = None) -> int:
     """See :meth:`Claimer.release_dead`; ``conn`` must not be in a transaction."""
@@ -216,18 +224,34 @@ async def release_dead(conn: psycopg.AsyncConnection[Any], epoch: int | None = N
             if row is None or not row[0]:
                 raise NodeNotDead(f"node epoch {epoch} is not marked dead")
             epochs = [epoch]
-        released = 0
-        for table in TABLES:
-            cur = await conn.execute(
-                f"WITH r AS (UPDATE {table} SET owner = NULL, redelivered = true"
-                " WHERE owner = ANY(%(epochs)s) RETURNING queue_id)"
-                " SELECT count(*), CASE WHEN count(DISTINCT queue_id) > 500 THEN ''"
-                " ELSE coalesce(string_agg(DISTINCT queue_id::text, ','), '') END FROM r",
-                {"epochs": epochs},
-            )
-            row = await cur.fetchone()
-            assert row is not None
-            if row[0]:
-                released += row[0]
-                await conn.execute("SELECT pg_notify(%s, %s)", (READY_CHANNEL, row[1]))
+        return await _release_rows(conn, epochs)
+
+
+async def release_own(conn: psycopg.AsyncConnection[Any], epoch: int) -> int:
+    """See :meth:`Claimer.release_own`; ``conn`` must not be in a transaction."""
+    async with conn.transaction():
+        await conn.execute("SET LOCAL synchronous_commit = on")
+        return await _release_rows(conn, [epoch], fence=True)
+
+
+async def _release_rows(
+    conn: psycopg.AsyncConnection[Any], epochs: list[int], fence: bool = False
+) -> int:
+    """Every row the epochs hold: ready again, redelivered; their queues
+    are notified. Returns how many."""
+    released = 0
+    for table in TABLES:
+        cur = await conn.execute(
+            f"WITH r AS (UPDATE {table} SET owner = NULL, redelivered = true"
+            f" WHERE owner = ANY(%(epochs)s){' AND ' + FENCE if fence else ''}"
+            " RETURNING queue_id)"
+            " SELECT count(*), CASE WHEN count(DISTINCT queue_id) > 500 THEN ''"
+            " ELSE coalesce(string_agg(DISTINCT queue_id::text, ','), '') END FROM r",
+            {"epochs": epochs, "epoch": epochs[0]},
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        if row[0]:
+            released += row[0]
+            await conn.execute("SELECT pg_notify(%s, %s)", (READY_CHANNEL, row[1]))
     return released

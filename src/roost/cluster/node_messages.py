@@ -73,6 +73,7 @@ class NodeMessages:
         self.queues: dict[int, PgBackingQueue] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
+        self._closed = False
 
     async def start(self) -> None:
         await self.claimer.open()
@@ -84,6 +85,13 @@ class NodeMessages:
         await self._listening.wait()
 
     async def close(self) -> None:
+        """Shut down: buffered entries go back as they were, then every row
+        still held (delivered, unacked) goes back redelivered, as a closing
+        channel requeues its unacked messages. Close the AMQP connections
+        first, so their acks are written before. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         for q in list(self.queues.values()):
             q.close()  # gives buffered entries back through the writer
         self.queues.clear()
@@ -93,6 +101,11 @@ class NodeMessages:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.writer.close()
+        try:
+            await self.claimer.release_own(self.epoch)
+        except Exception as exc:
+            # Released when the node is declared dead instead.
+            log.warning("giving back held messages at shutdown: %s", exc)
         await self.claimer.close()
 
     def backing_queue(self, queue_id: int, durable: bool) -> PgBackingQueue:

@@ -318,8 +318,10 @@ class PgBackingQueue:
                     break
                 try:
                     rows = await self.claimer.claim(self.store_id, want, self.epoch)
-                except Exception:
-                    log.exception("claim from queue %d", self.store_id)
+                except Exception as exc:
+                    # (A warning, not a traceback: during an outage every
+                    # queue with consumers says this twice a second.)
+                    log.warning("claim from queue %d: %s", self.store_id, exc)
                     await asyncio.sleep(CLAIM_RETRY_DELAY)
                     continue
                 self.claims += 1
