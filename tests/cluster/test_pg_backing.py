@@ -16,7 +16,7 @@ from roost.broker.queue import Queue
 from roost.broker.vhost import VirtualHost
 from roost.cluster.devdb import ThrowawayPostgres
 from roost.cluster.node_messages import NodeMessages
-from roost.cluster.pg_backing import attach
+from roost.cluster.pg_backing import PgBackingQueue, attach
 from tests.cluster import fixtures
 
 PERSISTENT = b"\x10\x00\x02"  # flags: delivery-mode; delivery-mode 2
@@ -330,3 +330,23 @@ async def test_a_node_shutting_down_gives_back_what_it_holds(
     await wait_for(lambda: len(there.got) == 100)
     assert {e.message.body for _, e in there.got if e.redelivered} == delivered
     # (The fixture closes a again: closing twice is harmless.)
+
+
+async def test_basic_get_on_a_node_without_consumers(two_nodes: tuple[Node, Node, str]) -> None:
+    a, b, url = two_nodes
+    await a.confirmed(max(a.publish(b"%d" % i) for i in range(3)))
+    backing = b.queue.backing
+    assert isinstance(backing, PgBackingQueue)
+    # What a channel's basic.get does: fill, then the synchronous get.
+    assert backing.in_memory() == 0
+    assert await backing.fill(1) == 1
+    entry = b.queue.get(no_ack=False)
+    assert entry is not None and entry.message.body == b"0"
+    b.queue.settle([entry])
+    # Without fill, a get misses but starts a claim; a later get has it.
+    assert b.queue.get(no_ack=True) is None
+    await wait_for(lambda: backing.in_memory() == 1)
+    entry = b.queue.get(no_ack=True)
+    assert entry is not None and entry.message.body == b"1"
+    await b.confirmed(b.messages.writer.barrier())
+    assert fixtures.scalar(url, "SELECT count(*) FROM roost_messages") == 1

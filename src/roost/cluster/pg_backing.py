@@ -297,14 +297,28 @@ class PgBackingQueue:
             self._start_claim()
 
     def _wanted(self) -> int:
+        # What a fetch missed (basic.get, or dispatch beyond the buffer),
+        # and while consumers have credit, that credit but at least
+        # claim_ahead.
+        want = self._shortfall
         demand = self.demand
-        if demand is None:
-            want = self._shortfall
-        else:
-            want = demand()
-            if want > 0:
-                want = max(want, self.claim_ahead)
+        if demand is not None:
+            credit = demand()
+            if credit > 0:
+                want = max(want, credit, self.claim_ahead)
         return min(want, self.max_buffer) - len(self._heap)
+
+    async def fill(self, n: int = 1) -> int:
+        """Claim now until the buffer holds ``n`` entries or the queue is
+        empty; returns how many it holds. For ``basic.get``: the channel
+        awaits it before ``Queue.get()`` when ``in_memory()`` is 0, since a
+        synchronous fetch can only start a claim and miss."""
+        want = n - len(self._heap)
+        if want > 0 and not self._closed:
+            rows = await self.claimer.claim(self.store_id, want, self.epoch)
+            self.claims += 1
+            self._take(rows, want)
+        return len(self._heap)
 
     def _start_claim(self) -> None:
         self._claiming = asyncio.get_running_loop().create_task(self._claim_loop())
@@ -325,25 +339,29 @@ class PgBackingQueue:
                     await asyncio.sleep(CLAIM_RETRY_DELAY)
                     continue
                 self.claims += 1
-                self._shortfall = max(0, self._shortfall - len(rows))
+                self._take(rows, want)
                 if self._closed:
-                    self._heap.extend((0, 0, self._entry(r)) for r in rows)
-                    self.give_back()
                     break
-                for row in rows:
-                    self._push(self._entry(row))
-                if len(rows) < want:
-                    # The queue's head is empty right now, cluster-wide.
-                    self._remote = 0
-                    self._shortfall = 0
-                else:
-                    self._remote = max(0, self._remote - len(rows))
                 if rows and self.ready_changed is not None:
                     self.ready_changed()
                 if len(rows) < want and not self._again:
                     break
         finally:
             self._claiming = None
+
+    def _take(self, rows: list[Claimed], wanted: int) -> None:
+        """Claimed rows join the buffer (or go back, the queue being closed)."""
+        self._shortfall = max(0, self._shortfall - len(rows))
+        for row in rows:
+            self._push(self._entry(row))
+        if len(rows) < wanted:
+            # The queue's head is empty right now, cluster-wide.
+            self._remote = 0
+            self._shortfall = 0
+        else:
+            self._remote = max(0, self._remote - len(rows))
+        if self._closed:
+            self.give_back()
 
     def _push(self, entry: QueueEntry) -> None:
         heapq.heappush(self._heap, (-entry.priority, abs(entry.ref), entry))
