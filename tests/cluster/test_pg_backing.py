@@ -5,6 +5,7 @@ sharing one queue."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -350,3 +351,23 @@ async def test_basic_get_on_a_node_without_consumers(two_nodes: tuple[Node, Node
     assert entry is not None and entry.message.body == b"1"
     await b.confirmed(b.messages.writer.barrier())
     assert fixtures.scalar(url, "SELECT count(*) FROM roost_messages") == 1
+
+
+async def test_nothing_leaves_the_buffer_once_the_lease_lapsed(
+    two_nodes: tuple[Node, Node, str],
+) -> None:
+    a, _, _ = two_nodes
+    await a.confirmed(max(a.publish(b"%d" % i) for i in range(20)))
+    consumer, sink = a.consume(prefetch=2)
+    await wait_for(lambda: len(sink.got) == 2)
+    assert a.queue.backing.in_memory() > 0  # claimed ahead
+    a.messages.lease.revoke()  # heartbeats stopped: maybe dead already
+    a.ack(consumer, [e for _, e in sink.got])
+    await asyncio.sleep(0.2)
+    assert len(sink.got) == 2
+    a.messages.lease.renew(time.monotonic() + 60)  # it was only slow
+    a.queue.dispatch()
+    await wait_for(lambda: len(sink.got) == 4)
+    # Declared dead after all: the buffer is no longer its own.
+    a.messages.lost()
+    assert a.queue.backing.in_memory() == 0

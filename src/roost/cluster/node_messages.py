@@ -28,6 +28,7 @@ import psycopg
 
 from roost.broker import clock
 from roost.cluster.claims import READY_CHANNEL, Claimed, Claimer
+from roost.cluster.lease import Lease
 from roost.cluster.message_writer import MessageWriter
 from roost.cluster.pg_backing import PgBackingQueue
 from roost.cluster.pg_journal import PgJournal
@@ -70,6 +71,8 @@ class NodeMessages:
             conninfo, max_connections=claim_connections, synchronous_commit=synchronous_claims
         )
         self.journal = PgJournal(self.writer)
+        # Renewed by the registry after each heartbeat (see lease.py).
+        self.lease = Lease()
         self.queues: dict[int, PgBackingQueue] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
@@ -118,6 +121,7 @@ class NodeMessages:
             self.claimer,
             max_buffer=self.max_buffer,
             claim_ahead=self.claim_ahead,
+            lease=self.lease,
         )
         self.queues[queue_id] = q
         return q
@@ -125,6 +129,16 @@ class NodeMessages:
     def forget(self, queue_id: int) -> None:
         """The queue was deleted here (call after ``close()`` on it)."""
         self.queues.pop(queue_id, None)
+
+    def lost(self) -> None:
+        """This node's own epoch was declared dead (the registry found out):
+        everything it held was released to the cluster. Stop delivering
+        and drop the buffers; the broker should close its AMQP connections
+        (their unacked messages are redelivered elsewhere) and register
+        again under a new epoch, with a new NodeMessages."""
+        self.lease.revoke()
+        for q in self.queues.values():
+            q.forget_buffer()
 
     async def on_node_dead(self, epoch: int) -> int:
         """The registry declared ``epoch`` dead: its rows are ready again."""

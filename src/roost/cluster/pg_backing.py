@@ -33,6 +33,10 @@ How the synchronous backing-queue protocol meets the asynchronous database:
   node sweeps rows past their expiry that nobody claims (a TTL queue
   without consumers) into the buffer (:meth:`take_expired`), and the
   queue dead-letters them as usual.
+- **The lease.** Fetches serve the buffer, and claims start, only while
+  the node's :class:`~roost.cluster.lease.Lease` is valid: a node whose
+  heartbeats stopped (paused, cut off) may already be declared dead and
+  its rows delivered elsewhere.
 - **len()** is the buffer plus an estimate of the ready rows elsewhere:
   counted cluster-wide every so often (:meth:`set_remote_count`), raised by
   local publishes and lowered by claims in between. Dispatch tolerates an
@@ -63,6 +67,7 @@ from typing import TYPE_CHECKING
 from roost import properties
 from roost.broker.log_backed import ENTRY_OVERHEAD
 from roost.broker.message import Message, QueueEntry
+from roost.cluster.lease import Lease
 from roost.cluster.message_writer import MessageRow
 
 if TYPE_CHECKING:
@@ -90,6 +95,7 @@ class PgBackingQueue:
         *,
         max_buffer: int = 1000,
         claim_ahead: int = 64,
+        lease: Lease | None = None,
     ) -> None:
         self.store_id = queue_id
         self.durable = durable
@@ -98,6 +104,8 @@ class PgBackingQueue:
         self.claimer = claimer
         self.max_buffer = max_buffer
         self.claim_ahead = min(claim_ahead, max_buffer)
+        # Nothing leaves the buffer, and nothing is claimed, without it.
+        self.lease = lease or Lease()
         self.bytes = 0  # body bytes of the buffered entries
         self.ready_limit = 1 << 62
         self.expiry_seen: Callable[[int], None] | None = None
@@ -150,7 +158,7 @@ class PgBackingQueue:
 
     def fetch(self) -> QueueEntry | None:
         heap = self._heap
-        if not heap:
+        if not heap or not self.lease.valid():
             self._short(1)
             return None
         entry = heapq.heappop(heap)[2]
@@ -161,7 +169,7 @@ class PgBackingQueue:
 
     def fetch_many(self, k: int) -> list[QueueEntry]:
         heap = self._heap
-        n = min(k, len(heap))
+        n = min(k, len(heap)) if self.lease.valid() else 0
         pop = heapq.heappop
         entries = [pop(heap)[2] for _ in range(n)]
         size = 0
@@ -175,7 +183,7 @@ class PgBackingQueue:
         return entries
 
     def peek(self) -> QueueEntry | None:
-        return self._heap[0][2] if self._heap else None
+        return self._heap[0][2] if self._heap and self.lease.valid() else None
 
     def requeue(self, entry: QueueEntry) -> None:
         # Back into the buffer at its place: still claimed by this node, so
@@ -314,13 +322,21 @@ class PgBackingQueue:
         awaits it before ``Queue.get()`` when ``in_memory()`` is 0, since a
         synchronous fetch can only start a claim and miss."""
         want = n - len(self._heap)
-        if want > 0 and not self._closed:
+        if want > 0 and not self._closed and self.lease.valid():
             rows = await self.claimer.claim(self.store_id, want, self.epoch)
             self.claims += 1
             self._take(rows, want)
         return len(self._heap)
 
+    def forget_buffer(self) -> None:
+        """This node was declared dead: the buffered rows were released to
+        the cluster and are not ours; drop them without a word to it."""
+        self._heap.clear()
+        self.bytes = 0
+
     def _start_claim(self) -> None:
+        if not self.lease.valid():
+            return  # claimed rows could not be delivered anyway
         self._claiming = asyncio.get_running_loop().create_task(self._claim_loop())
 
     async def _claim_loop(self) -> None:
