@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
 _NOTIFY_PAYLOAD_MAX = 7000
 
+# Failed batches remembered for failure().
+_FAILURES_KEPT = 10_000
+
 # Server errors after which the batch is rolled back and tried again.
 _RETRIABLE = (
     pg_errors.DeadlockDetected,
@@ -129,9 +132,9 @@ class MessageWriter:
     enqueue order; more overlap round trips on a slow link). A batch closes
     early (at the end of the event-loop step) once it holds
     ``max_batch_rows`` rows or ``max_batch_bytes`` body bytes, bounding the
-    size of one transaction. ``on_committed`` is told
-    the queue ids that got new ready rows after each COMMIT (local
-    wake-ups; other nodes hear the NOTIFY).
+    size of one transaction. ``on_committed`` is told the queue ids that
+    got new ready rows after each COMMIT (local wake-ups; other nodes hear
+    the NOTIFY).
     """
 
     def __init__(
@@ -210,8 +213,8 @@ class MessageWriter:
         self._wake.set()
 
     def failure(self, batch: int) -> WriteFailed | None:
-        """Why a resolved batch failed (None: it committed). Failures are
-        kept for the last 100000 batches."""
+        """Why a resolved batch failed (None: it committed). The last
+        10,000 failures are kept: ask soon after the batch resolved."""
         return self._failures.get(batch)
 
     # -- enqueueing (synchronous: called from the broker's event loop) ------
@@ -360,8 +363,10 @@ class MessageWriter:
         self.pending_rows -= len(batch.rows)
         self.pending_bytes -= batch.size
         if error is not None:
-            self._failures[batch.number] = error
-            self._failures.pop(batch.number - 100_000, None)
+            failures = self._failures
+            failures[batch.number] = error
+            if len(failures) > _FAILURES_KEPT:
+                del failures[next(iter(failures))]  # the oldest (dicts keep order)
             if isinstance(error, CommitOutcomeUnknown | Unreachable) and not self._closing:
                 self._carry_forward(batch)
         for fut in batch.futures:
