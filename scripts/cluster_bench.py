@@ -163,7 +163,7 @@ async def queue_path(url: str, queue_id: int, epoch: int, args: argparse.Namespa
     through the Journal gate) while a consumer on the same node with
     prefetch ``--prefetch`` acks everything: the broker's own path, minus
     AMQP."""
-    node = NodeMessages(url, epoch)
+    node = NodeMessages(url, epoch, writer_connections=args.writer_connections)
     await node.start()
     vhost = VirtualHost("/", journal=node.journal)
     vhost.scheduler = asyncio.get_running_loop().call_later
