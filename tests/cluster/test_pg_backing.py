@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
+from pamqp import commands
 
 from roost.broker.consumer import Consumer
 from roost.broker.message import Message, QueueEntry
@@ -18,6 +19,7 @@ from roost.broker.vhost import VirtualHost
 from roost.cluster.devdb import ThrowawayPostgres
 from roost.cluster.node_messages import NodeMessages
 from roost.cluster.pg_backing import PgBackingQueue, attach
+from roost.properties import encode_properties
 from tests.cluster import fixtures
 
 PERSISTENT = b"\x10\x00\x02"  # flags: delivery-mode; delivery-mode 2
@@ -59,9 +61,11 @@ class Node:
         self.queue.add_consumer(consumer)
         return consumer, sink
 
-    def publish(self, body: bytes, persistent: bool = True) -> int:
+    def publish(self, body: bytes, persistent: bool = True, priority: int = 0) -> int:
         props = PERSISTENT if persistent else b"\x00\x00"
-        message = Message("", "q", props, body, persistent)
+        if priority:
+            props = encode_properties(commands.Basic.Properties(delivery_mode=2, priority=priority))
+        message = Message("", "q", props, body, persistent, priority or None)
         routed, refused, batch = self.vhost.publish(self.vhost.default_exchange, message)
         assert routed and not refused
         return batch
@@ -78,13 +82,19 @@ class Node:
         self.queue.dispatch()  # credit came back, as a channel's ack does
 
 
-async def make_node(url: str, epoch: int, queue_id: int, durable: bool = True) -> Node:
+async def make_node(
+    url: str,
+    epoch: int,
+    queue_id: int,
+    durable: bool = True,
+    arguments: dict[str, object] | None = None,
+) -> Node:
     messages = NodeMessages(url, epoch, count_interval=0.2)
     await messages.start()
     vhost = VirtualHost("/", journal=messages.journal)
     loop = asyncio.get_running_loop()
     vhost.scheduler = loop.call_later
-    queue = vhost.declare_queue("q", owner=None, durable=durable)
+    queue = vhost.declare_queue("q", owner=None, durable=durable, arguments=arguments)
     attach(queue, messages.backing_queue(queue_id, durable))
     return Node(messages, vhost, queue)
 
@@ -371,3 +381,61 @@ async def test_nothing_leaves_the_buffer_once_the_lease_lapsed(
     # Declared dead after all: the buffer is no longer its own.
     a.messages.lost()
     assert a.queue.backing.in_memory() == 0
+
+
+async def test_priority_queue_across_nodes(pg_url: str) -> None:
+    a_epoch, (q,) = fixtures.prepare(pg_url)
+    b_epoch = fixtures.new_node(pg_url, "b")
+    args: dict[str, object] = {"x-max-priority": 5}
+    a = await make_node(pg_url, a_epoch, q, arguments=args)
+    b = await make_node(pg_url, b_epoch, q, arguments=args)
+    try:
+        batches = [a.publish(b"p%d-%d" % (p, i), priority=p) for i in range(3) for p in (1, 9, 3)]
+        await a.confirmed(max(batches))
+        _, sink = b.consume(prefetch=100)
+        await wait_for(lambda: len(sink.got) == 9)
+        # Highest first (9 is capped at 5), publish order within a priority.
+        assert bodies(sink) == [
+            b"p9-0",
+            b"p9-1",
+            b"p9-2",
+            b"p3-0",
+            b"p3-1",
+            b"p3-2",
+            b"p1-0",
+            b"p1-1",
+            b"p1-2",
+        ]
+    finally:
+        await a.messages.close()
+        await b.messages.close()
+
+
+async def test_delivery_limit_counts_deliveries_on_every_node(pg_url: str) -> None:
+    a_epoch, (q,) = fixtures.prepare(pg_url)
+    b_epoch = fixtures.new_node(pg_url, "b")
+    args: dict[str, object] = {"x-delivery-limit": 1}
+    a = await make_node(pg_url, a_epoch, q, arguments=args)
+    b = await make_node(pg_url, b_epoch, q, arguments=args)
+    try:
+        await a.confirmed(a.publish(b"poison"))
+        ca, sink_a = a.consume(prefetch=1)
+        await wait_for(lambda: len(sink_a.got) == 1)
+        # Rejected with requeue on a, then a shuts down (gives it back).
+        ca.unacked -= 1
+        a.queue.remove_consumer(ca)
+        a.queue.requeue([sink_a.got[0][1]])
+        await a.messages.close()
+        cb, sink_b = b.consume(prefetch=1)
+        await wait_for(lambda: len(sink_b.got) == 1)
+        entry = sink_b.got[0][1]
+        assert entry.redelivered and entry.message.headers["x-delivery-count"] == 1
+        cb.unacked -= 1
+        b.queue.requeue([entry])  # past the limit: dropped, not redelivered
+        await b.confirmed(b.messages.writer.barrier())
+        await asyncio.sleep(0.2)
+        assert len(sink_b.got) == 1
+        assert fixtures.scalar(pg_url, "SELECT count(*) FROM roost_messages") == 0
+    finally:
+        await a.messages.close()
+        await b.messages.close()
