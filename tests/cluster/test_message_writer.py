@@ -317,3 +317,19 @@ async def wait_until(cond: Callable[[], bool], timeout: float = 10) -> None:
     async with asyncio.timeout(timeout):
         while not cond():
             await asyncio.sleep(0.01)
+
+
+async def test_an_idle_connection_lost_to_a_restart_fails_nothing(
+    pg_url: str, postgres_server: ThrowawayPostgres
+) -> None:
+    _, (q,) = fixtures.prepare(pg_url)
+    writer = MessageWriter(pg_url)
+    await writer.start()
+    try:
+        await writer.submit([row(q, 1)])
+        await asyncio.to_thread(postgres_server.stop_immediate)
+        await asyncio.to_thread(postgres_server.start)
+        await writer.submit([row(q, 2)])  # on a new connection, not "unknown"
+    finally:
+        await writer.close()
+    assert fixtures.scalar(pg_url, "SELECT count(*) FROM roost_messages") == 2

@@ -43,12 +43,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import pq
 
 from roost.cluster.claims import FENCE, READY_CHANNEL, TABLES, table_of
 
@@ -394,8 +396,10 @@ class MessageWriter:
 
     async def _connection(self, slot: int) -> psycopg.AsyncConnection[Any]:
         current = self._conns[slot]
-        if current is not None and not current.closed:
-            return current
+        if current is not None:
+            if not current.closed and _still_up(current):
+                return current
+            self._drop_connection(slot)
         try:
             conn = await asyncio.wait_for(
                 psycopg.AsyncConnection.connect(
@@ -498,6 +502,23 @@ class MessageWriter:
             row = await pcur.fetchone()
             counts.append(int(row[0]) if row else 0)
         return counts
+
+
+def _still_up(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an idle connection survived: a server that restarted or
+    closed it meanwhile left an EOF or an error message in the socket, which
+    libpq reads here without blocking. Sending a batch on such a connection
+    would fail it as CommitOutcomeUnknown for nothing."""
+    pgconn = conn.pgconn
+    try:
+        # A dying backend may send its FATAL message first, then the EOF.
+        for _ in range(4):
+            if not select.select([pgconn.socket], [], [], 0)[0]:
+                break
+            pgconn.consume_input()
+    except (psycopg.OperationalError, OSError, ValueError):
+        return False
+    return pgconn.status == pq.ConnStatus.OK
 
 
 def _insert_sql(transient: bool, drop_deleted: bool) -> str:
