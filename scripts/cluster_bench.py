@@ -163,7 +163,9 @@ async def queue_path(url: str, queue_id: int, epoch: int, args: argparse.Namespa
     through the Journal gate) while a consumer on the same node with
     prefetch ``--prefetch`` acks everything: the broker's own path, minus
     AMQP."""
-    node = NodeMessages(url, epoch, writer_connections=args.writer_connections)
+    node = NodeMessages(
+        url, epoch, writer_connections=args.writer_connections, handoff=not args.no_handoff
+    )
     await node.start()
     vhost = VirtualHost("/", journal=node.journal)
     vhost.scheduler = asyncio.get_running_loop().call_later
@@ -242,6 +244,7 @@ if __name__ == "__main__":
         help="publish and consume through VirtualHost, Queue and PgBackingQueue instead",
     )
     p.add_argument("--prefetch", type=int, default=100, help="--queue-path consumer's")
+    p.add_argument("--no-handoff", action="store_true", help="--queue-path: claim everything")
     try:
         import uvloop
 

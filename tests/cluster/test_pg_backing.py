@@ -37,8 +37,10 @@ class Sink:
         return self._credit
 
     def deliver(self, consumer: Consumer, entries: list[QueueEntry]) -> None:
-        self.got.extend((consumer, e) for e in entries)
-        self.arrived.set()
+        # (Dispatch may hand over nothing when the buffer ran dry.)
+        if entries:
+            self.got.extend((consumer, e) for e in entries)
+            self.arrived.set()
 
     def dispatch_soon(self, queue: Queue) -> None:
         asyncio.get_running_loop().call_soon(queue.dispatch)
@@ -439,3 +441,75 @@ async def test_delivery_limit_counts_deliveries_on_every_node(pg_url: str) -> No
     finally:
         await a.messages.close()
         await b.messages.close()
+
+
+async def test_a_local_consumer_with_room_gets_a_hand_off_without_a_claim(
+    two_nodes: tuple[Node, Node, str],
+) -> None:
+    a, _, url = two_nodes
+    consumer, sink = a.consume(prefetch=10)
+    await asyncio.sleep(0.1)  # its first claim found nothing
+    a.publish(b"warm-up")  # reserves ids for hand-offs; claimed or handed
+    await wait_for(lambda: len(sink.got) == 1)
+    a.ack(consumer, [sink.got[0][1]])
+    batch = max(a.publish(b"%d" % i) for i in range(5))
+    await a.confirmed(batch)
+    assert a.messages.writer.handed(batch) is True  # inserted claimed: no claim, no UPDATE
+    await wait_for(lambda: len(sink.got) == 6)
+    assert (
+        fixtures.scalar(
+            url,
+            "SELECT count(*) FROM roost_messages WHERE owner = %s AND delivery_count = 1",
+            a.messages.epoch,
+        )
+        == 5
+    )
+    assert bodies(sink)[1:] == [b"%d" % i for i in range(5)]
+    a.ack(consumer, [e for _, e in sink.got[1:]])
+    await a.confirmed(a.messages.writer.barrier())
+    assert fixtures.scalar(url, "SELECT count(*) FROM roost_messages") == 0
+
+
+async def test_publish_order_holds_through_hand_offs_and_claims(
+    two_nodes: tuple[Node, Node, str],
+) -> None:
+    a, _, _ = two_nodes
+    consumer, sink = a.consume(prefetch=7)
+    acked = 0
+
+    async def ack_all() -> None:
+        nonlocal acked
+        while True:
+            await sink.arrived.wait()
+            sink.arrived.clear()
+            entries = [e for _, e in sink.got[acked:]]
+            acked += len(entries)
+            a.ack(consumer, entries)
+
+    acker = asyncio.create_task(ack_all())
+    try:
+        for i in range(300):
+            a.publish(b"%d" % i)
+            if i % 13 == 0:
+                await asyncio.sleep(0.002)
+        await wait_for(lambda: len(sink.got) == 300, 20)
+    finally:
+        acker.cancel()
+    assert bodies(sink) == [b"%d" % i for i in range(300)]
+
+
+async def test_a_hand_off_by_a_node_already_declared_dead_stays_ready(
+    two_nodes: tuple[Node, Node, str],
+) -> None:
+    a, b, url = two_nodes
+    _, here = a.consume(prefetch=10)
+    a.publish(b"warm-up")  # reserves hand-off ids
+    await wait_for(lambda: len(here.got) == 1)
+    # Declared dead; a has not heard yet (its lease still runs).
+    fixtures.mark_dead(url, a.messages.epoch)
+    batch = a.publish(b"late")
+    await a.confirmed(batch)
+    assert a.messages.writer.handed(batch) is False  # tried, fenced: inserted ready
+    _, there = b.consume(prefetch=10)
+    await wait_for(lambda: b"late" in bodies(there))
+    assert bodies(here) == [b"warm-up"]

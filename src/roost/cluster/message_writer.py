@@ -62,6 +62,9 @@ _NOTIFY_PAYLOAD_MAX = 7000
 # Failed batches remembered for failure().
 _FAILURES_KEPT = 10_000
 
+# Ids reserved at a time for hand-off rows.
+ID_RESERVE = 1000
+
 # Server errors after which the batch is rolled back and tried again.
 _RETRIABLE = (
     pg_errors.DeadlockDetected,
@@ -95,6 +98,10 @@ class MessageRow(NamedTuple):
     priority: int = 0
     expires_ms: int | None = None  # wall-clock ms (None: never)
     transient: bool = False
+    # Hand-off: inserted already claimed by this epoch (if it is alive at
+    # COMMIT), under this id from reserve_id(). See MessageWriter.handed().
+    id: int | None = None
+    owner: int | None = None
 
 
 # (epoch, transient) -> ids
@@ -104,6 +111,9 @@ _IdsByOwner = dict[tuple[int, bool], list[int]]
 class _Batch:
     __slots__ = (
         "futures",
+        "handed",
+        "id_request",
+        "new_ids",
         "number",
         "purges",
         "releases",
@@ -122,9 +132,21 @@ class _Batch:
         self.unclaims: _IdsByOwner = {}
         self.purges: list[tuple[int, asyncio.Future[int] | None]] = []
         self.futures: list[asyncio.Future[None]] = []
+        self.id_request = 0  # ids to reserve from the sequence
+        self.new_ids: list[int] = []
+        # Whether its hand-off rows are owned (the epoch was alive); None:
+        # it had none.
+        self.handed: bool | None = None
 
     def has_work(self) -> bool:
-        return bool(self.rows or self.settles or self.releases or self.unclaims or self.purges)
+        return bool(
+            self.rows
+            or self.settles
+            or self.releases
+            or self.unclaims
+            or self.purges
+            or self.id_request
+        )
 
 
 class MessageWriter:
@@ -168,6 +190,11 @@ class MessageWriter:
         self._waiters: dict[int, list[Callable[[], None]]] = {}
         self._failures: dict[int, WriteFailed] = {}
         self._waited_on = 0  # highest batch someone waits for
+        # Ids reserved from the sequence for hand-off rows, which need one
+        # before their batch commits.
+        self._ids: deque[int] = deque()
+        self._ids_requested = False
+        self._handed: dict[int, bool] = {}
         self.pending_rows = 0  # enqueued, not yet resolved (flow control)
         self.pending_bytes = 0
         # Counters for stats and tests.
@@ -213,6 +240,23 @@ class MessageWriter:
         if batch > self._waited_on:
             self._waited_on = batch
         self._wake.set()
+
+    def reserve_id(self) -> int | None:
+        """A row id for a hand-off row (None: none reserved yet; more are
+        reserved with the next batch)."""
+        ids = self._ids
+        if len(ids) < ID_RESERVE // 2 and not self._ids_requested:
+            self._ids_requested = True
+            self._open.id_request = ID_RESERVE
+            self._wake.set()
+        return ids.popleft() if ids else None
+
+    def handed(self, batch: int) -> bool | None:
+        """Whether the hand-off rows of a committed batch are owned by their
+        epoch (False: it was dead by then, they were inserted ready; None:
+        the batch had none, or it is long gone). Ask in the wait_durable
+        callback: the answer is kept for the last 10,000 such batches."""
+        return self._handed.get(batch)
 
     def failure(self, batch: int) -> WriteFailed | None:
         """Why a resolved batch failed (None: it committed). The last
@@ -371,6 +415,8 @@ class MessageWriter:
                 del failures[next(iter(failures))]  # the oldest (dicts keep order)
             if isinstance(error, CommitOutcomeUnknown | Unreachable) and not self._closing:
                 self._carry_forward(batch)
+            if batch.id_request:
+                self._ids_requested = False  # ask again with a later batch
         for fut in batch.futures:
             if not fut.done():
                 if error is None:
@@ -456,6 +502,14 @@ class MessageWriter:
                 ) from exc
             self.transactions += 1
             self.rows_written += len(batch.rows)
+            if batch.id_request:
+                self._ids.extend(batch.new_ids)
+                self._ids_requested = False
+            if batch.handed is not None:
+                handed = self._handed
+                handed[batch.number] = batch.handed
+                if len(handed) > _FAILURES_KEPT:
+                    del handed[next(iter(handed))]
             for (_, pfut), n in zip(batch.purges, counts, strict=True):
                 if pfut is not None and not pfut.done():
                     pfut.set_result(n)
@@ -468,10 +522,24 @@ class MessageWriter:
         """One pipelined transaction for the whole batch; returns the purge
         counts."""
         purge_curs = []
+        hand_cur = id_cur = None
         async with conn.pipeline(), conn.transaction():
             cur = conn.cursor()
             rows = batch.rows
-            if rows:
+            owner = next((r.owner for r in rows if r.owner is not None), None)
+            if owner is not None:
+                hand_cur = conn.cursor()
+                await hand_cur.execute(
+                    _insert_handoff_sql(drop_deleted),
+                    {
+                        **dict(zip(_COLUMN_NAMES, _columns(rows), strict=True)),
+                        "transient": [r.transient for r in rows],
+                        "id": [r.id for r in rows],
+                        "owned": [r.owner is not None for r in rows],
+                        "epoch": owner,
+                    },
+                )
+            elif rows:
                 kinds = {r.transient for r in rows}
                 if len(kinds) == 1:
                     await cur.execute(_insert_sql(kinds.pop(), drop_deleted), _columns(rows))
@@ -489,6 +557,12 @@ class MessageWriter:
                     ids.sort()  # one lock order for every writer: fewer deadlocks
                     query = sql.format(table=table_of(transient), fence=FENCE)
                     await cur.execute(query, {"ids": ids, "epoch": epoch, "channel": READY_CHANNEL})
+            if batch.id_request:
+                id_cur = conn.cursor()
+                await id_cur.execute(
+                    "SELECT nextval('roost_messages_id_seq') FROM generate_series(1, %s)",
+                    (batch.id_request,),
+                )
             for queue_id, _ in batch.purges:
                 pcur = conn.cursor()
                 await pcur.execute(_PURGE, {"q": queue_id})
@@ -497,6 +571,11 @@ class MessageWriter:
                 for payload in _notify_payloads({r.queue_id for r in batch.rows}):
                     # Delivered at COMMIT, and only if it commits.
                     await cur.execute("SELECT pg_notify(%s, %s)", (READY_CHANNEL, payload))
+        if hand_cur is not None:
+            found = await hand_cur.fetchone()
+            batch.handed = bool(found and found[0])
+        if id_cur is not None:
+            batch.new_ids = [r[0] for r in await id_cur.fetchall()]
         counts = []
         for pcur in purge_curs:
             row = await pcur.fetchone()
@@ -552,6 +631,46 @@ def _insert_mixed_sql(drop_deleted: bool) -> str:
         f" a AS (INSERT INTO {TABLES[0]} (id, {_COLUMNS})"
         f" SELECT id, {_COLUMNS} FROM u WHERE NOT transient)"
         f" INSERT INTO {TABLES[1]} (id, {_COLUMNS}) SELECT id, {_COLUMNS} FROM u WHERE transient"
+    )
+
+
+_COLUMN_NAMES = _COLUMNS.split(", ")
+
+
+def _insert_handoff_sql(drop_deleted: bool) -> str:
+    # Rows with an owner are inserted claimed by it, and counted delivered,
+    # if the epoch is alive, fenced as a claim is (FOR KEY SHARE: a
+    # release_dead of the epoch waits for this COMMIT, then releases them);
+    # otherwise ready. The answer comes back, for all of them at once.
+    arrays = ", ".join(
+        f"%({name})b::{kind}[]"
+        for name, kind in (
+            ("queue_id", "bigint"),
+            ("priority", "smallint"),
+            ("exchange", "text"),
+            ("routing_key", "text"),
+            ("properties", "bytea"),
+            ("body", "bytea"),
+            ("expires_ms", "bigint"),
+            ("transient", "boolean"),
+            ("id", "bigint"),
+            ("owned", "boolean"),
+        )
+    )
+    where = " WHERE EXISTS (SELECT 1 FROM roost_queues q WHERE q.id = u.queue_id)"
+    target = f"(id, owner, delivery_count, {_COLUMNS})"
+    source = f"id, owner, CASE WHEN owner IS NULL THEN 0 ELSE 1 END, {_COLUMNS}"
+    return (
+        "WITH alive AS (SELECT EXISTS (SELECT 1 FROM roost_nodes"
+        " WHERE epoch = %(epoch)s AND NOT dead FOR KEY SHARE) AS ok),"
+        " u AS (SELECT coalesce(u.id, nextval('roost_messages_id_seq')) AS id,"
+        " CASE WHEN u.owned AND (SELECT ok FROM alive) THEN %(epoch)s::bigint END AS owner,"
+        f" {', '.join('u.' + c for c in _COLUMN_NAMES)}, u.transient"
+        f" FROM unnest({arrays}) AS u({_COLUMNS}, transient, id, owned)"
+        f"{where if drop_deleted else ''}),"
+        f" a AS (INSERT INTO {TABLES[0]} {target} SELECT {source} FROM u WHERE NOT transient),"
+        f" b AS (INSERT INTO {TABLES[1]} {target} SELECT {source} FROM u WHERE transient)"
+        " SELECT ok FROM alive"
     )
 
 

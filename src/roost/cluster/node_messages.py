@@ -55,6 +55,7 @@ class NodeMessages:
         synchronous_claims: bool = True,
         max_buffer: int = 1000,
         claim_ahead: int = 64,
+        handoff: bool = True,
         count_interval: float = 1.0,
         expiry_batch: int = 1000,
     ) -> None:
@@ -62,6 +63,7 @@ class NodeMessages:
         self.epoch = epoch
         self.max_buffer = max_buffer
         self.claim_ahead = claim_ahead
+        self.handoff = handoff
         self.count_interval = count_interval
         self.expiry_batch = expiry_batch
         self.writer = MessageWriter(
@@ -122,6 +124,7 @@ class NodeMessages:
             max_buffer=self.max_buffer,
             claim_ahead=self.claim_ahead,
             lease=self.lease,
+            handoff=self.handoff,
         )
         self.queues[queue_id] = q
         return q
@@ -193,6 +196,7 @@ class NodeMessages:
             now = loop.time()
             due = [qid for qid in queues if next_count.get(qid, 0.0) <= now]
             if due:
+                generations = {qid: queues[qid].generation for qid in due}
                 try:
                     counts = await self.claimer.count_ready(due)
                 except Exception as exc:
@@ -200,7 +204,7 @@ class NodeMessages:
                     counts = {}
                 for qid, n in counts.items():
                     q = queues[qid]
-                    q.set_remote_count(n)
+                    q.set_remote_count(n, generations[qid])
                     next_count[qid] = now + self.count_interval * max(1.0, n / COUNT_ROWS)
                     if n:
                         q.wake()

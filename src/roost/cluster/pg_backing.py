@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -68,7 +69,7 @@ from roost import properties
 from roost.broker.log_backed import ENTRY_OVERHEAD
 from roost.broker.message import Message, QueueEntry
 from roost.cluster.lease import Lease
-from roost.cluster.message_writer import MessageRow
+from roost.cluster.message_writer import CommitOutcomeUnknown, MessageRow
 
 if TYPE_CHECKING:
     from roost.broker.queue import Queue
@@ -96,6 +97,7 @@ class PgBackingQueue:
         max_buffer: int = 1000,
         claim_ahead: int = 64,
         lease: Lease | None = None,
+        handoff: bool = True,
     ) -> None:
         self.store_id = queue_id
         self.durable = durable
@@ -113,17 +115,31 @@ class PgBackingQueue:
         self.demand: Callable[[], int] | None = None
         # (-priority, id, entry): the head is the next to deliver.
         self._heap: list[tuple[int, int, QueueEntry]] = []
-        self._remote = 0  # ready rows not claimed by us (estimate)
+        self._remote = 0  # committed ready rows not claimed by us (estimate)
+        # This node's publishes that were not handed off and are not yet
+        # committed, in all and by batch.
+        self._unowned = 0
+        self._unowned_by_batch: dict[int, int] = {}
+        # Moves on when such rows commit: a claim or count that began before
+        # cannot have seen them, so it may not say "nothing ready".
+        self.generation = 0
         self._shortfall = 0  # asked of fetch and not there (without demand())
         self._claiming: asyncio.Task[None] | None = None
         self._again = False  # woken while a claim was in flight
         self._closed = False
         self.claims = 0  # claim statements run (stats, tests)
+        self.handoff = handoff
+        # Hand-off entries waiting for their batch's COMMIT, by batch.
+        self._pending: dict[int, list[QueueEntry]] = {}
+        self._pending_n = 0
+        # Buffer order: priority, then arrival here (claims in id order,
+        # hand-offs in publish order); a requeued entry keeps its place.
+        self._seq = 0
 
     # -- counts -----------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._heap) + self._remote
+        return len(self._heap) + self._remote + self._pending_n + self._unowned
 
     def in_memory(self) -> int:
         return len(self._heap)
@@ -131,15 +147,22 @@ class PgBackingQueue:
     def memory(self) -> int:
         return self.bytes + len(self._heap) * ENTRY_OVERHEAD
 
-    def set_remote_count(self, ready: int) -> None:
-        """The cluster-wide count of unclaimed rows, just measured."""
-        self._remote = ready
+    def set_remote_count(self, ready: int, generation: int) -> None:
+        """The cluster-wide count of unclaimed rows, measured by a query
+        that began at ``generation`` (see :attr:`generation`)."""
+        if generation == self.generation:
+            self._remote = ready
+        else:
+            self._remote = max(self._remote, ready)
 
     # -- messages in ------------------------------------------------------
 
     def publish(self, entry: QueueEntry) -> bool:
         message = entry.message
-        self.writer.enqueue(
+        transient = not (self.durable and message.persistent)
+        writer = self.writer
+        row_id = self._handoff_id()
+        batch = writer.enqueue(
             MessageRow(
                 self.store_id,
                 message.exchange,
@@ -148,11 +171,85 @@ class PgBackingQueue:
                 message.body,
                 entry.priority,
                 entry.expires or None,
-                not (self.durable and message.persistent),
+                transient,
+                row_id,
+                None if row_id is None else self.epoch,
             )
         )
-        self._remote += 1
-        return False  # not in this node's memory: it is claimed once committed
+        if row_id is None:
+            # Claimed, here or elsewhere, once committed.
+            self._unowned += 1
+            by_batch = self._unowned_by_batch
+            n = by_batch.get(batch)
+            if n is None:
+                by_batch[batch] = 1
+                writer.wait_durable(batch, functools.partial(self._unowned_resolved, batch))
+            else:
+                by_batch[batch] = n + 1
+            return False
+        # Hand-off: a local consumer has room, so the row is inserted
+        # already claimed by this node and the entry joins the buffer once
+        # it commits: no claim round trip, no UPDATE of the row.
+        entry.ref = -row_id if transient else row_id
+        self._seq += 1
+        entry.seq = self._seq
+        pending = self._pending.get(batch)
+        if pending is None:
+            pending = self._pending[batch] = []
+            writer.wait_durable(batch, functools.partial(self._committed, batch))
+        pending.append(entry)
+        self._pending_n += 1
+        return False
+
+    def _handoff_id(self) -> int | None:
+        """A reserved row id when this publish may be handed to a local
+        consumer: one has room beyond what the buffer and the hand-offs in
+        flight hold, and no ready row of the queue is known (our own
+        publishes that were not handed off, or others'), so a hand-off
+        never overtakes an earlier message (per-publisher order)."""
+        demand = self.demand
+        if (
+            not self.handoff
+            or demand is None
+            or self._remote
+            or self._unowned
+            or self._closed
+            or demand() <= len(self._heap) + self._pending_n
+            or not self.lease.valid()
+        ):
+            return None
+        return self.writer.reserve_id()
+
+    def _unowned_resolved(self, batch: int) -> None:
+        n = self._unowned_by_batch.pop(batch, 0)
+        self._unowned -= n
+        if self.writer.failure(batch) is None:
+            self._remote += n
+            self.generation += 1
+
+    def _committed(self, batch: int) -> None:
+        """The batch holding hand-off entries resolved."""
+        entries = self._pending.pop(batch, [])
+        self._pending_n -= len(entries)
+        writer = self.writer
+        error = writer.failure(batch)
+        if error is None and writer.handed(batch) and not self._closed:
+            for e in entries:
+                self._push(e)
+            if self.ready_changed is not None:
+                self.ready_changed()
+            return
+        if error is None:
+            # Committed as ready rows (the epoch was dead), or the queue
+            # was closed meanwhile: give back what may be ours.
+            self._remote += len(entries)
+            self.generation += 1
+        if error is None or isinstance(error, CommitOutcomeUnknown):
+            # (Unknown: they may exist, owned by this epoch.)
+            for transient in (False, True):
+                ids = [abs(e.ref) for e in entries if (e.ref < 0) is transient]
+                if ids:
+                    writer.unclaim_nowait(ids, self.epoch, transient)
 
     # -- messages out -----------------------------------------------------
 
@@ -323,9 +420,10 @@ class PgBackingQueue:
         synchronous fetch can only start a claim and miss."""
         want = n - len(self._heap)
         if want > 0 and not self._closed and self.lease.valid():
+            generation = self.generation
             rows = await self.claimer.claim(self.store_id, want, self.epoch)
             self.claims += 1
-            self._take(rows, want)
+            self._take(rows, want, generation)
         return len(self._heap)
 
     def forget_buffer(self) -> None:
@@ -346,6 +444,7 @@ class PgBackingQueue:
                 want = self._wanted()
                 if want <= 0:
                     break
+                generation = self.generation
                 try:
                     rows = await self.claimer.claim(self.store_id, want, self.epoch)
                 except Exception as exc:
@@ -355,7 +454,7 @@ class PgBackingQueue:
                     await asyncio.sleep(CLAIM_RETRY_DELAY)
                     continue
                 self.claims += 1
-                self._take(rows, want)
+                self._take(rows, want, generation)
                 if self._closed:
                     break
                 if rows and self.ready_changed is not None:
@@ -365,22 +464,24 @@ class PgBackingQueue:
         finally:
             self._claiming = None
 
-    def _take(self, rows: list[Claimed], wanted: int) -> None:
+    def _take(self, rows: list[Claimed], wanted: int, generation: int) -> None:
         """Claimed rows join the buffer (or go back, the queue being closed)."""
         self._shortfall = max(0, self._shortfall - len(rows))
         for row in rows:
             self._push(self._entry(row))
         if len(rows) < wanted:
-            # The queue's head is empty right now, cluster-wide.
-            self._remote = 0
+            # The queue's head was empty, cluster-wide, when the claim ran;
+            # unless rows of ours committed since.
             self._shortfall = 0
+            if generation == self.generation:
+                self._remote = 0
         else:
             self._remote = max(0, self._remote - len(rows))
         if self._closed:
             self.give_back()
 
     def _push(self, entry: QueueEntry) -> None:
-        heapq.heappush(self._heap, (-entry.priority, abs(entry.ref), entry))
+        heapq.heappush(self._heap, (-entry.priority, entry.seq, entry))
         self.bytes += len(entry.message.body)
 
     def _entry(self, row: Claimed) -> QueueEntry:
@@ -399,8 +500,9 @@ class PgBackingQueue:
             row.priority or None,
             written_ms=row.published_ms,
         )
+        self._seq += 1
         entry = QueueEntry(
-            row.id,
+            self._seq,
             message,
             row.redelivered,
             row.expires_ms or 0,
