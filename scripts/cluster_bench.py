@@ -143,6 +143,8 @@ class _AckingSink:
         return 1 << 30
 
     def deliver(self, consumer: Consumer, entries: list[QueueEntry]) -> None:
+        if not entries:
+            return  # (dispatch may hand over nothing when the buffer ran dry)
         self.consumed += len(entries)
         asyncio.get_running_loop().call_soon(self._ack, consumer, entries)
 
