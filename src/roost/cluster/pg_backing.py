@@ -10,14 +10,16 @@ How the synchronous backing-queue protocol meets the asynchronous database:
   confirm goes through the Journal-shaped gate
   (:class:`~roost.cluster.pg_journal.PgJournal`: ``barrier()`` before the
   queues enqueue, ``wait_durable`` for the confirm), exactly as with the
-  local log. A published message is *not* put in the local buffer: it
-  becomes visible to every node's consumers at once, when it commits.
+  local log. A published message becomes visible to every node's
+  consumers when it commits; only a *hand-off* (a local consumer has
+  room, see :meth:`publish`) is inserted claimed by this node and joins
+  its buffer at the COMMIT.
 - **Reads come from the buffer.** ``fetch``/``fetch_many``/``peek`` only
   look at entries this node already claimed (held in PostgreSQL by its
-  epoch), ordered by priority then id. When a fetch comes up short, the
-  shortfall is recorded and a claim is started in the background; when
-  it returns, the entries join the buffer and ``ready_changed()`` tells
-  the queue to dispatch again.
+  epoch), ordered by priority, then arrival here. When a fetch comes up
+  short, the shortfall is recorded and a claim is started in the
+  background; when it returns, the entries join the buffer and
+  ``ready_changed()`` tells the queue to dispatch again.
 - **Wake-ups.** New ready rows (a commit on this node, a NOTIFY from
   another) call :meth:`wake`: if local consumers have credit (``demand()``)
   beyond what the buffer holds, a claim starts.
@@ -37,9 +39,10 @@ How the synchronous backing-queue protocol meets the asynchronous database:
   the node's :class:`~roost.cluster.lease.Lease` is valid: a node whose
   heartbeats stopped (paused, cut off) may already be declared dead and
   its rows delivered elsewhere.
-- **len()** is the buffer plus an estimate of the ready rows elsewhere:
-  counted cluster-wide every so often (:meth:`set_remote_count`), raised by
-  local publishes and lowered by claims in between. Dispatch tolerates an
+- **len()** is the buffer, this node's publishes in flight, and an
+  estimate of the ready rows elsewhere: counted cluster-wide every so
+  often (:meth:`set_remote_count`), raised by local commits and lowered by
+  claims in between. Dispatch tolerates an
   estimate: a fetch may return fewer entries than ``len()`` suggested.
 
 Two small additions to the backing-queue protocol, both optional callbacks
