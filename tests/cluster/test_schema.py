@@ -50,3 +50,26 @@ def test_a_newer_schema_is_refused(pg_url: str) -> None:
         conn.commit()
         with pytest.raises(schema.SchemaTooNew, match="version 999"):
             schema.migrate(conn)
+
+
+def test_message_tables_share_ids_and_follow_their_queue(pg_url: str) -> None:
+    with psycopg.connect(pg_url) as conn:
+        schema.migrate(conn)
+        conn.execute("INSERT INTO roost_vhosts (name) VALUES ('/')")
+        conn.execute(
+            "INSERT INTO roost_queues (id, vhost, name, durable, auto_delete)"
+            " VALUES (7, '/', 'q', true, false)"
+        )
+        ids = []
+        for table in ("roost_messages", "roost_transient_messages"):
+            row = conn.execute(
+                f"INSERT INTO {table} (queue_id, exchange, routing_key, properties, body)"
+                " VALUES (7, '', '', '', '') RETURNING id".encode()
+            ).fetchone()
+            assert row is not None
+            ids.append(row[0])
+        assert ids[1] == ids[0] + 1  # one sequence: ids are unique across both
+        conn.execute("DELETE FROM roost_queues WHERE id = 7")
+        for table in ("roost_messages", "roost_transient_messages"):
+            row = conn.execute(f"SELECT count(*) FROM {table}".encode()).fetchone()
+            assert row == (0,)

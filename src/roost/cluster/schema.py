@@ -95,7 +95,9 @@ CREATE TABLE roost_bindings (
 
 -- One row per message per queue it was routed to. Ready rows have no
 -- owner; a claimed row is held by the node epoch delivering it until it
--- is acked (deleted) or released (owner back to NULL, redelivered).
+-- is acked (deleted) or released (owner back to NULL). Expiry is wall-clock
+-- milliseconds, as the broker's queue entries keep it (no conversion on
+-- the publish path). See roost.cluster.message_writer and claims.
 CREATE TABLE roost_messages (
     id              bigserial PRIMARY KEY,
     queue_id        bigint NOT NULL REFERENCES roost_queues (id) ON DELETE CASCADE,
@@ -105,19 +107,42 @@ CREATE TABLE roost_messages (
     properties      bytea NOT NULL,
     body            bytea NOT NULL,
     published_at    timestamptz NOT NULL DEFAULT now(),
-    expires_at      timestamptz,
+    expires_ms      bigint,
     redelivered     boolean NOT NULL DEFAULT false,
     delivery_count  integer NOT NULL DEFAULT 0,
     owner           bigint
+) WITH (
+    -- A queue table turns over all its rows, over and over: vacuum (and
+    -- analyze) after 1% of it changed, not the default 20%, and without
+    -- the cost-based pauses, so dead row versions do not pile up in front
+    -- of the ready index's head.
+    autovacuum_vacuum_scale_factor = 0.01,
+    autovacuum_analyze_scale_factor = 0.01,
+    autovacuum_vacuum_cost_delay = 0
 );
+-- Claims read the head of a queue's ready rows in delivery order.
 CREATE INDEX roost_messages_ready ON roost_messages (queue_id, priority DESC, id)
     WHERE owner IS NULL;
+-- Releasing a dead node's rows finds them by owner.
 CREATE INDEX roost_messages_owned ON roost_messages (owner) WHERE owner IS NOT NULL;
+-- The expiry sweep finds ready rows past their TTL that no consumer claims.
+CREATE INDEX roost_messages_expiring ON roost_messages (expires_ms)
+    WHERE owner IS NULL AND expires_ms IS NOT NULL;
 
 -- Transient messages (and every message of a non-durable queue): the same
 -- shape without the write-ahead log. PostgreSQL empties an unlogged table
--- after its own crash, never after a roost node's.
-CREATE UNLOGGED TABLE roost_transient_messages (LIKE roost_messages INCLUDING ALL);
+-- after its own crash, never after a roost node's. The id default is the
+-- same sequence as roost_messages' (LIKE copies the default), so ids are
+-- unique across both tables and one order merges them. LIKE copies no
+-- foreign key: it is declared again so a deleted queue takes these too.
+CREATE UNLOGGED TABLE roost_transient_messages (
+    LIKE roost_messages INCLUDING ALL,
+    FOREIGN KEY (queue_id) REFERENCES roost_queues (id) ON DELETE CASCADE
+) WITH (
+    autovacuum_vacuum_scale_factor = 0.01,
+    autovacuum_analyze_scale_factor = 0.01,
+    autovacuum_vacuum_cost_delay = 0
+);
 """,
     ),
     (

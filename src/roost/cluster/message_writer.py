@@ -1,0 +1,740 @@
+"""Group commit of one node's message writes to PostgreSQL.
+
+Every connection of a node feeds one :class:`MessageWriter`: new rows
+(publishes), settles (acks), releases (requeues) and purges go into the
+*open batch*; a worker takes the open batch as a whole, writes it in one
+transaction (one statement per kind and table, sent in one pipeline: a
+single round trip) and commits. Whatever arrives while that COMMIT is in
+flight forms the next batch, so the number of transactions per second
+stays near what the server's commit latency allows while the rows per
+transaction grow with the load: many publishes, one COMMIT, one WAL flush.
+
+Batches are numbered. :meth:`barrier` names the open batch (everything
+enqueued so far, and everything enqueued in the same event-loop step, is
+in it or an earlier one); :attr:`durable_batch` is the highest number up
+to which every batch is *resolved*; :meth:`wait_durable` calls back once
+a batch is resolved. That is the shape of the broker's
+:class:`~roost.broker.journal.Journal` gate, so channel confirms and
+``tx.commit`` wait on it unchanged. A resolved batch either committed or
+failed; :meth:`failure` says which. A batch fails with:
+
+- :class:`WriteFailed`: PostgreSQL reported an error and the transaction
+  was rolled back, or (:class:`Unreachable`) the writer could not
+  connect: nothing of it was written. A publish may be nacked.
+- :class:`CommitOutcomeUnknown`: the connection broke or timed out while
+  the transaction was in flight, so the COMMIT may or may not have
+  happened (a crash or a failover during COMMIT). Never confirm such a
+  publish; close the channel or connection so the client re-publishes
+  (a duplicate is allowed, a loss is not).
+
+Deadlocks, serialization failures and a foreign-key violation (a queue
+deleted while its rows were in the batch) roll the transaction back and
+are retried; the retry drops the rows of queues that no longer exist, as
+a publish routed to a queue deleted meanwhile is dropped in RabbitMQ.
+
+Settles and releases are *fenced* by the node epoch (see :mod:`claims`):
+they touch only rows the epoch owns, and only while it is alive. That
+makes them idempotent, so those of a batch lost to an outage are carried
+into the next batch rather than dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import select
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import pq
+
+from roost.cluster.claims import FENCE, READY_CHANNEL, TABLES, table_of
+
+log = logging.getLogger(__name__)
+
+# PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
+_NOTIFY_PAYLOAD_MAX = 7000
+
+# Failed batches remembered for failure().
+_FAILURES_KEPT = 10_000
+
+# Ids reserved at a time for hand-off rows.
+ID_RESERVE = 1000
+
+# Server errors after which the batch is rolled back and tried again.
+_RETRIABLE = (
+    pg_errors.DeadlockDetected,
+    pg_errors.SerializationFailure,
+    pg_errors.ForeignKeyViolation,
+)
+
+
+class WriteFailed(Exception):
+    """The batch was not written: nack, or retry the operation."""
+
+
+class CommitOutcomeUnknown(WriteFailed):
+    """The batch may or may not have committed: close the connection so the
+    client re-publishes (never confirm)."""
+
+
+class Unreachable(WriteFailed):
+    """No connection to PostgreSQL: the batch was not sent."""
+
+
+class MessageRow(NamedTuple):
+    """A message routed to one queue, as a row of ``roost_messages`` (or of
+    ``roost_transient_messages`` when ``transient``)."""
+
+    queue_id: int
+    exchange: str
+    routing_key: str
+    properties: bytes
+    body: bytes
+    priority: int = 0
+    expires_ms: int | None = None  # wall-clock ms (None: never)
+    transient: bool = False
+    # Hand-off: inserted already claimed by this epoch (if it is alive at
+    # COMMIT), under this id from reserve_id(). See MessageWriter.handed().
+    id: int | None = None
+    owner: int | None = None
+
+
+# (epoch, transient) -> ids
+_IdsByOwner = dict[tuple[int, bool], list[int]]
+
+
+class _Batch:
+    __slots__ = (
+        "futures",
+        "handed",
+        "id_request",
+        "new_ids",
+        "number",
+        "purges",
+        "releases",
+        "rows",
+        "settles",
+        "size",
+        "unclaims",
+    )
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.rows: list[MessageRow] = []
+        self.size = 0  # body bytes of rows
+        self.settles: _IdsByOwner = {}
+        self.releases: _IdsByOwner = {}
+        self.unclaims: _IdsByOwner = {}
+        self.purges: list[tuple[int, asyncio.Future[int] | None]] = []
+        self.futures: list[asyncio.Future[None]] = []
+        self.id_request = 0  # ids to reserve from the sequence
+        self.new_ids: list[int] = []
+        # Whether its hand-off rows are owned (the epoch was alive); None:
+        # it had none.
+        self.handed: bool | None = None
+
+    def has_work(self) -> bool:
+        return bool(
+            self.rows
+            or self.settles
+            or self.releases
+            or self.unclaims
+            or self.purges
+            or self.id_request
+        )
+
+
+class MessageWriter:
+    """The group-committing writer of one node (see the module docstring).
+
+    ``connections`` workers commit batches concurrently (1 keeps ids in
+    enqueue order; more overlap round trips on a slow link). A batch closes
+    early (at the end of the event-loop step) once it holds
+    ``max_batch_rows`` rows or ``max_batch_bytes`` body bytes, bounding the
+    size of one transaction. ``on_committed`` is told the queue ids that
+    got new ready rows after each COMMIT (local wake-ups; other nodes hear
+    the NOTIFY).
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        connections: int = 1,
+        max_batch_rows: int = 5000,
+        max_batch_bytes: int = 16 << 20,
+        commit_timeout: float = 30.0,
+        retries: int = 3,
+        on_committed: Callable[[set[int]], None] | None = None,
+    ) -> None:
+        self.conninfo = conninfo
+        self.max_batch_rows = max_batch_rows
+        self.max_batch_bytes = max_batch_bytes
+        self.commit_timeout = commit_timeout
+        self.retries = retries
+        self.on_committed = on_committed
+        self._open = _Batch(1)
+        self._full: deque[_Batch] = deque()  # closed early, waiting for a worker
+        self._wake = asyncio.Event()
+        self._conns: list[psycopg.AsyncConnection[Any] | None] = [None] * connections
+        self._workers: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._close_pending = False
+        self._durable = 0
+        self._resolved: set[int] = set()  # resolved above _durable (workers > 1)
+        self._waiters: dict[int, list[Callable[[], None]]] = {}
+        self._failures: dict[int, WriteFailed] = {}
+        self._waited_on = 0  # highest batch someone waits for
+        # Ids reserved from the sequence for hand-off rows, which need one
+        # before their batch commits.
+        self._ids: deque[int] = deque()
+        self._ids_requested = False
+        self._handed: dict[int, bool] = {}
+        self.pending_rows = 0  # enqueued, not yet resolved (flow control)
+        self.pending_bytes = 0
+        # Counters for stats and tests.
+        self.transactions = 0
+        self.rows_written = 0
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        for i in range(len(self._conns)):
+            self._workers.append(asyncio.create_task(self._worker(i), name=f"roost-writer-{i}"))
+
+    async def close(self) -> None:
+        """Write what is pending, then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._workers:
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        for conn in self._conns:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    # -- the Journal-shaped gate -------------------------------------------
+
+    def barrier(self) -> int:
+        """The batch that holds everything enqueued so far (and anything
+        enqueued before the event loop runs again)."""
+        return self._open.number
+
+    @property
+    def durable_batch(self) -> int:
+        """Every batch up to this one is resolved (committed or failed)."""
+        return self._durable
+
+    def wait_durable(self, batch: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once ``batch`` is resolved; then check
+        :meth:`failure`."""
+        if batch <= self._durable:
+            callback()
+            return
+        self._waiters.setdefault(batch, []).append(callback)
+        if batch > self._waited_on:
+            self._waited_on = batch
+        self._wake.set()
+
+    def reserve_id(self) -> int | None:
+        """A row id for a hand-off row (None: none reserved yet; more are
+        reserved with the next batch)."""
+        ids = self._ids
+        if len(ids) < ID_RESERVE // 2 and not self._ids_requested:
+            self._ids_requested = True
+            self._open.id_request = ID_RESERVE
+            self._wake.set()
+        return ids.popleft() if ids else None
+
+    def handed(self, batch: int) -> bool | None:
+        """Whether the hand-off rows of a committed batch are owned by their
+        epoch (False: it was dead by then, they were inserted ready; None:
+        the batch had none, or it is long gone). Ask in the wait_durable
+        callback: the answer is kept for the last 10,000 such batches."""
+        return self._handed.get(batch)
+
+    def failure(self, batch: int) -> WriteFailed | None:
+        """Why a resolved batch failed (None: it committed). The last
+        10,000 failures are kept: ask soon after the batch resolved."""
+        return self._failures.get(batch)
+
+    # -- enqueueing (synchronous: called from the broker's event loop) ------
+
+    def enqueue(self, row: MessageRow) -> int:
+        """Add one row; returns its batch (for :meth:`wait_durable`)."""
+        batch = self._open
+        batch.rows.append(row)
+        n = len(row.body)
+        batch.size += n
+        self.pending_rows += 1
+        self.pending_bytes += n
+        if (
+            len(batch.rows) >= self.max_batch_rows or batch.size >= self.max_batch_bytes
+        ) and not self._close_pending:
+            # Closed in the next event-loop step, never now: a publish
+            # routed to several queues enqueues a row per queue after one
+            # barrier(), and all of them must be in the batch it named.
+            self._close_pending = True
+            asyncio.get_running_loop().call_soon(self._close_full)
+        self._wake.set()
+        return batch.number
+
+    def submit(self, rows: Iterable[MessageRow]) -> asyncio.Future[None]:
+        """Add rows; the future is resolved after the COMMIT that holds
+        them, or raises :class:`WriteFailed` / :class:`CommitOutcomeUnknown`."""
+        for row in rows:
+            self.enqueue(row)
+        return self._future()
+
+    def settle_nowait(self, ids: Iterable[int], epoch: int, transient: bool = False) -> int:
+        """Delete rows ``epoch`` owns (acked); returns the batch."""
+        return self._add_ids(self._open.settles, ids, epoch, transient)
+
+    def release_nowait(self, ids: Iterable[int], epoch: int, transient: bool = False) -> int:
+        """Give delivered rows back (requeue): ready again, redelivered."""
+        return self._add_ids(self._open.releases, ids, epoch, transient)
+
+    def unclaim_nowait(self, ids: Iterable[int], epoch: int, transient: bool = False) -> int:
+        """Give claimed rows that were never delivered back as they were
+        (the claim's delivery count undone, redelivered unchanged)."""
+        return self._add_ids(self._open.unclaims, ids, epoch, transient)
+
+    def settle(
+        self, ids: Iterable[int], epoch: int, transient: bool = False
+    ) -> asyncio.Future[None]:
+        self.settle_nowait(ids, epoch, transient)
+        return self._future()
+
+    def release(
+        self, ids: Iterable[int], epoch: int, transient: bool = False
+    ) -> asyncio.Future[None]:
+        self.release_nowait(ids, epoch, transient)
+        return self._future()
+
+    def unclaim(
+        self, ids: Iterable[int], epoch: int, transient: bool = False
+    ) -> asyncio.Future[None]:
+        self.unclaim_nowait(ids, epoch, transient)
+        return self._future()
+
+    def purge(self, queue_id: int) -> asyncio.Future[int]:
+        """Delete the queue's ready rows (both tables); the future says how
+        many. Claimed rows stay until their owner settles them."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._open.purges.append((queue_id, fut))
+        self._wake.set()
+        return fut
+
+    def _add_ids(self, into: _IdsByOwner, ids: Iterable[int], epoch: int, transient: bool) -> int:
+        into.setdefault((epoch, transient), []).extend(ids)
+        self._wake.set()
+        return self._open.number
+
+    def _future(self) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._open.futures.append(fut)
+        self._wake.set()
+        return fut
+
+    def _carry_forward(self, batch: _Batch) -> None:
+        """Settles, releases and unclaims of a batch lost to an outage go
+        into the next batch: each only ever applies to rows the epoch still
+        owns, so doing one twice is harmless, while losing one would leave
+        its rows held by a live node that believes them settled. (New rows
+        are never retried: their publishers were told to publish again.)"""
+        target = self._open
+        for mine, theirs in (
+            (batch.settles, target.settles),
+            (batch.releases, target.releases),
+            (batch.unclaims, target.unclaims),
+        ):
+            for key, ids in mine.items():
+                theirs.setdefault(key, []).extend(ids)
+        if batch.settles or batch.releases or batch.unclaims:
+            self._wake.set()
+
+    def _close_full(self) -> None:
+        self._close_pending = False
+        batch = self._open
+        if len(batch.rows) >= self.max_batch_rows or batch.size >= self.max_batch_bytes:
+            self._close_open()
+
+    def _close_open(self) -> None:
+        self._full.append(self._open)
+        self._open = _Batch(self._open.number + 1)
+
+    # -- workers ----------------------------------------------------------
+
+    async def _next_batch(self) -> _Batch | None:
+        while True:
+            if self._full:
+                return self._full.popleft()
+            batch = self._open
+            if batch.has_work() or batch.futures or self._waited_on >= batch.number:
+                self._close_open()
+                return self._full.popleft()
+            if self._closing:
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _worker(self, slot: int) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            error: WriteFailed | None = None
+            queues: set[int] = set()
+            if batch.has_work():
+                try:
+                    queues = await self._write(slot, batch)
+                except WriteFailed as exc:
+                    error = exc
+                except Exception as exc:  # a bug: still never resolve on doubt
+                    log.exception("message batch %d", batch.number)
+                    error = CommitOutcomeUnknown(f"unexpected error: {exc!r}")
+            self._resolve(batch, error)
+            if error is None and queues and self.on_committed is not None:
+                try:
+                    self.on_committed(queues)
+                except Exception:
+                    log.exception("on_committed hook")
+
+    def _resolve(self, batch: _Batch, error: WriteFailed | None) -> None:
+        self.pending_rows -= len(batch.rows)
+        self.pending_bytes -= batch.size
+        if error is not None:
+            failures = self._failures
+            failures[batch.number] = error
+            if len(failures) > _FAILURES_KEPT:
+                del failures[next(iter(failures))]  # the oldest (dicts keep order)
+            if isinstance(error, CommitOutcomeUnknown | Unreachable) and not self._closing:
+                self._carry_forward(batch)
+            if batch.id_request:
+                self._ids_requested = False  # ask again with a later batch
+        for fut in batch.futures:
+            if not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+        for _, pfut in batch.purges:
+            if pfut is not None and not pfut.done() and error is not None:
+                pfut.set_exception(error)
+        # Batches resolve out of order with several workers: durable_batch
+        # moves over the contiguous prefix only.
+        self._resolved.add(batch.number)
+        start = self._durable
+        while self._durable + 1 in self._resolved:
+            self._durable += 1
+            self._resolved.discard(self._durable)
+        for b in range(start + 1, self._durable + 1):
+            for cb in self._waiters.pop(b, ()):
+                try:
+                    cb()
+                except Exception:
+                    log.exception("wait_durable callback")
+
+    async def _connection(self, slot: int) -> psycopg.AsyncConnection[Any]:
+        current = self._conns[slot]
+        if current is not None:
+            if not current.closed and _still_up(current):
+                return current
+            self._drop_connection(slot)
+        try:
+            conn = await asyncio.wait_for(
+                psycopg.AsyncConnection.connect(
+                    self.conninfo, autocommit=False, application_name="roost-writer"
+                ),
+                self.commit_timeout,
+            )
+        except (OSError, psycopg.Error, TimeoutError) as exc:
+            # Nothing was sent: the batch is certainly not written. Pause a
+            # little so an outage does not become a busy loop of attempts.
+            await asyncio.sleep(0.2)
+            raise Unreachable(f"cannot connect to PostgreSQL: {exc}") from exc
+        self._conns[slot] = conn
+        return conn
+
+    def _drop_connection(self, slot: int) -> None:
+        conn = self._conns[slot]
+        self._conns[slot] = None
+        if conn is not None:
+            # Without waiting: the socket may be dead or the server gone.
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()
+
+    async def _write(self, slot: int, batch: _Batch) -> set[int]:
+        """Write ``batch`` in one transaction; returns the queue ids that got
+        ready rows. Raises WriteFailed / CommitOutcomeUnknown."""
+        drop_deleted = False
+        for attempt in range(self.retries + 1):
+            conn = await self._connection(slot)
+            try:
+                async with asyncio.timeout(self.commit_timeout):
+                    counts = await self._transaction(conn, batch, drop_deleted)
+            except psycopg.Error as exc:
+                # A server error (it has a SQLSTATE) on a connection still
+                # up means PostgreSQL rolled the transaction back; anything
+                # else (no SQLSTATE, connection broken) may have been after
+                # the COMMIT reached the server.
+                if conn.broken or conn.closed or exc.sqlstate is None:
+                    # The transaction (and its COMMIT) was sent, or partly;
+                    # whether it committed is unknowable from here.
+                    self._drop_connection(slot)
+                    raise CommitOutcomeUnknown(
+                        f"connection to PostgreSQL lost during commit: {exc}"
+                    ) from exc
+                # The server answered with an error: rolled back, nothing written.
+                if isinstance(exc, _RETRIABLE) and attempt < self.retries:
+                    drop_deleted = drop_deleted or isinstance(exc, pg_errors.ForeignKeyViolation)
+                    continue
+                raise WriteFailed(f"PostgreSQL refused the batch: {exc}") from exc
+            except TimeoutError as exc:
+                self._drop_connection(slot)
+                raise CommitOutcomeUnknown(
+                    f"no answer from PostgreSQL within {self.commit_timeout}s during commit"
+                ) from exc
+            self.transactions += 1
+            self.rows_written += len(batch.rows)
+            if batch.id_request:
+                self._ids.extend(batch.new_ids)
+                self._ids_requested = False
+            if batch.handed is not None:
+                handed = self._handed
+                handed[batch.number] = batch.handed
+                if len(handed) > _FAILURES_KEPT:
+                    del handed[next(iter(handed))]
+            for (_, pfut), n in zip(batch.purges, counts, strict=True):
+                if pfut is not None and not pfut.done():
+                    pfut.set_result(n)
+            return {row.queue_id for row in batch.rows}
+        raise AssertionError("unreachable")
+
+    async def _transaction(
+        self, conn: psycopg.AsyncConnection[Any], batch: _Batch, drop_deleted: bool
+    ) -> list[int]:
+        """One pipelined transaction for the whole batch; returns the purge
+        counts."""
+        purge_curs = []
+        hand_cur = id_cur = None
+        async with conn.pipeline(), conn.transaction():
+            cur = conn.cursor()
+            rows = batch.rows
+            owner = next((r.owner for r in rows if r.owner is not None), None)
+            if owner is not None:
+                hand_cur = conn.cursor()
+                await hand_cur.execute(
+                    _insert_handoff_sql(drop_deleted),
+                    {
+                        **dict(zip(_COLUMN_NAMES, _columns(rows), strict=True)),
+                        "transient": [r.transient for r in rows],
+                        "id": [r.id for r in rows],
+                        "owned": [r.owner is not None for r in rows],
+                        "epoch": owner,
+                    },
+                )
+            elif rows:
+                kinds = {r.transient for r in rows}
+                if len(kinds) == 1:
+                    await cur.execute(_insert_sql(kinds.pop(), drop_deleted), _columns(rows))
+                else:
+                    await cur.execute(
+                        _insert_mixed_sql(drop_deleted),
+                        (*_columns(rows), [r.transient for r in rows]),
+                    )
+            for sql, ops in (
+                (_SETTLE, batch.settles),
+                (_RELEASE, batch.releases),
+                (_UNCLAIM, batch.unclaims),
+            ):
+                for (epoch, transient), ids in ops.items():
+                    ids.sort()  # one lock order for every writer: fewer deadlocks
+                    query = sql.format(table=table_of(transient), fence=FENCE)
+                    await cur.execute(query, {"ids": ids, "epoch": epoch, "channel": READY_CHANNEL})
+            if batch.id_request:
+                id_cur = conn.cursor()
+                await id_cur.execute(
+                    "SELECT nextval('roost_messages_id_seq') FROM generate_series(1, %s)",
+                    (batch.id_request,),
+                )
+            for queue_id, _ in batch.purges:
+                pcur = conn.cursor()
+                await pcur.execute(_PURGE, {"q": queue_id})
+                purge_curs.append(pcur)
+            if batch.rows:
+                for payload in _notify_payloads({r.queue_id for r in batch.rows}):
+                    # Delivered at COMMIT, and only if it commits.
+                    await cur.execute("SELECT pg_notify(%s, %s)", (READY_CHANNEL, payload))
+        if hand_cur is not None:
+            found = await hand_cur.fetchone()
+            batch.handed = bool(found and found[0])
+        if id_cur is not None:
+            batch.new_ids = [r[0] for r in await id_cur.fetchall()]
+        counts = []
+        for pcur in purge_curs:
+            row = await pcur.fetchone()
+            counts.append(int(row[0]) if row else 0)
+        return counts
+
+
+def _still_up(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an idle connection survived: a server that restarted or
+    closed it meanwhile left an EOF or an error message in the socket, which
+    libpq reads here without blocking. Sending a batch on such a connection
+    would fail it as CommitOutcomeUnknown for nothing."""
+    pgconn = conn.pgconn
+    try:
+        # A dying backend may send its FATAL message first, then the EOF.
+        for _ in range(4):
+            if not select.select([pgconn.socket], [], [], 0)[0]:
+                break
+            pgconn.consume_input()
+    except (psycopg.OperationalError, OSError, ValueError):
+        return False
+    return pgconn.status == pq.ConnStatus.OK
+
+
+def _insert_sql(transient: bool, drop_deleted: bool) -> str:
+    # unnest() of one array per column: one statement, whatever the row
+    # count, with every parameter sent in binary (bodies unescaped).
+    sql = (
+        f"INSERT INTO {table_of(transient)}"
+        " (queue_id, priority, exchange, routing_key, properties, body, expires_ms)"
+        " SELECT u.* FROM unnest(%b::bigint[], %b::smallint[], %b::text[], %b::text[],"
+        " %b::bytea[], %b::bytea[], %b::bigint[])"
+        " AS u(queue_id, priority, exchange, routing_key, properties, body, expires_ms)"
+    )
+    if drop_deleted:
+        sql += " WHERE EXISTS (SELECT 1 FROM roost_queues q WHERE q.id = u.queue_id)"
+    return sql
+
+
+_COLUMNS = "queue_id, priority, exchange, routing_key, properties, body, expires_ms"
+
+
+def _insert_mixed_sql(drop_deleted: bool) -> str:
+    # Both tables in one statement, the ids drawn from their shared sequence
+    # in row order (unnest() yields rows in array order), so publish order
+    # holds across durable and transient rows of one batch.
+    where = " WHERE EXISTS (SELECT 1 FROM roost_queues q WHERE q.id = u.queue_id)"
+    return (
+        f"WITH u AS (SELECT nextval('roost_messages_id_seq') AS id, u.* FROM unnest("
+        "%b::bigint[], %b::smallint[], %b::text[], %b::text[], %b::bytea[], %b::bytea[],"
+        f" %b::bigint[], %b::boolean[]) AS u({_COLUMNS}, transient)"
+        f"{where if drop_deleted else ''}),"
+        f" a AS (INSERT INTO {TABLES[0]} (id, {_COLUMNS})"
+        f" SELECT id, {_COLUMNS} FROM u WHERE NOT transient)"
+        f" INSERT INTO {TABLES[1]} (id, {_COLUMNS}) SELECT id, {_COLUMNS} FROM u WHERE transient"
+    )
+
+
+_COLUMN_NAMES = _COLUMNS.split(", ")
+
+
+def _insert_handoff_sql(drop_deleted: bool) -> str:
+    # Rows with an owner are inserted claimed by it, and counted delivered,
+    # if the epoch is alive, fenced as a claim is (FOR KEY SHARE: a
+    # release_dead of the epoch waits for this COMMIT, then releases them);
+    # otherwise ready. The answer comes back, for all of them at once.
+    arrays = ", ".join(
+        f"%({name})b::{kind}[]"
+        for name, kind in (
+            ("queue_id", "bigint"),
+            ("priority", "smallint"),
+            ("exchange", "text"),
+            ("routing_key", "text"),
+            ("properties", "bytea"),
+            ("body", "bytea"),
+            ("expires_ms", "bigint"),
+            ("transient", "boolean"),
+            ("id", "bigint"),
+            ("owned", "boolean"),
+        )
+    )
+    where = " WHERE EXISTS (SELECT 1 FROM roost_queues q WHERE q.id = u.queue_id)"
+    target = f"(id, owner, delivery_count, {_COLUMNS})"
+    source = f"id, owner, CASE WHEN owner IS NULL THEN 0 ELSE 1 END, {_COLUMNS}"
+    return (
+        "WITH alive AS (SELECT EXISTS (SELECT 1 FROM roost_nodes"
+        " WHERE epoch = %(epoch)s AND NOT dead FOR KEY SHARE) AS ok),"
+        " u AS (SELECT coalesce(u.id, nextval('roost_messages_id_seq')) AS id,"
+        " CASE WHEN u.owned AND (SELECT ok FROM alive) THEN %(epoch)s::bigint END AS owner,"
+        f" {', '.join('u.' + c for c in _COLUMN_NAMES)}, u.transient"
+        f" FROM unnest({arrays}) AS u({_COLUMNS}, transient, id, owned)"
+        f"{where if drop_deleted else ''}),"
+        f" a AS (INSERT INTO {TABLES[0]} {target} SELECT {source} FROM u WHERE NOT transient),"
+        f" b AS (INSERT INTO {TABLES[1]} {target} SELECT {source} FROM u WHERE transient)"
+        " SELECT ok FROM alive"
+    )
+
+
+def _columns(rows: list[MessageRow]) -> tuple[list[Any], ...]:
+    return (
+        [r.queue_id for r in rows],
+        [r.priority for r in rows],
+        [r.exchange for r in rows],
+        [r.routing_key for r in rows],
+        [r.properties for r in rows],
+        [r.body for r in rows],
+        [r.expires_ms for r in rows],
+    )
+
+
+def _notify_payloads(queue_ids: set[int]) -> list[str]:
+    payloads: list[str] = []
+    current: list[str] = []
+    size = 0
+    for q in sorted(queue_ids):
+        s = str(q)
+        if size + len(s) + 1 > _NOTIFY_PAYLOAD_MAX:
+            payloads.append(",".join(current))
+            current, size = [], 0
+        current.append(s)
+        size += len(s) + 1
+    if current:
+        payloads.append(",".join(current))
+    return payloads
+
+
+# Fenced: only rows the epoch owns, only while the epoch is alive (FENCE
+# takes a key-share lock on the node row, so a node being declared dead
+# waits for this statement, and this one sees the verdict; see claims).
+_SETTLE = "DELETE FROM {table} WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
+
+# Released rows are ready again: tell the queues' consumers everywhere.
+_READY_NOTIFY = (
+    " SELECT pg_notify(%(channel)s, CASE WHEN count(DISTINCT queue_id) > 500 THEN ''"
+    " ELSE string_agg(DISTINCT queue_id::text, ',') END) FROM r HAVING count(*) > 0"
+)
+_RELEASE = (
+    "WITH r AS (UPDATE {table} SET owner = NULL, redelivered = true"
+    " WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
+    " RETURNING queue_id)" + _READY_NOTIFY
+)
+_UNCLAIM = (
+    "WITH r AS (UPDATE {table} SET owner = NULL, delivery_count = delivery_count - 1"
+    " WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
+    " RETURNING queue_id)" + _READY_NOTIFY
+)
+_PURGE = (
+    "WITH a AS (DELETE FROM roost_messages WHERE queue_id = %(q)s AND owner IS NULL RETURNING 1),"
+    " b AS (DELETE FROM roost_transient_messages WHERE queue_id = %(q)s AND owner IS NULL"
+    " RETURNING 1)"
+    " SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM b)"
+)
+
+__all__ = [
+    "READY_CHANNEL",
+    "TABLES",
+    "CommitOutcomeUnknown",
+    "MessageRow",
+    "MessageWriter",
+    "Unreachable",
+    "WriteFailed",
+]
