@@ -83,6 +83,9 @@ class ClusterNode:
         # another connection and wait for ever).
         registry.on_node_dead.append(lambda epoch, conn: release_dead(conn, epoch))
         registry.on_beat.append(self._beat)
+        # The registration was the first heartbeat: the lease starts from
+        # it, not unbounded until the next one.
+        self._beat(registry.last_beat_sent)
 
     async def _lost(self) -> None:
         if self.messages is not None:
