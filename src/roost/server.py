@@ -112,9 +112,8 @@ class Server:
                 default_user=self.config.default_user,
                 default_password=self.config.default_password,
                 max_message_size=self.config.max_message_size,
-                # In cluster mode no journal here: the message layer's plugs
-                # in at _join_cluster; until it does, a cluster node keeps
-                # messages in memory only.
+                # In cluster mode no local journal: the message layer (rows
+                # in PostgreSQL) plugs in at _join_cluster.
                 journal=state.store if state is not None else None,
                 max_connections=self.config.max_connections,
                 max_connections_per_vhost=self.config.max_connections_per_vhost,
@@ -219,9 +218,9 @@ class Server:
         )
         self.cluster = node
         await node.register(self._fenced)
-        # The seam of the message layer: with the epoch known and before the
-        # definitions create the queues, it sets broker.journal and hooks
-        # node.registry.on_node_dead / on_registered.
+        # With the epoch known and before the definitions create the queues:
+        # messages live in PostgreSQL, shared by every node.
+        await node.start_messages(broker)
         await node.load(broker)
         await self._server.start_serving()
         if self._tls_server is not None:

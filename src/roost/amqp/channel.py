@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from pamqp import commands as C
@@ -24,6 +25,7 @@ from roost.broker.access import CONFIGURE, READ, WRITE
 from roost.broker.consumer import Consumer
 from roost.broker.errors import BrokerError, precondition
 from roost.broker.exchange import EXCHANGE_TYPES, Exchange
+from roost.broker.journal import Journal, OutcomeUnknown
 from roost.broker.message import Message, QueueEntry
 from roost.broker.queue import Queue
 from roost.broker.queue_args import parse_expiration
@@ -33,6 +35,8 @@ from roost.broker.vhost import REPLY_TO_PREFIX, REPLY_TO_QUEUE, generate_name
 if TYPE_CHECKING:
     from roost.amqp.connection import AMQPConnection
     from roost.amqp.decoder import PublishReceived
+
+log = logging.getLogger(__name__)
 
 _UNLIMITED = 1 << 30
 _DEFINITION_METHODS = frozenset(
@@ -113,6 +117,8 @@ class Channel:
         self._tx_settles: list[tuple[Delivery, bool, bool]] = []  # (delivery, ack, requeue)
         self._reply_key: str | None = None
         self._held: list[bytes] | None = None
+        # basic.get waiting for a backing queue to fetch (cluster mode).
+        self._gets: set[asyncio.Future[int]] = set()
         self.last_queue: str | None = None
         # Consumer timeout: the default in ms (0: none), and one timer for
         # the channel, armed for the earliest due delivery.
@@ -336,8 +342,21 @@ class Channel:
         durable = journal.durable_batch
         pending = self._unconfirmed
         while pending and pending[0][1] <= durable:
-            seq, _, ok = pending.popleft()
+            seq, batch, ok = pending.popleft()
+            exc = journal.failure(batch) if ok and batch else None
+            if exc is not None:
+                if isinstance(exc, OutcomeUnknown):
+                    self._outcome_unknown(exc)
+                    return
+                ok = False  # not written: nacked
             self._resolve(seq, ok)
+
+    def _outcome_unknown(self, exc: Exception) -> None:
+        """A write the confirm (or commit-ok) waited for may or may not have
+        committed: neither an ack nor a nack would be true. Closing the
+        connection makes the client publish its unconfirmed messages again."""
+        self._unconfirmed.clear()
+        self.conn.close(errors.INTERNAL_ERROR, f"INTERNAL_ERROR - message store: {exc}")
 
     def _resolve(self, seq: int, ok: bool) -> None:
         """Publish ``seq`` (every earlier one being resolved) is confirmed or,
@@ -603,14 +622,41 @@ class Channel:
         name = self._queue_name(m.queue)
         self._check(READ, "queue", name)
         q = self.vhost.queue(name, self.owner)
-        entry = q.get(m.no_ack)
+        fill: Callable[[int], Awaitable[int]] | None = getattr(q.backing, "fill", None)
+        if fill is not None and not q.backing.in_memory():
+            # A backing queue that fetches from elsewhere (cluster mode)
+            # holds nothing here without local consumers: a synchronous get
+            # could only miss. Wait for one entry, then answer (the client
+            # waits for get-ok or get-empty anyway).
+            task = asyncio.ensure_future(fill(1))
+            self._gets.add(task)
+            task.add_done_callback(lambda t: self._filled(t, q, m.no_ack))
+            return
+        self._get_reply(q, m.no_ack)
+
+    def _filled(self, task: asyncio.Future[int], q: Queue, no_ack: bool) -> None:
+        self._gets.discard(task)
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.warning("basic.get on %s: %s", q.name, task.exception())
+        if self.closing or self.conn.state is not ConnectionState.RUNNING:
+            return
+        if q.deleted:
+            self.vhost.get_empty += 1
+            self.conn.write(encoder.get_empty(self.number))
+            return
+        self._get_reply(q, no_ack)
+
+    def _get_reply(self, q: Queue, no_ack: bool) -> None:
+        entry = q.get(no_ack)
         if entry is None:
             self.vhost.get_empty += 1
             self.conn.write(encoder.get_empty(self.number))
             return
         tag = self.next_tag
         self.next_tag = tag + 1
-        if not m.no_ack:
+        if not no_ack:
             d = Delivery(tag, q, entry, None, self._due(q))
             self.unacked[tag] = d
             self._unacked_order.append(d)
@@ -804,11 +850,19 @@ class Channel:
             self.send(C.Tx.CommitOk())
         else:
             # commit-ok only once what the transaction wrote is on disk.
-            journal.wait_durable(journal.barrier(), self._commit_ok)
+            batch = journal.barrier()
+            journal.wait_durable(batch, lambda: self._commit_ok(journal, batch))
 
-    def _commit_ok(self) -> None:
-        if not self.closing:
-            self.send(C.Tx.CommitOk())
+    def _commit_ok(self, journal: Journal, batch: int) -> None:
+        if self.closing:
+            return
+        exc = journal.failure(batch) if batch else None
+        if exc is not None:
+            # Part of the transaction may be written, part not: it can be
+            # neither committed whole nor rolled back, so no commit-ok.
+            self._outcome_unknown(exc)
+            return
+        self.send(C.Tx.CommitOk())
 
     def _tx_rollback(self, m: C.Tx.Rollback) -> None:
         if not self.tx:

@@ -70,6 +70,13 @@ class BackingQueue(Protocol):
     # Called with the expiry of each entry read back from the log, so the
     # queue's TTL timer covers entries that were paged.
     expiry_seen: Callable[[int], None] | None
+    # Set by the queue; called only by a backing queue whose len() counts
+    # entries held elsewhere (cluster mode: ready rows in PostgreSQL) and
+    # which fetches them asynchronously. ``ready_changed()``: entries
+    # arrived, dispatch again. ``demand()``: how many more messages the
+    # queue's consumers can take now (how much to fetch ahead).
+    ready_changed: Callable[[], None] | None
+    demand: Callable[[], int] | None
 
     def __len__(self) -> int: ...
 

@@ -17,6 +17,12 @@ if TYPE_CHECKING:
     from roost.broker.message import Message
 
 
+class OutcomeUnknown(Exception):
+    """A write whose outcome the store cannot know (the connection to a
+    remote store broke during its commit): a channel closes its connection
+    rather than confirm or nack, so the client publishes again."""
+
+
 class Journal(Protocol):
     def append(self, message: Message, queue_ids: list[int]) -> int:
         """Write ``message`` as a persistent record for the durable queues
@@ -59,4 +65,10 @@ class Journal(Protocol):
 
     def wait_durable(self, batch: int, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once ``batch`` is on disk."""
+        ...
+
+    def failure(self, batch: int) -> Exception | None:
+        """Why ``batch``, resolved by ``wait_durable``, was not written (None:
+        it was). An :class:`OutcomeUnknown` means it may have been; a local
+        log never fails a batch it called back for."""
         ...

@@ -61,6 +61,10 @@ class LogBacked:
         # Told the expiry of each entry read back from the log, so the
         # queue's TTL timer covers entries that were paged.
         self.expiry_seen: Callable[[int], None] | None = None
+        # A local backing queue holds everything it counts: it never calls
+        # these (see BackingQueue).
+        self.ready_changed: Callable[[], None] | None = None
+        self.demand: Callable[[], int] | None = None
 
     def _paged_len(self) -> int:
         raise NotImplementedError

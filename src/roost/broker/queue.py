@@ -496,6 +496,12 @@ class Queue:
                     if k <= 0:
                         continue
                     entries = backing.fetch_many(k)
+                    if not entries:
+                        # len() may count entries the backing queue does not
+                        # hold here (cluster mode: ready rows elsewhere); it
+                        # calls ready_changed() when some arrive.
+                        available = 0
+                        break
                     k = len(entries)
                     self._count_out(c, entries, c.no_ack)
                     budget -= k
@@ -512,6 +518,7 @@ class Queue:
                         ) and c.sink.credit() > 0:
                             entry = backing.fetch()
                             if entry is None:
+                                available = 0  # as above: none here after all
                                 break
                             entries = [entry]
                             self._count_out(c, entries, c.no_ack)

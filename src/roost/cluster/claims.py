@@ -240,6 +240,8 @@ async def _release_rows(
     """Every row the epochs hold: ready again, redelivered; their queues
     are notified. Returns how many."""
     released = 0
+    if not epochs:
+        return 0  # (no dead epoch at all: a first start)
     for table in TABLES:
         cur = await conn.execute(
             f"WITH r AS (UPDATE {table} SET owner = NULL, redelivered = true"

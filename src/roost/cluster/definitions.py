@@ -66,6 +66,9 @@ class ClusterDefinitions:
         # roost_queues.id by ("queue", vhost, name): the key of a queue's
         # messages for the message layer.
         self.queue_ids: dict[Key, int] = {}
+        # Called (synchronously) whenever queue ids may have been added or
+        # changed: after a write committed and after a reload was applied.
+        self.on_queue_ids: list[Callable[[], None]] = []
         # The queue object each row of the base stands for: a queue deleted
         # and declared again has the same row but is a new queue.
         self._queue_objects: dict[Key, Queue] = {}
@@ -86,6 +89,28 @@ class ClusterDefinitions:
 
     def queue_id(self, vhost: str, name: str) -> int | None:
         return self.queue_ids.get(("queue", vhost, name))
+
+    def identified_queues(self) -> list[tuple[Queue, int]]:
+        """The model's queues whose row is known, with its id: a queue
+        declared here is not until its write committed, and one deleted
+        and declared again here keeps the old row's id (which is not its
+        own) until then, so it is left out too."""
+        objects = self._queue_objects
+        found = []
+        for vname, vh in self.broker.vhosts.items():
+            for q in vh.queues.values():
+                key = ("queue", vname, q.name)
+                qid = self.queue_ids.get(key)
+                if qid is not None and objects.get(key) is q:
+                    found.append((q, qid))
+        return found
+
+    def _ids_changed(self) -> None:
+        for hook in list(self.on_queue_ids):
+            try:
+                hook()
+            except Exception:
+                log.exception("cluster: a queue-id hook failed")
 
     # -- life cycle --------------------------------------------------------
 
@@ -239,6 +264,9 @@ class ClusterDefinitions:
         self.base = rows
         self.queue_ids = queue_ids
         self._queue_objects = queues
+        # Before the waiting declare-ok can go out: the new queue gets its
+        # message storage (cluster mode) before a client can publish to it.
+        self._ids_changed()
         self._written_generation = max(self._written_generation, generation)
         task = asyncio.get_running_loop().create_task(
             self._acknowledged(generation, version, peers)
@@ -352,6 +380,7 @@ class ClusterDefinitions:
             "read everything" if scopes is None else f"{len(scopes)} changed scope(s)",
         )
         self.queue_ids = queue_ids
+        self._ids_changed()
         self.version = max(self.version, version)
         if merged.model == merged.base:
             # Nothing local is pending: what reconciling changed needs no

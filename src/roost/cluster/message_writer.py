@@ -52,6 +52,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
 
+from roost.broker.journal import OutcomeUnknown
 from roost.cluster.claims import FENCE, READY_CHANNEL, TABLES, table_of
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class WriteFailed(Exception):
     """The batch was not written: nack, or retry the operation."""
 
 
-class CommitOutcomeUnknown(WriteFailed):
+class CommitOutcomeUnknown(WriteFailed, OutcomeUnknown):
     """The batch may or may not have committed: close the connection so the
     client re-publishes (never confirm)."""
 

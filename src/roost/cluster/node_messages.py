@@ -129,6 +129,17 @@ class NodeMessages:
         self.queues[queue_id] = q
         return q
 
+    def set_epoch(self, epoch: int) -> None:
+        """The node registered again after being fenced (``lost()``): claim,
+        hand off and settle under the new incarnation."""
+        self.epoch = epoch
+        for q in self.queues.values():
+            q.epoch = epoch
+            # Closing the connections after lost() requeued their unacked
+            # entries into the buffers: rows released to the cluster, which
+            # the renewed lease would let this node deliver a second time.
+            q.forget_buffer()
+
     def forget(self, queue_id: int) -> None:
         """The queue was deleted here (call after ``close()`` on it)."""
         self.queues.pop(queue_id, None)

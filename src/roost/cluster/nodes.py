@@ -102,6 +102,8 @@ class NodeRegistry:
         # can find this incarnation silent before ``sent + timeout`` (the
         # message layer's delivery lease).
         self.on_beat: list[Callable[[float], None]] = []
+        # What the last on_beat call was given (for a hook added later).
+        self.last_beat_sent = 0.0
         self.pool: AsyncConnectionPool[AsyncConn] | None = None
         # The heartbeat's own connection: never queued behind other work.
         self._beat_conn: AsyncConn | None = None
@@ -311,6 +313,7 @@ class NodeRegistry:
         return False
 
     def _beaten(self, sent: float) -> None:
+        self.last_beat_sent = sent
         for hook in list(self.on_beat):
             try:
                 hook(sent)

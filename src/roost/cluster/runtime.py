@@ -19,17 +19,27 @@ from collections.abc import Awaitable, Callable
 import psycopg
 
 from roost.broker.broker import Broker
+from roost.cluster.claims import release_dead
 from roost.cluster.definitions import ClusterDefinitions
+from roost.cluster.node_messages import NodeMessages
 from roost.cluster.nodes import NodeRegistry
+from roost.cluster.pg_backing import PgBackingQueue, attach
 from roost.http.nodes import ClusterNode as NodeListing
 
 log = logging.getLogger("roost.cluster")
+
+
+# The delivery lease ends this long before another node may find this one
+# silent: room for the two clocks' rates to differ and for a delivery
+# already on its way out.
+LEASE_MARGIN = 1.0
 
 
 class ClusterNode:
     def __init__(self, url: str, name: str, timeout: int) -> None:
         self.registry = NodeRegistry(url, name, timeout)
         self.definitions: ClusterDefinitions | None = None
+        self.messages: NodeMessages | None = None
 
     @property
     def name(self) -> str:
@@ -44,16 +54,94 @@ class ClusterNode:
         self.registry.on_fenced.append(on_fenced)
         await self.registry.start()
 
+    async def start_messages(self, broker: Broker) -> None:
+        """Plug the message layer into ``broker``, between :meth:`register`
+        and :meth:`load` (the epoch is known, no queue exists yet): every
+        message routed to a queue becomes a row in PostgreSQL, delivered by
+        whichever node claims it."""
+        registry = self.registry
+        messages = NodeMessages(registry.url, registry.epoch)
+        await messages.start()
+        self.messages = messages
+        try:
+            # Rows held by incarnations that died while no node was up to
+            # clean up after them (later deaths: on_node_dead below).
+            await messages.claimer.release_dead()
+        except BaseException:
+            await messages.close()
+            self.messages = None
+            raise
+        broker.journal = messages.journal  # vhosts created later take it
+        for vhost in broker.vhosts.values():
+            vhost.journal = messages.journal
+        # Before the server's hook closes the connections: nothing more
+        # may be delivered from the buffers, whose rows are others' now.
+        registry.on_fenced.insert(0, self._lost)
+        registry.on_registered.append(self._registered)
+        # On the cleanup transaction's own connection, which holds the dead
+        # node's row FOR UPDATE (Claimer.release_dead would lock it from
+        # another connection and wait for ever).
+        registry.on_node_dead.append(lambda epoch, conn: release_dead(conn, epoch))
+        registry.on_beat.append(self._beat)
+        # The registration was the first heartbeat: the lease starts from
+        # it, not unbounded until the next one.
+        self._beat(registry.last_beat_sent)
+
+    async def _lost(self) -> None:
+        if self.messages is not None:
+            self.messages.lost()
+
+    async def _registered(self, epoch: int) -> None:
+        # A new incarnation after fencing: claims, hand-offs and acks from
+        # now on are under the new epoch (the old one's rows were released).
+        if self.messages is not None:
+            self.messages.set_epoch(epoch)
+
+    def _beat(self, sent: float) -> None:
+        if self.messages is not None:
+            self.messages.lease.renew(sent + self.registry.timeout - LEASE_MARGIN)
+
+    def _attach_queues(self) -> None:
+        """Give each queue whose row is known its PostgreSQL backing queue
+        (once per queue object), and forget the deleted ones'."""
+        messages, definitions = self.messages, self.definitions
+        if messages is None or definitions is None:
+            return
+        live: set[int] = set()
+        for queue, qid in definitions.identified_queues():
+            live.add(qid)
+            backing = queue.backing
+            if isinstance(backing, PgBackingQueue) and backing.store_id == qid:
+                continue
+            # Normally empty: a queue is attached once its declaration is
+            # written, before declare-ok. A client that published before
+            # that (pipelining) had its messages kept here: they move over.
+            left = []
+            while (entry := backing.fetch()) is not None:
+                left.append(entry)
+            new = messages.backing_queue(qid, queue.durable)
+            attach(queue, new)  # takes over the queue's TTL hook from backing
+            backing.close()
+            for entry in left:
+                new.publish(entry)
+            if left:
+                queue.dispatch()
+        for qid in [qid for qid in messages.queues if qid not in live]:
+            messages.forget(qid)
+
     async def load(self, broker: Broker) -> None:
         """Load the shared definitions into ``broker`` (a fresh model) and
         keep them in step from now on."""
         definitions = ClusterDefinitions(self.registry, broker)
+        if self.messages is not None:
+            definitions.on_queue_ids.append(self._attach_queues)
+        self.definitions = definitions
         try:
             await definitions.start()
         except BaseException:
+            self.definitions = None
             await self.registry.leave()
             raise
-        self.definitions = definitions
 
     async def set_addresses(self, amqp_address: str, http_address: str) -> None:
         await self.registry.set_addresses(amqp_address, http_address)
@@ -74,4 +162,10 @@ class ClusterNode:
         if self.definitions is not None:
             await self.definitions.stop()
             self.definitions = None
+        if self.messages is not None:
+            # After the AMQP connections closed (their acks are enqueued):
+            # writes what is pending, then hands back every row still held,
+            # before the incarnation is declared dead.
+            await self.messages.close()
+            self.messages = None
         await self.registry.leave()

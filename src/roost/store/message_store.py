@@ -576,6 +576,9 @@ class MessageStore:
             return
         self._waiters.setdefault(batch, []).append(callback)
 
+    def failure(self, batch: int) -> Exception | None:
+        return None  # a failed fsync stops the broker; no batch is called back failed
+
     # -- Journal: reading -----------------------------------------------
 
     def read(self, ref: int) -> Message:
