@@ -7,6 +7,7 @@ nodes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from typing import Any
 import aio_pika
 import pika
 import pytest
-from pika.exceptions import ChannelClosedByBroker
+from pika.exceptions import AMQPError, ChannelClosedByBroker
 
 from roost.testing import RoostProcess
 
@@ -248,6 +249,38 @@ def test_single_active_consumer_fails_over_when_its_node_is_killed(
         standby.close()
 
 
+def test_single_active_consumer_fails_over_from_a_paused_node(
+    node: Callable[[str], RoostProcess],
+) -> None:
+    a, b = node("a"), node("b")
+    with _connect(b) as cb:
+        cb.channel().queue_declare("sac-pause", durable=True, arguments=SAC)
+    active = Consumer(a, "sac-pause", prefetch=50, ack=False)
+    _wait_for(lambda: _consumer_count(b, "sac-pause") == 1, 10, "the first consumer registered")
+    standby = Consumer(b, "sac-pause", prefetch=50)
+    assert a.proc is not None
+    try:
+        _wait_for(lambda: _consumer_count(b, "sac-pause") == 2, 10, "both registered")
+        sent = [f"p{i}".encode() for i in range(10)]
+        _publish(b, "sac-pause", sent[:5])
+        _wait_for(lambda: len(active.got) == 5, 10, "deliveries on a", [active])
+        a.proc.send_signal(signal.SIGSTOP)
+        _publish(b, "sac-pause", sent[5:])
+        _wait_for(lambda: len(standby.got) == 10, 30, "the standby taking over", [standby])
+        assert {body for body, again in standby.got if again} == set(sent[:5])
+        # Woken, a was declared dead: it delivers nothing more.
+        a.proc.send_signal(signal.SIGCONT)
+        _publish(b, "sac-pause", [b"after"])
+        _wait_for(lambda: len(standby.got) == 11, 15, "b still active", [standby])
+        with contextlib.suppress(AMQPError):
+            _pump([active], 1.0)
+        assert len(active.got) == 5
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+        active.close()
+        standby.close()
+
+
 def test_auto_delete_waits_for_the_last_consumer_in_the_cluster(
     node: Callable[[str], RoostProcess],
 ) -> None:
@@ -272,6 +305,23 @@ def test_auto_delete_waits_for_the_last_consumer_in_the_cluster(
     finally:
         on_a.close()
         on_b.close()
+
+
+def test_auto_delete_when_the_last_consumers_on_two_nodes_go_at_once(
+    node: Callable[[str], RoostProcess],
+) -> None:
+    a, b = node("a"), node("b")
+    for i in range(5):
+        name = f"ephemeral-{i}"
+        with _connect(a) as ca:
+            ca.channel().queue_declare(name, auto_delete=True)
+        on_a, on_b = Consumer(a, name), Consumer(b, name)
+        _wait_for(lambda n=name: _consumer_count(a, n) == 2, 10, "two consumers")
+        # Both nodes' writes overlap: without taking the queue's locks in
+        # turn, each would still see the other's consumer.
+        on_a.close()
+        on_b.close()
+        _wait_for(lambda n=name: not _exists(b, n), 10, "the queue deleted")
 
 
 def test_auto_delete_queue_goes_when_its_last_consumers_node_dies(

@@ -514,7 +514,8 @@ class Queue:
             groups = [(0, deque([active]))] if active is not None else []
         elif self.peers is not None:
             floor = self.peers.priority_floor()
-            if floor is not None:
+            # (Groups are sorted highest first: the last is the lowest.)
+            if floor is not None and groups and groups[-1][0] < floor:
                 groups = [g for g in groups if g[0] >= floor]
         try:
             if check_ttl:

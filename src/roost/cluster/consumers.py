@@ -66,7 +66,7 @@ REFRESH_EVERY = 5.0
 ROOM_POLL = 0.2
 RETRY_DELAY = 0.5
 
-_ROWS = "SELECT queue_id, epoch, local_id, priority, exclusive, has_room FROM roost_consumers"
+_ROWS = "SELECT queue_id, epoch, local_id, priority, exclusive, has_room, tag FROM roost_consumers"
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class ConsumerRow:
     priority: int
     exclusive: bool
     has_room: bool
+    tag: str
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ class SharedQueue:
         # (epoch, local id) of the cluster's first consumer: with single
         # active consumer, the active one.
         self.first: tuple[int, int] | None = None
+        # Its tag, on whichever node it is (for the management API).
+        self.first_tag: str | None = None
         self.floor: int | None = None
         # Consumers of different priorities: their room matters.
         self.mixed = False
@@ -143,6 +146,7 @@ class SharedQueue:
         self.remote_exclusive = any(r.exclusive for r in remote)
         before_first, before_floor = self.first, self.floor
         self.first = (rows[0].epoch, rows[0].local_id) if rows else None
+        self.first_tag = rows[0].tag if rows else None
         self.floor = max((r.priority for r in remote if r.has_room), default=None)
         priorities = {r.priority for r in rows} | {c.priority for c in queue.consumers()}
         self.mixed = len(priorities) > 1
@@ -660,4 +664,6 @@ async def release_consumers(epoch: int, conn: AsyncConn) -> None:
 
 
 def _row(r: tuple[Any, ...]) -> ConsumerRow:
-    return ConsumerRow(int(r[0]), int(r[1]), int(r[2]), int(r[3]), bool(r[4]), bool(r[5]))
+    return ConsumerRow(
+        int(r[0]), int(r[1]), int(r[2]), int(r[3]), bool(r[4]), bool(r[5]), str(r[6])
+    )
