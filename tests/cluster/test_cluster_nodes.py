@@ -268,15 +268,6 @@ def test_roost_ctl_on_one_node_changes_the_cluster(node: Callable[[str], RoostPr
         pass
 
 
-def test_x_expires_is_not_enforced_across_nodes(node: Callable[[str], RoostProcess]) -> None:
-    a, b = node("a"), node("b")
-    with _connect(a) as ca, _connect(b) as cb:
-        ca.channel().queue_declare("short-lived", arguments={"x-expires": 200})
-        time.sleep(0.6)  # a cannot tell whether b uses it: it stays
-        ca.channel().queue_declare("short-lived", passive=True)
-        cb.channel().queue_declare("short-lived", passive=True)
-
-
 def test_deleting_a_vhost_on_one_node_closes_its_connections_on_another(
     node: Callable[[str], RoostProcess],
 ) -> None:

@@ -33,6 +33,7 @@ from roost.broker.queue_args import QueueOptions, parse_expiration
 if TYPE_CHECKING:
     from roost.broker.binding import Binding
     from roost.broker.consumer import Consumer
+    from roost.broker.queue_peers import QueuePeers
     from roost.broker.vhost import VirtualHost
 
 # Most messages one dispatch() call hands out (see Queue.dispatch).
@@ -83,6 +84,8 @@ class Queue:
         self._had_consumers = False
         # Single active consumer: registration order, the first one active.
         self._sac_order: list[Consumer] = []
+        # Cluster mode: the other nodes' consumers (roost.cluster.consumers).
+        self.peers: QueuePeers | None = None
         self._seq = 0
         self._dispatching = False
         # Set when the last dispatch() left messages because no consumer had
@@ -155,6 +158,14 @@ class Queue:
 
     @property
     def consumer_count(self) -> int:
+        """Consumers of the queue, on every node of a cluster."""
+        peers = self.peers
+        if peers is None:
+            return self._consumer_count
+        return self._consumer_count + peers.remote_consumers
+
+    @property
+    def local_consumer_count(self) -> int:
         return self._consumer_count
 
     @property
@@ -165,12 +176,22 @@ class Queue:
         return [c for _, group in self._groups for c in group]
 
     def has_exclusive_consumer(self) -> bool:
+        if self.peers is not None and self.peers.remote_exclusive:
+            return True
         return any(c.exclusive for c in self.consumers())
 
     @property
     def active_consumer(self) -> Consumer | None:
-        """With single active consumer, the one that gets messages."""
+        """With single active consumer, the one that gets messages (in a
+        cluster: None when it is on another node)."""
+        if self.peers is not None:
+            return self.peers.active_consumer(self._sac_order)
         return self._sac_order[0] if self._sac_order else None
+
+    def priority_floor(self) -> int | None:
+        """Consumers below this priority get nothing now: a consumer of
+        higher priority on another node has room (None: no floor)."""
+        return self.peers.priority_floor() if self.peers is not None else None
 
     # -- messages in ----------------------------------------------------
 
@@ -392,6 +413,14 @@ class Queue:
     def touch(self) -> None:
         """The queue was used (declared, consumed from, read): restart x-expires."""
         self._last_used = now_ms()
+        if self.peers is not None:
+            self.peers.touched()
+
+    def rearm_expiry(self, last_used_ms: int) -> None:
+        """The cluster found the queue used at ``last_used_ms`` (on another
+        node, possibly): x-expires counts from there."""
+        self._last_used = max(self._last_used, last_used_ms)
+        self._arm_expiry()
 
     def _arm_expiry(self) -> None:
         sched = self.vhost.scheduler
@@ -407,11 +436,12 @@ class Queue:
         if self.deleted or expires is None:
             return
         if not self._consumer_count and now_ms() >= self._last_used + expires:
-            if self.vhost.clustered:
-                # Another node may be using the queue, which this one cannot
-                # see: deleting it would cancel that node's consumers. Not
-                # enforced in cluster mode yet (docs/cluster.md).
+            if self.peers is not None:
+                # Unused here; the cluster knows whether it was elsewhere.
+                self.peers.expire()
                 return
+            if self.vhost.clustered:
+                return  # not attached to the cluster yet: no id to ask about
             self.vhost.remove_queue(self)
             return
         self._arm_expiry()
@@ -482,6 +512,11 @@ class Queue:
         if self.options.single_active_consumer:
             active = self.active_consumer
             groups = [(0, deque([active]))] if active is not None else []
+        elif self.peers is not None:
+            floor = self.peers.priority_floor()
+            # (Groups are sorted highest first: the last is the lowest.)
+            if floor is not None and groups and groups[-1][0] < floor:
+                groups = [g for g in groups if g[0] >= floor]
         try:
             if check_ttl:
                 self.expire()
@@ -572,6 +607,8 @@ class Queue:
         self._consumer_count += 1
         self._had_consumers = True
         self._sac_order.append(consumer)
+        if self.peers is not None:
+            self.peers.consumer_added(consumer)
         self.touch()
         self.dispatch()
 
@@ -587,9 +624,16 @@ class Queue:
         was_active = bool(self._sac_order) and self._sac_order[0] is consumer
         if consumer in self._sac_order:
             self._sac_order.remove(consumer)
+        peers = self.peers
+        if peers is not None:
+            peers.consumer_removed(consumer)
         self.touch()
         if self.options.expires is not None:
             self._arm_expiry()
+        if peers is not None:
+            # The cluster fails over and auto-deletes (its last consumer
+            # may be on another node).
+            return False
         if was_active and self._sac_order and not self.deleted:
             self.dispatch()  # fail over to the next consumer
         return self.auto_delete and self._had_consumers and not self._consumer_count
@@ -615,6 +659,9 @@ class Queue:
         self._groups.clear()
         self._sac_order.clear()
         self._consumer_count = 0
+        if self.peers is not None:
+            for c in consumers:
+                self.peers.consumer_removed(c)
         return consumers
 
     def stop_timers(self) -> None:

@@ -542,6 +542,11 @@ def queue_demand(queue: Queue) -> int:
         consumers = [active] if active is not None else []
     else:
         consumers = queue.consumers()
+        # Nothing is claimed for consumers a higher-priority one elsewhere
+        # comes before (roost.cluster.consumers).
+        floor = queue.priority_floor()
+        if floor is not None:
+            consumers = [c for c in consumers if c.priority >= floor]
     total = 0
     for c in consumers:
         credit = c.sink.credit()

@@ -20,6 +20,7 @@ import psycopg
 
 from roost.broker.broker import Broker
 from roost.cluster.claims import release_dead
+from roost.cluster.consumers import ClusterConsumers, SharedQueue
 from roost.cluster.definitions import ClusterDefinitions
 from roost.cluster.node_messages import NodeMessages
 from roost.cluster.nodes import NodeRegistry
@@ -40,6 +41,7 @@ class ClusterNode:
         self.registry = NodeRegistry(url, name, timeout)
         self.definitions: ClusterDefinitions | None = None
         self.messages: NodeMessages | None = None
+        self.consumers: ClusterConsumers | None = None
 
     @property
     def name(self) -> str:
@@ -128,20 +130,43 @@ class ClusterNode:
                 queue.dispatch()
         for qid in [qid for qid in messages.queues if qid not in live]:
             messages.forget(qid)
+        consumers = self.consumers
+        if consumers is not None:
+            for queue, qid in definitions.identified_queues():
+                peers = queue.peers
+                if not (isinstance(peers, SharedQueue) and peers.queue_id == qid):
+                    consumers.attach(queue, qid)
+            for qid in [qid for qid in consumers.queues if qid not in live]:
+                consumers.forget(qid)
 
     async def load(self, broker: Broker) -> None:
         """Load the shared definitions into ``broker`` (a fresh model) and
         keep them in step from now on."""
         definitions = ClusterDefinitions(self.registry, broker)
         if self.messages is not None:
+            # Consumers across the cluster need the queues' shared messages.
+            consumers = ClusterConsumers(self.registry)
+            consumers.start()
+            self.consumers = consumers
             definitions.on_queue_ids.append(self._attach_queues)
         self.definitions = definitions
         try:
             await definitions.start()
         except BaseException:
             self.definitions = None
+            if self.consumers is not None:
+                await self.consumers.stop()
+                self.consumers = None
             await self.registry.leave()
             raise
+
+    async def consumer_counts(self) -> dict[tuple[str, str], int]:
+        """Consumers per queue, (vhost, name), on every node (for the
+        management API; ``Queue.consumer_count`` is the same figure as
+        this node last read it)."""
+        if self.consumers is None:
+            return {}
+        return await self.consumers.consumer_counts()
 
     async def set_addresses(self, amqp_address: str, http_address: str) -> None:
         await self.registry.set_addresses(amqp_address, http_address)
@@ -162,6 +187,10 @@ class ClusterNode:
         if self.definitions is not None:
             await self.definitions.stop()
             self.definitions = None
+        if self.consumers is not None:
+            # This node's rows go when it leaves (release_consumers).
+            await self.consumers.stop()
+            self.consumers = None
         if self.messages is not None:
             # After the AMQP connections closed (their acks are enqueued):
             # writes what is pending, then hands back every row still held,

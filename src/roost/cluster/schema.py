@@ -174,6 +174,37 @@ CREATE TABLE roost_definition_changes (
 CREATE INDEX roost_definition_changes_version ON roost_definition_changes (version);
 """,
     ),
+    (
+        3,
+        "consumer registry and queue use",
+        """
+-- Every consumer of every node (roost.cluster.consumers). The id is the
+-- cluster's registration order (single active consumer: the lowest is
+-- active); rows of one queue are inserted under its queue row's lock, so
+-- ids follow commit order. A dead incarnation's rows go in its cleanup.
+CREATE TABLE roost_consumers (
+    id         bigserial PRIMARY KEY,
+    queue_id   bigint NOT NULL REFERENCES roost_queues (id) ON DELETE CASCADE,
+    epoch      bigint NOT NULL,
+    local_id   bigint NOT NULL,
+    tag        text NOT NULL,
+    priority   integer NOT NULL DEFAULT 0,
+    exclusive  boolean NOT NULL DEFAULT false,
+    -- Whether the consumer can take a message now (consumer priorities:
+    -- lower-priority consumers elsewhere wait while it can).
+    has_room   boolean NOT NULL DEFAULT true,
+    UNIQUE (epoch, local_id)
+);
+CREATE INDEX roost_consumers_queue ON roost_consumers (queue_id, id);
+
+-- When each queue with x-expires was last used (declared, consumed
+-- from, read) on any node, by PostgreSQL's clock.
+CREATE TABLE roost_queue_use (
+    queue_id  bigint PRIMARY KEY REFERENCES roost_queues (id) ON DELETE CASCADE,
+    used_at   timestamptz NOT NULL DEFAULT now()
+);
+""",
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]
