@@ -21,6 +21,7 @@ import psycopg
 from roost.broker.broker import Broker
 from roost.cluster.claims import release_dead
 from roost.cluster.definitions import ClusterDefinitions
+from roost.cluster.delay_store import DelayStore, release_dead_hook
 from roost.cluster.node_messages import NodeMessages
 from roost.cluster.nodes import NodeRegistry
 from roost.cluster.pg_backing import PgBackingQueue, attach
@@ -40,6 +41,7 @@ class ClusterNode:
         self.registry = NodeRegistry(url, name, timeout)
         self.definitions: ClusterDefinitions | None = None
         self.messages: NodeMessages | None = None
+        self.delays: DelayStore | None = None
 
     @property
     def name(self) -> str:
@@ -71,9 +73,19 @@ class ClusterNode:
             await messages.close()
             self.messages = None
             raise
+        delays = DelayStore(broker, messages.writer, messages.claimer.pool, registry.epoch)
+        try:
+            await delays.start()
+        except BaseException:
+            await messages.close()
+            self.messages = None
+            raise
+        self.delays = delays
         broker.journal = messages.journal  # vhosts created later take it
+        broker.delay_store = delays
         for vhost in broker.vhosts.values():
             vhost.journal = messages.journal
+            vhost.delay_store = delays
         # Before the server's hook closes the connections: nothing more
         # may be delivered from the buffers, whose rows are others' now.
         registry.on_fenced.insert(0, self._lost)
@@ -82,6 +94,7 @@ class ClusterNode:
         # node's row FOR UPDATE (Claimer.release_dead would lock it from
         # another connection and wait for ever).
         registry.on_node_dead.append(lambda epoch, conn: release_dead(conn, epoch))
+        registry.on_node_dead.append(release_dead_hook)
         registry.on_beat.append(self._beat)
         # The registration was the first heartbeat: the lease starts from
         # it, not unbounded until the next one.
@@ -96,6 +109,8 @@ class ClusterNode:
         # now on are under the new epoch (the old one's rows were released).
         if self.messages is not None:
             self.messages.set_epoch(epoch)
+        if self.delays is not None:
+            self.delays.set_epoch(epoch)
 
     def _beat(self, sent: float) -> None:
         if self.messages is not None:
@@ -162,6 +177,9 @@ class ClusterNode:
         if self.definitions is not None:
             await self.definitions.stop()
             self.definitions = None
+        if self.delays is not None:
+            await self.delays.close()  # routes nothing more; the writer flushes
+            self.delays = None
         if self.messages is not None:
             # After the AMQP connections closed (their acks are enqueued):
             # writes what is pending, then hands back every row still held,
