@@ -861,7 +861,8 @@ def _general_sql(drop_deleted: bool) -> str:
     held_fence = FENCE.replace("%(epoch)s", "%(held_epoch)s")
     held_cols = "id, vhost, exchange, routing_key, properties, body, cc, due_ms"
     held_source = (
-        "h.id, h.vhost, h.ex, h.rk, h.props, h.body, coalesce(string_to_array(h.cc, chr(31)), '{}'),"
+        "h.id, h.vhost, h.ex, h.rk, h.props, h.body,"
+        " coalesce(string_to_array(h.cc, chr(31)), '{}'),"
         " (extract(epoch FROM now()) * 1000)::bigint + h.delay"
     )
     met = "(%s IS NULL OR %s IN (SELECT token FROM got))"
