@@ -80,9 +80,7 @@ def test_an_exchange_drops_a_duplicate_published_on_another_node(
 ) -> None:
     a, b = node("a"), node("b")
     conn_a, ch_a = _channel(a)
-    ch_a.exchange_declare(
-        "dx", "fanout", durable=True, arguments={"x-message-deduplication": True}
-    )
+    ch_a.exchange_declare("dx", "fanout", durable=True, arguments={"x-message-deduplication": True})
     for q in ("q1", "q2"):
         ch_a.queue_declare(q, durable=True)
         ch_a.queue_bind(q, "dx")

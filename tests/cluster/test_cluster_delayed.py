@@ -132,3 +132,50 @@ def test_a_message_waiting_out_its_retry_delay_comes_back_once_after_a_kill(
     c.pump(TIMEOUT + 1.0)  # once, not again when a's claim is released
     assert c.got == [(b"job", True)]
     c.conn.close()
+
+
+def test_a_paused_node_does_not_bring_back_a_retry_another_node_delivered(
+    node: Callable[[str], RoostProcess],
+) -> None:
+    a, b = node("a"), node("b")
+    conn = _connect(a)
+    ch = conn.channel()
+    ch.queue_declare("retry-paused", durable=True, arguments={"x-retry-delay": 9000})
+    ch.confirm_delivery()
+    ch.basic_publish("", "retry-paused", b"job", pika.BasicProperties(delivery_mode=2))
+    ch.basic_qos(prefetch_count=1)
+    got: list[Any] = []
+    ch.basic_consume("retry-paused", lambda ch_, m, p, body: got.append(m))
+    deadline = time.monotonic() + 20
+    while not got and time.monotonic() < deadline:
+        conn.process_data_events(time_limit=0.1)
+    assert got, "the job was not delivered on a"
+    ch.basic_nack(got[0].delivery_tag, requeue=True)  # a holds it for 9 s
+    conn.process_data_events(time_limit=0.3)
+    nacked = time.monotonic()
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        c = Collector(b, "retry-paused", prefetch=10)
+        _drain([c], lambda: len(c.got) >= 1, TIMEOUT * 4 + 10)  # a was declared dead
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    assert c.got == [(b"job", True)]  # and acked
+    # a wakes, finds itself fenced and registers anew; when the 9 s are
+    # over, the entry it held must not be delivered a second time.
+    again: Collector | None = None
+    deadline = time.monotonic() + 20
+    while again is None:
+        try:
+            again = Collector(a, "retry-paused", prefetch=10)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    while time.monotonic() < nacked + 9 + 2:
+        again.pump(0.1)
+        c.pump(0.05)
+    assert again.got == []
+    assert len(c.got) == 1
+    again.conn.close()
+    c.conn.close()

@@ -331,6 +331,17 @@ class Queue:
                 break
             self._drop(entry, deadletter.MAXLEN)
 
+    def drop_waiting(self) -> int:
+        """Forget the entries waiting out a retry delay without a word to
+        the backing queue (cluster: this node was declared dead, their rows
+        were released to the others); returns how many."""
+        n = len(self._waiting)
+        self._waiting.clear()
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        return n
+
     def _arm_retry(self) -> None:
         sched = self.vhost.scheduler
         if sched is None or not self._waiting or self._retry_timer is not None:

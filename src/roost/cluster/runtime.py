@@ -103,6 +103,7 @@ class ClusterNode:
     async def _lost(self) -> None:
         if self.messages is not None:
             self.messages.lost()
+        self._drop_waiting()
 
     async def _registered(self, epoch: int) -> None:
         # A new incarnation after fencing: claims, hand-offs and acks from
@@ -111,6 +112,16 @@ class ClusterNode:
             self.messages.set_epoch(epoch)
         if self.delays is not None:
             self.delays.set_epoch(epoch)
+        self._drop_waiting()
+
+    def _drop_waiting(self) -> None:
+        # Entries waiting out a retry delay are claims of the dead
+        # incarnation too (released to the cluster, maybe delivered
+        # elsewhere already); requeued by the closing connections meanwhile
+        # or not, none may come back here.
+        if self.definitions is not None:
+            for queue, _ in self.definitions.identified_queues():
+                queue.drop_waiting()
 
     def _beat(self, sent: float) -> None:
         if self.messages is not None:
