@@ -114,7 +114,7 @@ def test_a_message_waiting_out_its_retry_delay_comes_back_once_after_a_kill(
     a, b = node("a"), node("b")
     conn = _connect(a)
     ch = conn.channel()
-    ch.queue_declare("retry", durable=True, arguments={"x-retry-delay": 2000})
+    ch.queue_declare("retry", durable=True, arguments={"x-retry-delay": 6000})
     ch.confirm_delivery()
     ch.basic_publish("", "retry", b"job", pika.BasicProperties(delivery_mode=2))
     ch.basic_qos(prefetch_count=1)
@@ -124,12 +124,16 @@ def test_a_message_waiting_out_its_retry_delay_comes_back_once_after_a_kill(
     while not got and time.monotonic() < deadline:
         conn.process_data_events(time_limit=0.1)
     assert got, "the job was not delivered on a"
-    ch.basic_nack(got[0].delivery_tag, requeue=True)  # now it waits 2 s on a
+    ch.basic_nack(got[0].delivery_tag, requeue=True)  # now it waits 6 s
     conn.process_data_events(time_limit=0.3)
+    nacked = time.monotonic()
     a.kill()
     c = Collector(b, "retry", prefetch=10)
-    _drain([c], lambda: len(c.got) >= 1, TIMEOUT * 4 + 10)
-    c.pump(TIMEOUT + 1.0)  # once, not again when a's claim is released
+    _drain([c], lambda: len(c.got) >= 1, 30)
+    # It waited out its delay although a died (and a's death, after 3 s,
+    # did not bring it back early).
+    assert time.monotonic() - nacked >= 5
+    c.pump(TIMEOUT + 1.0)  # once
     assert c.got == [(b"job", True)]
     c.conn.close()
 
@@ -178,4 +182,45 @@ def test_a_paused_node_does_not_bring_back_a_retry_another_node_delivered(
     assert again.got == []
     assert len(c.got) == 1
     again.conn.close()
+    c.conn.close()
+
+
+def test_retries_keep_their_delivery_count_across_nodes(
+    node: Callable[[str], RoostProcess],
+) -> None:
+    a, b = node("a"), node("b")
+    conn = _connect(a)
+    ch = conn.channel()
+    ch.queue_declare("dead", durable=True)
+    ch.queue_declare(
+        "poison",
+        durable=True,
+        arguments={
+            "x-retry-delay": 300,
+            "x-retry-backoff": "exponential",
+            "x-delivery-limit": 2,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": "dead",
+        },
+    )
+    ch.confirm_delivery()
+    ch.basic_publish("", "poison", b"bad", pika.BasicProperties(delivery_mode=2))
+    conn.close()
+    # Rejected on a, then b, then a: the count travels with the row, so the
+    # third rejection is past the limit wherever it happens.
+    for proc in (a, b, a):
+        conn = _connect(proc)
+        ch = conn.channel()
+        deadline = time.monotonic() + 20
+        method = None
+        while method is None:
+            assert time.monotonic() < deadline, "the message did not come back"
+            method, _, _ = ch.basic_get("poison")
+            if method is None:
+                time.sleep(0.1)
+        ch.basic_nack(method.delivery_tag, requeue=True)
+        conn.close()
+    c = Collector(b, "dead", prefetch=10)
+    _drain([c], lambda: len(c.got) >= 1, 20)
+    assert [body for body, _ in c.got] == [b"bad"]
     c.conn.close()

@@ -8,6 +8,7 @@ import pytest
 
 from roost.broker.dedup import SharedKey
 from roost.cluster import held
+from roost.cluster.claims import Claimer
 from roost.cluster.message_writer import HeldRow, MessageRow, MessageWriter
 from tests.cluster import fixtures
 
@@ -153,3 +154,37 @@ async def test_held_rows_go_with_their_exchange(pg_url: str, transient: bool) ->
     with psycopg.connect(pg_url) as conn:
         conn.execute("DELETE FROM roost_exchanges WHERE name = 'dx'")
     assert fixtures.scalar(pg_url, f"SELECT count(*) FROM {table}") == 0
+
+
+async def test_a_retry_waits_as_a_held_row_and_comes_back_as_itself(pg_url: str) -> None:
+    epoch, (q,) = fixtures.prepare(pg_url)
+    claimer = Claimer(pg_url)
+    await claimer.open()
+    writer = MessageWriter(pg_url)
+    await writer.start()
+    try:
+        await writer.submit([row(q, 1), row(q, 2, transient=True), row(q, 3)])
+        first, second, third = await claimer.claim(q, 3, epoch)
+        writer.retry_nowait(first.id, epoch, False, 0)
+        writer.retry_nowait(second.id, epoch, True, 0)
+        writer.retry_nowait(third.id, epoch, False, 3_600_000)
+        await writer.submit([])
+        assert fixtures.scalar(pg_url, "SELECT count(*) FROM roost_messages") == 0
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+            assert await held.claim_due(conn, epoch, 10) == []  # not an exchange's
+            assert await held.retries_back(conn, 10) == 2
+            assert await held.retries_back(conn, 10) == 0  # once
+        back = await claimer.claim(q, 10, epoch)
+        assert [(r.id, r.redelivered, r.delivery_count) for r in back] == [
+            (first.id, True, 2),
+            (second.id, True, 2),
+        ]
+        # A dead epoch's retry moves nothing: the row stays with whoever
+        # holds it now.
+        fixtures.mark_dead(pg_url, epoch)
+        writer.retry_nowait(back[0].id, epoch, False, 0)
+        await writer.submit([])
+        assert fixtures.scalar(pg_url, "SELECT count(*) FROM roost_messages") == 1
+    finally:
+        await writer.close()
+        await claimer.close()

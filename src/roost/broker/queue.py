@@ -308,6 +308,9 @@ class Queue:
                     delay *= 2 ** max(0, entry.deliveries - 1)
                 if opts.retry_max_delay is not None:
                     delay = min(delay, opts.retry_max_delay)
+                later = backing.requeue_later
+                if later is not None and later(entry, delay):
+                    continue
                 heapq.heappush(self._waiting, (now + delay, entry.seq, entry))
                 continue
             backing.requeue(entry)

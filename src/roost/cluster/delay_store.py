@@ -9,6 +9,12 @@ PostgreSQL, routed when due by whichever node claims them.
   that COMMIT, as any other publish: group commit, no transaction of its
   own. Nothing stays in the node's memory, so the node may die the next
   moment.
+- **Retries**: a delivered message requeued on a queue with
+  ``x-retry-delay`` waits as a held row too (``PgBackingQueue.requeue_later``:
+  the writer moves the row, fenced by the epoch that delivered it), so it
+  waits out its delay even if that node dies, and comes back as the very
+  row it was (its place in the queue, its delivery count), redelivered, in
+  one statement run by whichever node's mover finds it due.
 - **Routing** (the *mover*, one task per node): claims up to
   :data:`ROUTE_BATCH` due rows (see :mod:`roost.cluster.held`), in due
   order, routes each through its exchange on this node
@@ -90,11 +96,13 @@ class DelayStore:
             not (exchange.durable and message.persistent),
             tuple(r for r in message.requires if isinstance(r, SharedKey)),
         )
-        batch = self.writer.hold(row, message)
-        loop = asyncio.get_running_loop()
-        if loop.time() + delay / 1000 < self._next_look:
+        return self.writer.hold(row, message)
+
+    def _held(self, delay_ms: int, batch: int) -> None:
+        """The writer took a held message or a retry: due before the mover
+        looks again, it looks once that batch committed."""
+        if asyncio.get_running_loop().time() + delay_ms / 1000 < self._next_look:
             self.writer.wait_durable(batch, self._wake.set)
-        return batch
 
     # -- lifecycle --------------------------------------------------------
 
@@ -106,9 +114,11 @@ class DelayStore:
             epochs = [r[0] for r in await cur.fetchall()]
             if epochs:
                 await held.release_held(conn, epochs)
+        self.writer.on_hold = self._held
         self._task = asyncio.create_task(self._move(), name="roost-delayed-mover")
 
     async def close(self) -> None:
+        self.writer.on_hold = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -126,10 +136,11 @@ class DelayStore:
             wait = self.poll_interval
             try:
                 async with self.pool.connection() as conn:
+                    back = await held.retries_back(conn, ROUTE_BATCH)
                     due = await held.claim_due(conn, self.epoch, ROUTE_BATCH)
                     if due:
                         self._route(due)
-                    if len(due) >= ROUTE_BATCH:
+                    if len(due) >= ROUTE_BATCH or back >= ROUTE_BATCH:
                         wait = 0.0  # a backlog: the next slice at once
                     else:
                         ms = await held.next_due_in(conn)

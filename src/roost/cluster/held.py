@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 
-from roost.cluster.claims import FENCE
+from roost.cluster.claims import FENCE, READY_CHANNEL
 
 HELD_TABLES = ("roost_delayed", "roost_transient_delayed")
 
@@ -46,7 +46,8 @@ def _claim_from(table: str, transient: bool) -> str:
     return (
         f"UPDATE {table} h SET owner = %(epoch)s"
         f" WHERE h.id = ANY(ARRAY(SELECT id FROM {table}"
-        f"  WHERE owner IS NULL AND due_ms <= {NOW_MS} ORDER BY due_ms, id"
+        f"  WHERE owner IS NULL AND due_ms <= {NOW_MS} AND queue_id IS NULL"
+        " ORDER BY due_ms, id"
         "  LIMIT %(n)s FOR UPDATE SKIP LOCKED))"
         f" AND {FENCE}"
         f" RETURNING h.id, {'true' if transient else 'false'}, h.vhost, h.exchange,"
@@ -67,6 +68,57 @@ NEXT_DUE_SQL = (
     + " FROM (SELECT min(due_ms) AS due_ms FROM roost_delayed WHERE owner IS NULL"
     " UNION ALL SELECT min(due_ms) FROM roost_transient_delayed WHERE owner IS NULL) n"
 )
+
+
+def _retries_back(held_table: str, table: str) -> tuple[str, str]:
+    return (
+        f"DELETE FROM {held_table} WHERE id = ANY(ARRAY(SELECT id FROM {held_table}"
+        f"  WHERE owner IS NULL AND due_ms <= {NOW_MS} AND queue_id IS NOT NULL"
+        "  ORDER BY due_ms, id LIMIT %(n)s FOR UPDATE SKIP LOCKED))"
+        " RETURNING queue_id, message_id, priority, exchange, routing_key, properties, body,"
+        " published_at, expires_ms, delivery_count"
+    ), (
+        f"INSERT INTO {table} (queue_id, id, priority, exchange, routing_key, properties, body,"
+        " published_at, expires_ms, delivery_count, redelivered)"
+    )
+
+
+def _retries_back_sql() -> str:
+    parts = []
+    for i, (held_table, table) in enumerate(
+        zip(HELD_TABLES, ("roost_messages", "roost_transient_messages"), strict=True)
+    ):
+        delete, insert = _retries_back(held_table, table)
+        parts.append(
+            f"d{i} AS ({delete}), i{i} AS ({insert} SELECT queue_id, message_id, priority,"
+            " exchange, routing_key, properties, body, published_at, expires_ms,"
+            f" delivery_count, true FROM d{i} RETURNING queue_id)"
+        )
+    return (
+        "WITH "
+        + ", ".join(parts)
+        + ", q AS (SELECT queue_id FROM i0 UNION ALL SELECT queue_id FROM i1)"
+        " SELECT count(*), CASE WHEN count(DISTINCT queue_id) > 500 THEN ''"
+        " ELSE coalesce(string_agg(DISTINCT queue_id::text, ','), '') END FROM q"
+    )
+
+
+# Messages whose retry delay is over go back to their queue as the row
+# they were (its id: its place in the queue), redelivered, in one
+# statement: exactly once, whoever runs it.
+RETRIES_BACK_SQL = _retries_back_sql()
+
+
+async def retries_back(conn: psycopg.AsyncConnection[Any], n: int) -> int:
+    """Put up to ``n`` messages per table whose retry delay is over back in
+    their queues, and wake those queues' consumers on every node."""
+    async with conn.transaction():
+        cur = await conn.execute(RETRIES_BACK_SQL, {"n": n})
+        row = await cur.fetchone()
+        moved, queues = (int(row[0]), row[1]) if row is not None else (0, "")
+        if moved:
+            await conn.execute("SELECT pg_notify(%s, %s)", (READY_CHANNEL, queues))
+    return moved
 
 
 async def claim_due(conn: psycopg.AsyncConnection[Any], epoch: int, n: int) -> list[Due]:

@@ -151,6 +151,7 @@ class _Batch:
         "number",
         "purges",
         "releases",
+        "retries",
         "rows",
         "settles",
         "size",
@@ -175,6 +176,8 @@ class _Batch:
         # messages routed) by this batch, by (epoch, transient).
         self.held_rows: list[HeldRow] = []
         self.held_deletes: _IdsByOwner = {}
+        # Delivered rows going to wait out a retry delay: ids, and delays (ms).
+        self.retries: dict[tuple[int, bool], tuple[list[int], list[int]]] = {}
         # Dedup token -> the publish (its message) that first carried it.
         self.dedup_owner: dict[str, object] = {}
 
@@ -187,6 +190,7 @@ class _Batch:
             self.rows
             or self.held_rows
             or self.held_deletes
+            or self.retries
             or self.settles
             or self.releases
             or self.unclaims
@@ -241,6 +245,9 @@ class MessageWriter:
         self._ids: deque[int] = deque()
         self._ids_requested = False
         self._handed: dict[int, bool] = {}
+        # Told (delay ms, batch) of each message held or put to wait out a
+        # retry delay: whoever routes them may want to look sooner.
+        self.on_hold: Callable[[int, int], None] | None = None
         self.pending_rows = 0  # enqueued, not yet resolved (flow control)
         self.pending_bytes = 0
         # Counters for stats and tests.
@@ -359,7 +366,20 @@ class MessageWriter:
         self.pending_bytes += len(row.body)
         batch.size += len(row.body)
         self._wake.set()
+        if self.on_hold is not None:
+            self.on_hold(row.delay_ms, batch.number)
         return batch.number
+
+    def retry_nowait(self, row_id: int, epoch: int, transient: bool, delay_ms: int) -> int:
+        """A row ``epoch`` delivered waits out a retry delay: moved to the
+        delayed tables (fenced), back in its queue as itself once due."""
+        ids, delays = self._open.retries.setdefault((epoch, transient), ([], []))
+        ids.append(row_id)
+        delays.append(delay_ms)
+        self._wake.set()
+        if self.on_hold is not None:
+            self.on_hold(delay_ms, self._open.number)
+        return self._open.number
 
     def release_held_nowait(self, ids: Iterable[int], epoch: int, transient: bool) -> int:
         """Delete held rows ``epoch`` claimed, in the batch that writes the
@@ -430,7 +450,11 @@ class MessageWriter:
         ):
             for key, ids in mine.items():
                 theirs.setdefault(key, []).extend(ids)
-        if batch.settles or batch.releases or batch.unclaims:
+        for key, (ids, delays) in batch.retries.items():
+            into = target.retries.setdefault(key, ([], []))
+            into[0].extend(ids)
+            into[1].extend(delays)
+        if batch.settles or batch.releases or batch.unclaims or batch.retries:
             self._wake.set()
 
     def _close_full(self) -> None:
@@ -639,6 +663,13 @@ class MessageWriter:
                     ids.sort()  # one lock order for every writer: fewer deadlocks
                     query = sql.format(table=table_of(transient), fence=FENCE)
                     await cur.execute(query, {"ids": ids, "epoch": epoch, "channel": READY_CHANNEL})
+            for (epoch, transient), (ids, delays) in batch.retries.items():
+                await cur.execute(
+                    _RETRY.format(
+                        table=table_of(transient), held=HELD_TABLES[transient], fence=FENCE
+                    ),
+                    {"ids": ids, "delays": delays, "epoch": epoch},
+                )
             if batch.id_request:
                 id_cur = conn.cursor()
                 await id_cur.execute(
@@ -975,6 +1006,19 @@ _UNCLAIM = (
     " WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
     " RETURNING queue_id)" + _READY_NOTIFY
 )
+# Fenced like a settle: only rows the epoch delivered, while it is alive.
+_RETRY = (
+    "WITH r AS (DELETE FROM {table} m"
+    " USING unnest(%(ids)s::bigint[], %(delays)s::bigint[]) AS x(id, delay)"
+    " WHERE m.id = x.id AND m.owner = %(epoch)s AND {fence}"
+    " RETURNING m.*, x.delay)"
+    " INSERT INTO {held} (vhost, exchange, routing_key, properties, body, due_ms, queue_id,"
+    " message_id, priority, expires_ms, delivery_count, published_at)"
+    " SELECT NULL, exchange, routing_key, properties, body,"
+    " (extract(epoch FROM now()) * 1000)::bigint + delay, queue_id, id, priority, expires_ms,"
+    " delivery_count, published_at FROM r"
+)
+
 _PURGE = (
     "WITH a AS (DELETE FROM roost_messages WHERE queue_id = %(q)s AND owner IS NULL RETURNING 1),"
     " b AS (DELETE FROM roost_transient_messages WHERE queue_id = %(q)s AND owner IS NULL"

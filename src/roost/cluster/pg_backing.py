@@ -119,6 +119,7 @@ class PgBackingQueue:
         self.demand: Callable[[], int] | None = None
         # The queue's shared deduplication cache (x-message-deduplication).
         self.deduper: Deduplicator | None = None
+        self.requeue_later: Callable[[QueueEntry, int], bool] | None = self._wait_retry
         # (-priority, id, entry): the head is the next to deliver.
         self._heap: list[tuple[int, int, QueueEntry]] = []
         self._remote = 0  # committed ready rows not claimed by us (estimate)
@@ -315,6 +316,15 @@ class PgBackingQueue:
         # the next local consumer gets it first (RabbitMQ's requeue
         # position); give_back() hands it to the cluster if none comes.
         self._push(entry)
+
+    def _wait_retry(self, entry: QueueEntry, delay_ms: int) -> bool:
+        """The entry waits out a retry delay as a held row in PostgreSQL
+        (see roost.cluster.delay_store), not in this node's memory."""
+        ref = entry.ref
+        if not ref:
+            return False  # (published before the queue was attached: not a row yet)
+        self.writer.retry_nowait(abs(ref), self.epoch, ref < 0, delay_ms)
+        return True
 
     def settle(self, entries: Iterable[QueueEntry]) -> None:
         durable: list[int] = []
