@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -79,6 +80,7 @@ class DelayStore:
         # When the mover means to look next (loop time).
         self._next_look = 0.0
         self.routed = 0  # held messages routed by this node (tests, stats)
+        self._chores: set[asyncio.Task[None]] = set()  # (kept referenced)
 
     # -- the broker's port -------------------------------------------------
 
@@ -115,7 +117,12 @@ class DelayStore:
             if epochs:
                 await held.release_held(conn, epochs)
         self.writer.on_hold = self._held
-        self._task = asyncio.create_task(self._move(), name="roost-delayed-mover")
+
+    def run(self) -> None:
+        """Start routing, once the definitions are loaded: a held message
+        is routed through its exchange as this node knows it."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._move(), name="roost-delayed-mover")
 
     async def close(self) -> None:
         self.writer.on_hold = None
@@ -164,10 +171,16 @@ class DelayStore:
         fenced delete."""
         writer, epoch = self.writer, self.epoch
         claimed: dict[bool, list[int]] = {False: [], True: []}
+        unknown: dict[bool, list[int]] = {False: [], True: []}
         for d in due:
-            claimed[d.transient].append(d.id)
             vhost = self.broker.vhosts.get(d.vhost)
             exchange = vhost.exchanges.get(d.exchange) if vhost is not None else None
+            if exchange is None:
+                # Not known here yet (a deleted exchange takes its held
+                # rows with its own row): another node, or a later look.
+                unknown[d.transient].append(d.id)
+                continue
+            claimed[d.transient].append(d.id)
             if vhost is not None and isinstance(exchange, DelayedExchange):
                 scanned = properties.scan(d.properties)
                 message = released(
@@ -184,9 +197,10 @@ class DelayStore:
                 message.requires = (d.id,)
                 vhost.publish(exchange, message, origin=DELAYED)
                 self.routed += 1
-            # else: the exchange is gone (its rows go with its row too) or
-            # not known here yet: dropped, as the plugin drops them.
+            # else: no longer a delayed exchange: dropped.
             writer.release_held_nowait([d.id], epoch, d.transient)
+        if unknown[False] or unknown[True]:
+            self._chore(self._unclaim(unknown, epoch, wake=False))
         batch = writer.barrier()
         writer.wait_durable(batch, functools.partial(self._routed, batch, claimed, epoch))
 
@@ -195,16 +209,22 @@ class DelayStore:
             return
         # Not written (or perhaps not): claimable again. Fenced, and only
         # rows still held, so a batch that did commit leaves nothing to undo.
-        asyncio.get_running_loop().create_task(self._unclaim(claimed, epoch))
+        self._chore(self._unclaim(claimed, epoch))
 
-    async def _unclaim(self, claimed: dict[bool, list[int]], epoch: int) -> None:
+    def _chore(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    async def _unclaim(self, claimed: dict[bool, list[int]], epoch: int, wake: bool = True) -> None:
         try:
             async with self.pool.connection() as conn:
                 await held.unclaim(conn, claimed, epoch)
         except Exception as exc:
             # Given back when this incarnation is declared dead instead.
             log.warning("giving back delayed messages: %s", exc)
-        self._wake.set()
+        if wake:
+            self._wake.set()
 
 
 async def release_dead_hook(epoch: int, conn: psycopg.AsyncConnection[Any]) -> None:

@@ -168,6 +168,8 @@ class ClusterNode:
             self.definitions = None
             await self.registry.leave()
             raise
+        if self.delays is not None:
+            self.delays.run()
 
     async def set_addresses(self, amqp_address: str, http_address: str) -> None:
         await self.registry.set_addresses(amqp_address, http_address)
