@@ -188,3 +188,26 @@ async def test_a_retry_waits_as_a_held_row_and_comes_back_as_itself(pg_url: str)
     finally:
         await writer.close()
         await claimer.close()
+
+
+async def test_hand_off_rows_and_conditional_rows_share_a_batch(pg_url: str) -> None:
+    epoch, (q,) = fixtures.prepare(pg_url)
+    key = SharedKey(f"q{q}", "'k'", None, 128, q)
+    writer = MessageWriter(pg_url)
+    await writer.start()
+    try:
+        writer.reserve_id()
+        await writer.submit([])
+        reserved = writer.reserve_id()
+        assert reserved is not None
+        batch = writer.enqueue(row(q, 1, id=reserved, owner=epoch))
+        writer.enqueue(row(q, 2, dedup=(key,)), "first publish")
+        writer.enqueue(row(q, 3, dedup=(key,)), "second publish")
+        await writer.submit([])
+        assert writer.handed(batch) is True
+    finally:
+        await writer.close()
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT id, body, owner FROM roost_messages ORDER BY id").fetchall()
+    assert rows[0] == (reserved, b"body1", epoch)
+    assert [(bytes(b), o) for _, b, o in rows[1:]] == [(b"body2", None)]

@@ -55,6 +55,15 @@ log = logging.getLogger(__name__)
 
 # Held messages routed per claim (and per writer batch).
 ROUTE_BATCH = 1000
+# Expired dedup keys are deleted this often (seconds), up to PRUNE_BATCH
+# at a time: a cache that takes no new keys never evicts its old ones, and
+# an expired key only counts as absent, it does not go by itself.
+PRUNE_INTERVAL = 30.0
+PRUNE_BATCH = 10_000
+PRUNE_KEYS_SQL = (
+    "DELETE FROM roost_dedup_keys WHERE (scope, key) IN (SELECT scope, key"
+    " FROM roost_dedup_keys WHERE expires_at <= now() LIMIT %s FOR UPDATE SKIP LOCKED)"
+)
 # Longest sleep of a node's mover: how late a message may be routed when
 # the node that held it died (its own mover wakes for it on time).
 POLL_INTERVAL = 1.0
@@ -139,10 +148,14 @@ class DelayStore:
 
     async def _move(self) -> None:
         loop = asyncio.get_running_loop()
+        next_prune = loop.time() + PRUNE_INTERVAL
         while True:
             wait = self.poll_interval
             try:
                 async with self.pool.connection() as conn:
+                    if loop.time() >= next_prune:
+                        next_prune = loop.time() + PRUNE_INTERVAL
+                        await conn.execute(PRUNE_KEYS_SQL, (PRUNE_BATCH,))
                     back = await held.retries_back(conn, ROUTE_BATCH)
                     due = await held.claim_due(conn, self.epoch, ROUTE_BATCH)
                     if due:
