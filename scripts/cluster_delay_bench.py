@@ -44,7 +44,7 @@ async def publish(url: str, exchange: str, key: str, n: int, inflight: int, **pr
                 message_id=f"m{i}",
                 **props,
             )
-            await ex.publish(message, key)
+            await ex.publish(message, key, mandatory=False)
 
     started = time.monotonic()
     await asyncio.gather(*(one(i) for i in range(n)))
