@@ -64,6 +64,9 @@ PRUNE_KEYS_SQL = (
     "DELETE FROM roost_dedup_keys WHERE (scope, key) IN (SELECT scope, key"
     " FROM roost_dedup_keys WHERE expires_at <= now() LIMIT %s FOR UPDATE SKIP LOCKED)"
 )
+# Pause (ms) before looking again when a held message is due but was not
+# claimed by the last look.
+DUE_AGAIN_MS = 50
 # Longest sleep of a node's mover: how late a message may be routed when
 # the node that held it died (its own mover wakes for it on time).
 POLL_INTERVAL = 1.0
@@ -165,7 +168,11 @@ class DelayStore:
                     else:
                         ms = await held.next_due_in(conn)
                         if ms is not None:
-                            wait = min(max(ms, 0) / 1000, self.poll_interval)
+                            # Due already but not claimed just now: it fell
+                            # due meanwhile, or this node cannot take it (its
+                            # exchange unknown here, this epoch fenced); a
+                            # short pause, not a busy loop.
+                            wait = min(max(ms, DUE_AGAIN_MS) / 1000, self.poll_interval)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
