@@ -77,6 +77,11 @@ class BackingQueue(Protocol):
     # queue's consumers can take now (how much to fetch ahead).
     ready_changed: Callable[[], None] | None
     demand: Callable[[], int] | None
+    # Set by a backing queue that keeps requeued entries waiting out a
+    # retry delay itself (cluster mode: in PostgreSQL, where they outlive
+    # the node): ``requeue_later(entry, delay_ms)``, False when it cannot
+    # for this entry (the queue then holds it). None: the queue holds them.
+    requeue_later: Callable[[QueueEntry, int], bool] | None
 
     def __len__(self) -> int: ...
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from roost.broker import errors, stats
 from roost.broker.access import LoginThrottle, Permissions
 from roost.broker.dedup import DedupHook
-from roost.broker.delayed import DelayedExchange
+from roost.broker.delayed import DelayedExchange, DelayStore
 from roost.broker.errors import BrokerError
 from roost.broker.journal import Journal
 from roost.broker.users import UserStore
@@ -73,6 +73,8 @@ class Broker:
         self.definitions_saved_hook: Callable[[int, Callable[[], None]], None] | None = None
         # Cluster mode: the vhosts are shared by the nodes (VirtualHost.clustered).
         self.clustered = False
+        # Cluster mode: where delayed exchanges keep what they hold (every vhost's).
+        self.delay_store: DelayStore | None = None
         self.next_queue_id = 1
         # Log ids of deleted queues and delayed exchanges that may still have
         # unsettled records on disk: recovery drops those records instead of
@@ -156,6 +158,7 @@ class Broker:
             vh.scheduler = self.scheduler
             vh.persist_dedup = self.persist_dedup
             vh.clustered = self.clustered
+            vh.delay_store = self.delay_store
             vh.queue_memory_limit = self._vhost_queue_memory_limit()
             self.definitions_changed()
         return vh

@@ -23,9 +23,10 @@ restart when the broker has a data directory (see
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from roost import properties
 from roost.broker import clock, fields
@@ -100,10 +101,35 @@ class DedupCache:
             self._store.popitem(last=False)
 
 
-class Deduplicator:
-    """The deduplication state of one queue or exchange."""
+class SharedKey(NamedTuple):
+    """A deduplication key that PostgreSQL decides on (cluster mode): the
+    rows of the publish that carries it are written only if the key was
+    new to the cache ``scope`` in the same transaction."""
 
-    __slots__ = ("cache", "duplicates", "header", "on_change")
+    scope: str
+    key: str
+    ttl_ms: int | None  # None: kept until evicted
+    size: int
+    queue_id: int | None = None  # a queue's cache goes with its row
+
+    @property
+    def token(self) -> str:
+        return f"k{self.scope}\x1f{self.key}"
+
+
+# Longer keys are stored as their digest (an index entry has a size limit).
+_KEY_MAX = 200
+
+
+class Deduplicator:
+    """The deduplication state of one queue or exchange.
+
+    In cluster mode (:meth:`share`) the cache is PostgreSQL's, shared by
+    every node: :meth:`check_and_add` never finds a duplicate here; an
+    exchange's key goes with the message (``Message.requires``) and a
+    queue's backing queue asks :meth:`shared_key` for the queue's."""
+
+    __slots__ = ("cache", "duplicates", "header", "on_change", "queue_id", "scope")
 
     def __init__(
         self, size: int | None = None, ttl: int | None = None, header: str | None = None
@@ -113,6 +139,32 @@ class Deduplicator:
         self.duplicates = 0  # messages dropped as duplicates
         # Called after a key is added or dropped (persistence of durable caches).
         self.on_change: Callable[[], None] | None = None
+        self.scope: str | None = None  # shared: the cache's name in PostgreSQL
+        self.queue_id: int | None = None
+
+    def share(self, scope: str, queue_id: int | None = None) -> None:
+        """Cluster mode: keys are decided in PostgreSQL under ``scope``
+        (a queue's ``queue_id`` also names the queue the keys go with)."""
+        self.scope = scope
+        self.queue_id = queue_id
+        self.cache = DedupCache(self.cache.size, self.cache.ttl)
+
+    def shared_key(self, message: Message) -> SharedKey | None:
+        """The key ``message`` must find new in the shared cache (None: it
+        has none, or the cache is not shared)."""
+        if self.scope is None:
+            return None
+        key = self.key_of(message)
+        if key is None:
+            return None
+        # repr tells 1 from "1" from b"1", as the local cache does.
+        text = repr(key)
+        if len(text) > _KEY_MAX:
+            text = "sha256:" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+        ttl = message.headers.get(TTL_HEADER)
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0:
+            ttl = self.cache.ttl
+        return SharedKey(self.scope, text, ttl, self.cache.size, self.queue_id)
 
     @classmethod
     def for_queue(cls, options: QueueOptions) -> Deduplicator | None:
@@ -133,6 +185,15 @@ class Deduplicator:
 
     def check_and_add(self, message: Message) -> bool:
         """True when ``message`` is a duplicate; otherwise remember its key."""
+        if self.scope is not None:
+            # PostgreSQL decides when the rows are written: an exchange's
+            # key goes with the message to every row (and held message) of
+            # this publish; a queue's is added by its backing queue.
+            if self.queue_id is None:
+                shared = self.shared_key(message)
+                if shared is not None:
+                    message.requires = (*message.requires, shared)
+            return False
         key = self.key_of(message)
         if key is None:
             return False
@@ -150,6 +211,8 @@ class Deduplicator:
     def forget(self, message: Message) -> None:
         """``message`` was not taken after all (a queue refused it): a resend
         must not count as its duplicate."""
+        if self.scope is not None:
+            return  # (shared: a refused message's row, key included, is never written)
         key = self.key_of(message)
         if key is not None:
             self.cache.discard(key)

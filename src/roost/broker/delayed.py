@@ -29,7 +29,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Iterator
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from roost import properties
 from roost.broker import clock, errors, sender_selected
@@ -85,6 +85,17 @@ def delay_of(message: Message) -> int:
     if isinstance(value, float | Decimal):
         return int(value) if math.isfinite(value) else 0
     return 0
+
+
+class DelayStore(Protocol):
+    """Where a cluster node's delayed exchanges keep their held messages
+    (PostgreSQL, shared by the nodes: :mod:`roost.cluster.delay_store`),
+    instead of the exchange's own schedule and the message log."""
+
+    def hold(self, exchange: DelayedExchange, message: Message, delay: int) -> int:
+        """Keep ``message`` for ``delay`` ms; returns the batch that must be
+        resolved before its publish is confirmed."""
+        ...
 
 
 class DelaySchedule:
@@ -280,6 +291,8 @@ class DelayedExchange(Exchange):
         assert vhost is not None
         if delay is None:
             delay = delay_of(message)
+        if vhost.delay_store is not None:
+            return vhost.delay_store.hold(self, message, max(delay, 0))
         due = min((now_ms() if now is None else now) + max(delay, 0), _MAX_DUE)
         journal = vhost.journal
         batch = 0

@@ -65,6 +65,7 @@ class LogBacked:
         # these (see BackingQueue).
         self.ready_changed: Callable[[], None] | None = None
         self.demand: Callable[[], int] | None = None
+        self.requeue_later: Callable[[QueueEntry, int], bool] | None = None
 
     def _paged_len(self) -> int:
         raise NotImplementedError

@@ -24,6 +24,7 @@ class Message:
         "persistent",
         "priority",
         "properties",
+        "requires",
         "routing_key",
         "written_ms",
     )
@@ -53,6 +54,11 @@ class Message:
         # When the message was written to the log (ms since the epoch; 0:
         # not read back from the log). TTLs of restored messages count from it.
         self.written_ms = written_ms
+        # Cluster mode: what must happen in the transaction that writes
+        # this publish's rows for them to be written (a SharedKey new to
+        # its deduplication cache, or the int id of the held row a delayed
+        # exchange releases it from). Always empty on a single node.
+        self.requires: tuple[object, ...] = ()
 
     @property
     def headers(self) -> dict[str, Any]:

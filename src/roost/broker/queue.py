@@ -329,6 +329,9 @@ class Queue:
                     delay *= 2 ** max(0, entry.deliveries - 1)
                 if opts.retry_max_delay is not None:
                     delay = min(delay, opts.retry_max_delay)
+                later = backing.requeue_later
+                if later is not None and later(entry, delay):
+                    continue
                 heapq.heappush(self._waiting, (now + delay, entry.seq, entry))
                 continue
             backing.requeue(entry)
@@ -351,6 +354,17 @@ class Queue:
             if entry is None:
                 break
             self._drop(entry, deadletter.MAXLEN)
+
+    def drop_waiting(self) -> int:
+        """Forget the entries waiting out a retry delay without a word to
+        the backing queue (cluster: this node was declared dead, their rows
+        were released to the others); returns how many."""
+        n = len(self._waiting)
+        self._waiting.clear()
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        return n
 
     def _arm_retry(self) -> None:
         sched = self.vhost.scheduler

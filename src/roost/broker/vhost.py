@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from roost.broker import errors, fields, stats
 from roost.broker.binding import Binding
 from roost.broker.dedup import DedupHook, exchange_deduplicator
-from roost.broker.delayed import DelayedExchange, delay_of
+from roost.broker.delayed import DelayedExchange, DelayStore, delay_of
 from roost.broker.errors import BrokerError, not_found, precondition
 from roost.broker.exchange import EXCHANGE_TYPES, DirectExchange, Exchange
 from roost.broker.message import Message
@@ -85,6 +85,8 @@ class VirtualHost:
         # queues, exchanges and bindings are shared definitions too: their
         # changes are reported like durable ones.
         self.clustered = False
+        # Cluster mode: where delayed exchanges keep what they hold.
+        self.delay_store: DelayStore | None = None
         self._allocate_queue_id = allocate_queue_id
         # A deleted queue's (or delayed exchange's) log id: remembered as
         # deleted until everything logged under it is settled on disk.
@@ -187,6 +189,9 @@ class VirtualHost:
         deduper = exchange_deduplicator(name, self.name, args)
         ex = cls(name, durable=durable, auto_delete=auto_delete, internal=internal, arguments=args)
         ex.deduper = deduper
+        if deduper is not None and self.clustered:
+            # One cache for the cluster, in PostgreSQL, named by the exchange.
+            deduper.share(f"x{len(self.name)}:{self.name}{name}")
         if isinstance(ex, DelayedExchange):
             # Its persistent held messages are logged under an id of its own.
             alloc = self._allocate_queue_id

@@ -52,8 +52,10 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
 
+from roost.broker.dedup import SharedKey
 from roost.broker.journal import OutcomeUnknown
 from roost.cluster.claims import FENCE, READY_CHANNEL, TABLES, table_of
+from roost.cluster.held import HELD_TABLES
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,34 @@ class MessageRow(NamedTuple):
     # COMMIT), under this id from reserve_id(). See MessageWriter.handed().
     id: int | None = None
     owner: int | None = None
+    # Written only if, in the same transaction, each of these keys was new
+    # to its deduplication cache (see DedupKey), and (held) this epoch
+    # deleted that row of the delayed tables: the message it releases.
+    dedup: tuple[DedupKey, ...] = ()
+    held: int | None = None
+
+
+# A dedup key a row requires to be new to its cache (roost.broker.dedup).
+DedupKey = SharedKey
+
+
+class HeldRow(NamedTuple):
+    """A message held by a delayed exchange (``roost_delayed``), due
+    ``delay_ms`` after the COMMIT by PostgreSQL's clock."""
+
+    vhost: str
+    exchange: str
+    routing_key: str
+    properties: bytes
+    body: bytes
+    cc: list[str]
+    delay_ms: int
+    transient: bool
+    dedup: tuple[DedupKey, ...] = ()
+
+
+def held_token(held_id: int) -> str:
+    return f"h{held_id}"
 
 
 # (epoch, transient) -> ids
@@ -111,13 +141,17 @@ _IdsByOwner = dict[tuple[int, bool], list[int]]
 
 class _Batch:
     __slots__ = (
+        "dedup_owner",
         "futures",
         "handed",
+        "held_deletes",
+        "held_rows",
         "id_request",
         "new_ids",
         "number",
         "purges",
         "releases",
+        "retries",
         "rows",
         "settles",
         "size",
@@ -138,10 +172,25 @@ class _Batch:
         # Whether its hand-off rows are owned (the epoch was alive); None:
         # it had none.
         self.handed: bool | None = None
+        # Delayed exchanges' held messages, and held rows released (their
+        # messages routed) by this batch, by (epoch, transient).
+        self.held_rows: list[HeldRow] = []
+        self.held_deletes: _IdsByOwner = {}
+        # Delivered rows going to wait out a retry delay: ids, and delays (ms).
+        self.retries: dict[tuple[int, bool], tuple[list[int], list[int]]] = {}
+        # Dedup token -> the publish (its message) that first carried it.
+        self.dedup_owner: dict[str, object] = {}
+
+    def conditional(self) -> bool:
+        """Whether the batch needs the general insert statement."""
+        return bool(self.held_rows or self.held_deletes or self.dedup_owner)
 
     def has_work(self) -> bool:
         return bool(
             self.rows
+            or self.held_rows
+            or self.held_deletes
+            or self.retries
             or self.settles
             or self.releases
             or self.unclaims
@@ -196,6 +245,9 @@ class MessageWriter:
         self._ids: deque[int] = deque()
         self._ids_requested = False
         self._handed: dict[int, bool] = {}
+        # Told (delay ms, batch) of each message held or put to wait out a
+        # retry delay: whoever routes them may want to look sooner.
+        self.on_hold: Callable[[int, int], None] | None = None
         self.pending_rows = 0  # enqueued, not yet resolved (flow control)
         self.pending_bytes = 0
         # Counters for stats and tests.
@@ -266,9 +318,18 @@ class MessageWriter:
 
     # -- enqueueing (synchronous: called from the broker's event loop) ------
 
-    def enqueue(self, row: MessageRow) -> int:
-        """Add one row; returns its batch (for :meth:`wait_durable`)."""
+    def enqueue(self, row: MessageRow, publish: object = None) -> int:
+        """Add one row; returns its batch (for :meth:`wait_durable`).
+        ``publish`` (the message) tells the rows of one publish apart from
+        another's that carries the same dedup key in this batch: only the
+        first publish may take the key."""
         batch = self._open
+        if row.dedup:
+            owners = batch.dedup_owner
+            for k in row.dedup:
+                first = owners.setdefault(k.token, publish)
+                if first is not publish:
+                    return batch.number  # a duplicate within the batch
         batch.rows.append(row)
         n = len(row.body)
         batch.size += n
@@ -291,6 +352,39 @@ class MessageWriter:
         for row in rows:
             self.enqueue(row)
         return self._future()
+
+    def hold(self, row: HeldRow, publish: object = None) -> int:
+        """Add a delayed exchange's held message; returns its batch."""
+        batch = self._open
+        if row.dedup:
+            owners = batch.dedup_owner
+            for k in row.dedup:
+                if owners.setdefault(k.token, publish) is not publish:
+                    return batch.number
+        batch.held_rows.append(row)
+        self.pending_rows += 1
+        self.pending_bytes += len(row.body)
+        batch.size += len(row.body)
+        self._wake.set()
+        if self.on_hold is not None:
+            self.on_hold(row.delay_ms, batch.number)
+        return batch.number
+
+    def retry_nowait(self, row_id: int, epoch: int, transient: bool, delay_ms: int) -> int:
+        """A row ``epoch`` delivered waits out a retry delay: moved to the
+        delayed tables (fenced), back in its queue as itself once due."""
+        ids, delays = self._open.retries.setdefault((epoch, transient), ([], []))
+        ids.append(row_id)
+        delays.append(delay_ms)
+        self._wake.set()
+        if self.on_hold is not None:
+            self.on_hold(delay_ms, self._open.number)
+        return self._open.number
+
+    def release_held_nowait(self, ids: Iterable[int], epoch: int, transient: bool) -> int:
+        """Delete held rows ``epoch`` claimed, in the batch that writes the
+        rows their messages were routed to (which require it: ``held``)."""
+        return self._add_ids(self._open.held_deletes, ids, epoch, transient)
 
     def settle_nowait(self, ids: Iterable[int], epoch: int, transient: bool = False) -> int:
         """Delete rows ``epoch`` owns (acked); returns the batch."""
@@ -356,7 +450,11 @@ class MessageWriter:
         ):
             for key, ids in mine.items():
                 theirs.setdefault(key, []).extend(ids)
-        if batch.settles or batch.releases or batch.unclaims:
+        for key, (ids, delays) in batch.retries.items():
+            into = target.retries.setdefault(key, ([], []))
+            into[0].extend(ids)
+            into[1].extend(delays)
+        if batch.settles or batch.releases or batch.unclaims or batch.retries:
             self._wake.set()
 
     def _close_full(self) -> None:
@@ -407,7 +505,7 @@ class MessageWriter:
                     log.exception("on_committed hook")
 
     def _resolve(self, batch: _Batch, error: WriteFailed | None) -> None:
-        self.pending_rows -= len(batch.rows)
+        self.pending_rows -= len(batch.rows) + len(batch.held_rows)
         self.pending_bytes -= batch.size
         if error is not None:
             failures = self._failures
@@ -528,7 +626,14 @@ class MessageWriter:
             cur = conn.cursor()
             rows = batch.rows
             owner = next((r.owner for r in rows if r.owner is not None), None)
-            if owner is not None:
+            if batch.conditional():
+                hand_cur = conn.cursor()
+                sql, params = _general_insert(batch, owner, drop_deleted)
+                await hand_cur.execute(sql, params)
+                evict = _evictions(batch)
+                if evict:
+                    await cur.execute(_EVICT_KEYS, evict)
+            elif owner is not None:
                 hand_cur = conn.cursor()
                 await hand_cur.execute(
                     _insert_handoff_sql(drop_deleted),
@@ -558,6 +663,13 @@ class MessageWriter:
                     ids.sort()  # one lock order for every writer: fewer deadlocks
                     query = sql.format(table=table_of(transient), fence=FENCE)
                     await cur.execute(query, {"ids": ids, "epoch": epoch, "channel": READY_CHANNEL})
+            for (epoch, transient), (ids, delays) in batch.retries.items():
+                await cur.execute(
+                    _RETRY.format(
+                        table=table_of(transient), held=HELD_TABLES[transient], fence=FENCE
+                    ),
+                    {"ids": ids, "delays": delays, "epoch": epoch},
+                )
             if batch.id_request:
                 id_cur = conn.cursor()
                 await id_cur.execute(
@@ -675,6 +787,177 @@ def _insert_handoff_sql(drop_deleted: bool) -> str:
     )
 
 
+def _general_insert(
+    batch: _Batch, owner: int | None, drop_deleted: bool
+) -> tuple[str, dict[str, Any]]:
+    """The hand-off statement, grown by what a batch with conditions needs:
+    released held rows deleted (fenced), dedup keys inserted where new,
+    held messages inserted, and every row or held message written only if
+    what it requires happened in this very statement."""
+    rows, held = batch.rows, batch.held_rows
+    keys: dict[str, DedupKey] = {}
+    for dedup in [r.dedup for r in rows] + [h.dedup for h in held]:
+        for k in dedup:
+            keys.setdefault(k.token, k)
+    ordered = sorted(keys.values(), key=lambda k: (k.scope, k.key))  # one lock order
+    deletes: dict[bool, list[int]] = {False: [], True: []}
+    held_epoch = max((e for e, _ in batch.held_deletes), default=0)
+    for (epoch, transient), ids in batch.held_deletes.items():
+        if epoch == held_epoch:  # an older epoch's are fenced off anyway
+            deletes[transient].extend(ids)
+    needs = [_requirements(r.dedup, r.held) for r in rows]
+    held_needs = [_requirements(h.dedup, None) for h in held]
+    params: dict[str, Any] = {
+        **dict(zip(_COLUMN_NAMES, _columns(rows), strict=True)),
+        "transient": [r.transient for r in rows],
+        "id": [r.id for r in rows],
+        "owned": [r.owner is not None for r in rows],
+        "epoch": owner if owner is not None else held_epoch,
+        "r1": [n[0] for n in needs],
+        "r2": [n[1] for n in needs],
+        "r3": [n[2] for n in needs],
+        "held_epoch": held_epoch,
+        "held_durable": sorted(deletes[False]),
+        "held_transient": sorted(deletes[True]),
+        "kscope": [k.scope for k in ordered],
+        "kkey": [k.key for k in ordered],
+        "kttl": [k.ttl_ms for k in ordered],
+        "kqueue": [k.queue_id for k in ordered],
+        "hvhost": [h.vhost for h in held],
+        "hexchange": [h.exchange for h in held],
+        "hkey": [h.routing_key for h in held],
+        "hprops": [h.properties for h in held],
+        "hbody": [h.body for h in held],
+        "hcc": ["\x1f".join(h.cc) if h.cc else None for h in held],
+        "hdelay": [h.delay_ms for h in held],
+        "htransient": [h.transient for h in held],
+        "h1": [n[0] for n in held_needs],
+        "h2": [n[1] for n in held_needs],
+    }
+    return _general_sql(drop_deleted), params
+
+
+def _requirements(dedup: tuple[DedupKey, ...], held: int | None) -> tuple[str | None, ...]:
+    tokens: list[str | None] = [k.token for k in dedup]
+    if held is not None:
+        tokens.append(held_token(held))
+    if len(tokens) > 3:
+        raise ValueError("a row requires at most three conditions")
+    return (*tokens, *([None] * (3 - len(tokens))))
+
+
+def _general_sql(drop_deleted: bool) -> str:
+    arrays = ", ".join(
+        f"%({name})b::{kind}[]"
+        for name, kind in (
+            ("queue_id", "bigint"),
+            ("priority", "smallint"),
+            ("exchange", "text"),
+            ("routing_key", "text"),
+            ("properties", "bytea"),
+            ("body", "bytea"),
+            ("expires_ms", "bigint"),
+            ("transient", "boolean"),
+            ("id", "bigint"),
+            ("owned", "boolean"),
+            ("r1", "text"),
+            ("r2", "text"),
+            ("r3", "text"),
+        )
+    )
+    held_arrays = ", ".join(
+        f"%({name})b::{kind}[]"
+        for name, kind in (
+            ("hvhost", "text"),
+            ("hexchange", "text"),
+            ("hkey", "text"),
+            ("hprops", "bytea"),
+            ("hbody", "bytea"),
+            ("hcc", "text"),
+            ("hdelay", "bigint"),
+            ("htransient", "boolean"),
+            ("h1", "text"),
+            ("h2", "text"),
+        )
+    )
+    queue_exists = " AND EXISTS (SELECT 1 FROM roost_queues q WHERE q.id = u.queue_id)"
+    exchange_exists = (
+        " AND EXISTS (SELECT 1 FROM roost_exchanges e WHERE e.vhost = h.vhost AND e.name = h.ex)"
+    )
+    key_queue_exists = (
+        " WHERE k.queue_id IS NULL OR EXISTS (SELECT 1 FROM roost_queues q WHERE q.id = k.queue_id)"
+    )
+    target = f"(id, owner, delivery_count, {_COLUMNS})"
+    source = f"id, owner, CASE WHEN owner IS NULL THEN 0 ELSE 1 END, {_COLUMNS}"
+    held_fence = FENCE.replace("%(epoch)s", "%(held_epoch)s")
+    held_cols = "id, vhost, exchange, routing_key, properties, body, cc, due_ms"
+    held_source = (
+        "h.id, h.vhost, h.ex, h.rk, h.props, h.body,"
+        " coalesce(string_to_array(h.cc, chr(31)), '{}'),"
+        " (extract(epoch FROM now()) * 1000)::bigint + h.delay"
+    )
+    met = "(%s IS NULL OR %s IN (SELECT token FROM got))"
+    return (
+        "WITH alive AS (SELECT EXISTS (SELECT 1 FROM roost_nodes"
+        " WHERE epoch = %(epoch)s AND NOT dead FOR KEY SHARE) AS ok),"
+        # Released held rows: only while this epoch still owns them.
+        f" hd AS (DELETE FROM {HELD_TABLES[0]} WHERE id = ANY(%(held_durable)s::bigint[])"
+        f" AND owner = %(held_epoch)s AND {held_fence} RETURNING id),"
+        f" ht AS (DELETE FROM {HELD_TABLES[1]} WHERE id = ANY(%(held_transient)s::bigint[])"
+        f" AND owner = %(held_epoch)s AND {held_fence} RETURNING id),"
+        # Dedup keys: new, or back from expiry; an unexpired one stays.
+        " k AS (INSERT INTO roost_dedup_keys AS d (scope, key, expires_at, queue_id)"
+        " SELECT k.scope, k.key, CASE WHEN k.ttl IS NULL THEN NULL"
+        " ELSE now() + k.ttl * interval '1 millisecond' END, k.queue_id"
+        " FROM unnest(%(kscope)s::text[], %(kkey)s::text[], %(kttl)s::bigint[],"
+        " %(kqueue)s::bigint[]) AS k(scope, key, ttl, queue_id)"
+        f"{key_queue_exists if drop_deleted else ''}"
+        " ON CONFLICT (scope, key) DO UPDATE SET expires_at = EXCLUDED.expires_at,"
+        " seq = EXCLUDED.seq WHERE d.expires_at IS NOT NULL AND d.expires_at <= now()"
+        " RETURNING 'k' || d.scope || chr(31) || d.key AS token),"
+        " got AS (SELECT token FROM k UNION ALL SELECT 'h' || id FROM hd"
+        " UNION ALL SELECT 'h' || id FROM ht),"
+        " u AS (SELECT coalesce(u.id, nextval('roost_messages_id_seq')) AS id,"
+        " CASE WHEN u.owned AND (SELECT ok FROM alive) THEN %(epoch)s::bigint END AS owner,"
+        f" {', '.join('u.' + c for c in _COLUMN_NAMES)}, u.transient"
+        f" FROM unnest({arrays}) AS u({_COLUMNS}, transient, id, owned, r1, r2, r3)"
+        f" WHERE {met % ('u.r1', 'u.r1')} AND {met % ('u.r2', 'u.r2')}"
+        f" AND {met % ('u.r3', 'u.r3')}{queue_exists if drop_deleted else ''}),"
+        f" a AS (INSERT INTO {TABLES[0]} {target} SELECT {source} FROM u WHERE NOT transient),"
+        f" b AS (INSERT INTO {TABLES[1]} {target} SELECT {source} FROM u WHERE transient),"
+        # Ids in row order (one sequence for both tables): publish order.
+        f" h AS (SELECT nextval('roost_delayed_id_seq') AS id, * FROM unnest({held_arrays})"
+        " AS h(vhost, ex, rk, props, body, cc, delay, transient, h1, h2)"
+        f" WHERE {met % ('h.h1', 'h.h1')} AND {met % ('h.h2', 'h.h2')}"
+        f"{exchange_exists if drop_deleted else ''}),"
+        f" hi AS (INSERT INTO {HELD_TABLES[0]} ({held_cols})"
+        f" SELECT {held_source} FROM h WHERE NOT h.transient),"
+        f" hj AS (INSERT INTO {HELD_TABLES[1]} ({held_cols})"
+        f" SELECT {held_source} FROM h WHERE h.transient)"
+        " SELECT ok FROM alive"
+    )
+
+
+def _evictions(batch: _Batch) -> dict[str, Any] | None:
+    """Each cache the batch added keys to keeps its ``size`` newest."""
+    sizes: dict[str, int] = {}
+    for dedup in [r.dedup for r in batch.rows] + [h.dedup for h in batch.held_rows]:
+        for k in dedup:
+            sizes[k.scope] = k.size
+    if not sizes:
+        return None
+    scopes = sorted(sizes)
+    return {"scope": scopes, "size": [sizes[s] for s in scopes]}
+
+
+_EVICT_KEYS = (
+    "DELETE FROM roost_dedup_keys d"
+    " USING unnest(%(scope)s::text[], %(size)s::int[]) AS s(scope, size)"
+    " WHERE d.scope = s.scope AND d.seq <= (SELECT e.seq FROM roost_dedup_keys e"
+    " WHERE e.scope = s.scope ORDER BY e.seq DESC OFFSET s.size LIMIT 1)"
+)
+
+
 def _columns(rows: list[MessageRow]) -> tuple[list[Any], ...]:
     return (
         [r.queue_id for r in rows],
@@ -723,6 +1006,19 @@ _UNCLAIM = (
     " WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
     " RETURNING queue_id)" + _READY_NOTIFY
 )
+# Fenced like a settle: only rows the epoch delivered, while it is alive.
+_RETRY = (
+    "WITH r AS (DELETE FROM {table} m"
+    " USING unnest(%(ids)s::bigint[], %(delays)s::bigint[]) AS x(id, delay)"
+    " WHERE m.id = x.id AND m.owner = %(epoch)s AND {fence}"
+    " RETURNING m.*, x.delay)"
+    " INSERT INTO {held} (vhost, exchange, routing_key, properties, body, due_ms, queue_id,"
+    " message_id, priority, expires_ms, delivery_count, published_at)"
+    " SELECT NULL, exchange, routing_key, properties, body,"
+    " (extract(epoch FROM now()) * 1000)::bigint + delay, queue_id, id, priority, expires_ms,"
+    " delivery_count, published_at FROM r"
+)
+
 _PURGE = (
     "WITH a AS (DELETE FROM roost_messages WHERE queue_id = %(q)s AND owner IS NULL RETURNING 1),"
     " b AS (DELETE FROM roost_transient_messages WHERE queue_id = %(q)s AND owner IS NULL"
@@ -734,6 +1030,8 @@ __all__ = [
     "READY_CHANNEL",
     "TABLES",
     "CommitOutcomeUnknown",
+    "DedupKey",
+    "HeldRow",
     "MessageRow",
     "MessageWriter",
     "Unreachable",

@@ -69,6 +69,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from roost import properties
+from roost.broker.dedup import Deduplicator, SharedKey
 from roost.broker.log_backed import ENTRY_OVERHEAD
 from roost.broker.message import Message, QueueEntry
 from roost.cluster.lease import Lease
@@ -116,6 +117,9 @@ class PgBackingQueue:
         self.expiry_seen: Callable[[int], None] | None = None
         self.ready_changed: Callable[[], None] | None = None
         self.demand: Callable[[], int] | None = None
+        # The queue's shared deduplication cache (x-message-deduplication).
+        self.deduper: Deduplicator | None = None
+        self.requeue_later: Callable[[QueueEntry, int], bool] | None = self._wait_retry
         # (-priority, id, entry): the head is the next to deliver.
         self._heap: list[tuple[int, int, QueueEntry]] = []
         self._remote = 0  # committed ready rows not claimed by us (estimate)
@@ -164,7 +168,10 @@ class PgBackingQueue:
         message = entry.message
         transient = not (self.durable and message.persistent)
         writer = self.writer
-        row_id = self._handoff_id()
+        dedup, held = self._requires(message)
+        # A row that may not be written (a duplicate, a release that lost
+        # its fence) must not be in the buffer already: no hand-off.
+        row_id = None if dedup or held is not None else self._handoff_id()
         batch = writer.enqueue(
             MessageRow(
                 self.store_id,
@@ -177,7 +184,10 @@ class PgBackingQueue:
                 transient,
                 row_id,
                 None if row_id is None else self.epoch,
-            )
+                dedup,
+                held,
+            ),
+            message,
         )
         if row_id is None:
             # Claimed, here or elsewhere, once committed.
@@ -203,6 +213,22 @@ class PgBackingQueue:
         pending.append(entry)
         self._pending_n += 1
         return False
+
+    def _requires(self, message: Message) -> tuple[tuple[SharedKey, ...], int | None]:
+        """The dedup keys (the exchange's, this queue's) the row needs new,
+        and the held row whose release it is."""
+        dedup: list[SharedKey] = []
+        held = None
+        for r in message.requires:
+            if isinstance(r, SharedKey):
+                dedup.append(r)
+            elif isinstance(r, int):
+                held = r
+        if self.deduper is not None:
+            key = self.deduper.shared_key(message)
+            if key is not None:
+                dedup.append(key)
+        return tuple(dedup), held
 
     def _handoff_id(self) -> int | None:
         """A reserved row id when this publish may be handed to a local
@@ -290,6 +316,15 @@ class PgBackingQueue:
         # the next local consumer gets it first (RabbitMQ's requeue
         # position); give_back() hands it to the cluster if none comes.
         self._push(entry)
+
+    def _wait_retry(self, entry: QueueEntry, delay_ms: int) -> bool:
+        """The entry waits out a retry delay as a held row in PostgreSQL
+        (see roost.cluster.delay_store), not in this node's memory."""
+        ref = entry.ref
+        if not ref:
+            return False  # (published before the queue was attached: not a row yet)
+        self.writer.retry_nowait(abs(ref), self.epoch, ref < 0, delay_ms)
+        return True
 
     def settle(self, entries: Iterable[QueueEntry]) -> None:
         durable: list[int] = []
@@ -523,6 +558,10 @@ def attach(queue: Queue, backing: PgBackingQueue) -> None:
     and connect the two callbacks (see the module docstring)."""
     backing.expiry_seen = queue.backing.expiry_seen  # the queue's TTL timer
     queue.backing = backing
+    if queue.deduper is not None:
+        # The cache is PostgreSQL's from now on, named by the queue's row.
+        queue.deduper.share(f"q{backing.store_id}", backing.store_id)
+        backing.deduper = queue.deduper
 
     def ready_changed() -> None:
         if queue.consumer_count and not queue.deleted:

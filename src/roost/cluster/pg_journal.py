@@ -9,8 +9,10 @@ back once that batch committed or failed. A caller that may confirm must
 then ask :meth:`failure`: a failed batch is nacked (:class:`WriteFailed`)
 or closes the connection (:class:`CommitOutcomeUnknown`), never acked.
 
-Paging records and the delayed exchange's held messages have no cluster
-implementation yet: those methods raise.
+Paging records have no cluster implementation (the rows are in
+PostgreSQL): those methods raise. The delayed exchanges' held messages do
+not come here either: ``VirtualHost.delay_store`` (see
+:mod:`roost.cluster.delay_store`) writes them as rows.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from roost.broker.broker import Broker
 from roost.cluster.claims import release_dead
 from roost.cluster.consumers import ClusterConsumers, SharedQueue
 from roost.cluster.definitions import ClusterDefinitions
+from roost.cluster.delay_store import DelayStore, release_dead_hook
 from roost.cluster.node_messages import NodeMessages
 from roost.cluster.nodes import NodeRegistry
 from roost.cluster.pg_backing import PgBackingQueue, attach
@@ -42,6 +43,7 @@ class ClusterNode:
         self.definitions: ClusterDefinitions | None = None
         self.messages: NodeMessages | None = None
         self.consumers: ClusterConsumers | None = None
+        self.delays: DelayStore | None = None
 
     @property
     def name(self) -> str:
@@ -73,9 +75,19 @@ class ClusterNode:
             await messages.close()
             self.messages = None
             raise
+        delays = DelayStore(broker, messages.writer, messages.claimer.pool, registry.epoch)
+        try:
+            await delays.start()
+        except BaseException:
+            await messages.close()
+            self.messages = None
+            raise
+        self.delays = delays
         broker.journal = messages.journal  # vhosts created later take it
+        broker.delay_store = delays
         for vhost in broker.vhosts.values():
             vhost.journal = messages.journal
+            vhost.delay_store = delays
         # Before the server's hook closes the connections: nothing more
         # may be delivered from the buffers, whose rows are others' now.
         registry.on_fenced.insert(0, self._lost)
@@ -84,6 +96,7 @@ class ClusterNode:
         # node's row FOR UPDATE (Claimer.release_dead would lock it from
         # another connection and wait for ever).
         registry.on_node_dead.append(lambda epoch, conn: release_dead(conn, epoch))
+        registry.on_node_dead.append(release_dead_hook)
         registry.on_beat.append(self._beat)
         # The registration was the first heartbeat: the lease starts from
         # it, not unbounded until the next one.
@@ -92,12 +105,25 @@ class ClusterNode:
     async def _lost(self) -> None:
         if self.messages is not None:
             self.messages.lost()
+        self._drop_waiting()
 
     async def _registered(self, epoch: int) -> None:
         # A new incarnation after fencing: claims, hand-offs and acks from
         # now on are under the new epoch (the old one's rows were released).
         if self.messages is not None:
             self.messages.set_epoch(epoch)
+        if self.delays is not None:
+            self.delays.set_epoch(epoch)
+        self._drop_waiting()
+
+    def _drop_waiting(self) -> None:
+        # Entries waiting out a retry delay are claims of the dead
+        # incarnation too (released to the cluster, maybe delivered
+        # elsewhere already); requeued by the closing connections meanwhile
+        # or not, none may come back here.
+        if self.definitions is not None:
+            for queue, _ in self.definitions.identified_queues():
+                queue.drop_waiting()
 
     def _beat(self, sent: float) -> None:
         if self.messages is not None:
@@ -159,6 +185,8 @@ class ClusterNode:
                 self.consumers = None
             await self.registry.leave()
             raise
+        if self.delays is not None:
+            self.delays.run()
 
     async def consumer_counts(self) -> dict[tuple[str, str], int]:
         """Consumers per queue, (vhost, name), on every node (for the
@@ -191,6 +219,9 @@ class ClusterNode:
             # This node's rows go when it leaves (release_consumers).
             await self.consumers.stop()
             self.consumers = None
+        if self.delays is not None:
+            await self.delays.close()  # routes nothing more; the writer flushes
+            self.delays = None
         if self.messages is not None:
             # After the AMQP connections closed (their acks are enqueued):
             # writes what is pending, then hands back every row still held,

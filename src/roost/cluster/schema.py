@@ -205,6 +205,63 @@ CREATE TABLE roost_queue_use (
 );
 """,
     ),
+    (
+        4,
+        "delayed messages and deduplication keys",
+        """
+-- Messages held by a delayed-message exchange until due_ms (PostgreSQL's
+-- clock, ms since the epoch): routed through their exchange by whichever
+-- node claims them first (owner, fenced like a message claim), in the same
+-- transaction that deletes the held row. Persistent messages on durable
+-- exchanges are logged; the rest go to the unlogged twin, as messages do.
+-- cc keeps the CC and BCC routing keys (BCC is not in the headers).
+-- A row with a queue_id is a message of that queue waiting out its retry
+-- delay (x-retry-delay), not routed but put back as the row message_id
+-- it was, with its delivery count (vhost is NULL: no exchange to check).
+CREATE TABLE roost_delayed (
+    id              bigserial PRIMARY KEY,
+    vhost           text,
+    exchange        text NOT NULL,
+    routing_key     text NOT NULL,
+    properties      bytea NOT NULL,
+    body            bytea NOT NULL,
+    cc              text[] NOT NULL DEFAULT '{}',
+    due_ms          bigint NOT NULL,
+    owner           bigint,
+    queue_id        bigint REFERENCES roost_queues (id) ON DELETE CASCADE,
+    message_id      bigint,
+    priority        smallint NOT NULL DEFAULT 0,
+    expires_ms      bigint,
+    delivery_count  integer NOT NULL DEFAULT 0,
+    published_at    timestamptz NOT NULL DEFAULT now(),
+    FOREIGN KEY (vhost, exchange) REFERENCES roost_exchanges (vhost, name) ON DELETE CASCADE
+);
+CREATE INDEX roost_delayed_due ON roost_delayed (due_ms, id) WHERE owner IS NULL;
+CREATE INDEX roost_delayed_owned ON roost_delayed (owner) WHERE owner IS NOT NULL;
+CREATE UNLOGGED TABLE roost_transient_delayed (
+    LIKE roost_delayed INCLUDING ALL,
+    FOREIGN KEY (vhost, exchange) REFERENCES roost_exchanges (vhost, name) ON DELETE CASCADE,
+    FOREIGN KEY (queue_id) REFERENCES roost_queues (id) ON DELETE CASCADE
+);
+
+-- Deduplication caches, cluster-wide: one row per key seen by a queue
+-- (scope 'q<id>') or an exchange (scope 'x<vhost length>:<vhost><name>').
+-- A publish's rows are written only if its keys were new (inserted, or
+-- their row had expired) in the same transaction. seq orders a scope's
+-- keys for the cache-size limit (the oldest go first).
+CREATE TABLE roost_dedup_keys (
+    scope       text NOT NULL,
+    key         text NOT NULL,
+    seq         bigserial NOT NULL,
+    expires_at  timestamptz,
+    queue_id    bigint REFERENCES roost_queues (id) ON DELETE CASCADE,
+    PRIMARY KEY (scope, key)
+);
+CREATE INDEX roost_dedup_keys_order ON roost_dedup_keys (scope, seq);
+CREATE INDEX roost_dedup_keys_expiry ON roost_dedup_keys (expires_at)
+    WHERE expires_at IS NOT NULL;
+""",
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]
