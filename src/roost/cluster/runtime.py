@@ -19,11 +19,15 @@ from collections.abc import Awaitable, Callable
 import psycopg
 
 from roost.broker.broker import Broker
+from roost.cluster import cluster_metrics
 from roost.cluster.claims import release_dead
 from roost.cluster.definitions import ClusterDefinitions
 from roost.cluster.node_messages import NodeMessages
+from roost.cluster.node_views import NodeViews, forget_incarnation
 from roost.cluster.nodes import NodeRegistry
 from roost.cluster.pg_backing import PgBackingQueue, attach
+from roost.http.cluster_view import local_view
+from roost.http.connections import close_local
 from roost.http.nodes import ClusterNode as NodeListing
 
 log = logging.getLogger("roost.cluster")
@@ -40,6 +44,8 @@ class ClusterNode:
         self.registry = NodeRegistry(url, name, timeout)
         self.definitions: ClusterDefinitions | None = None
         self.messages: NodeMessages | None = None
+        # This node's connections etc. for the others' management API.
+        self.views: NodeViews | None = None
 
     @property
     def name(self) -> str:
@@ -52,6 +58,9 @@ class ClusterNode:
         close every client connection. Raises ClusterError."""
         # First of the fencing hooks: nothing of the dead incarnation may go on.
         self.registry.on_fenced.append(on_fenced)
+        # A dead incarnation's published view and non-durable queues go
+        # (also for an earlier incarnation this one takes over at start).
+        self.registry.on_node_dead.append(forget_incarnation)
         await self.registry.start()
 
     async def start_messages(self, broker: Broker) -> None:
@@ -142,6 +151,12 @@ class ClusterNode:
             self.definitions = None
             await self.registry.leave()
             raise
+        self.views = NodeViews(
+            self.registry,
+            collect=lambda: local_view(broker, self.name),
+            close_local=lambda name, reason: close_local(broker, name, reason),
+        )
+        await self.views.start()
 
     async def set_addresses(self, amqp_address: str, http_address: str) -> None:
         await self.registry.set_addresses(amqp_address, http_address)
@@ -156,9 +171,17 @@ class ClusterNode:
             return [NodeListing(self.name, 0)]
         return [NodeListing(n.name, n.uptime_ms, n.amqp_address, n.http_address) for n in live]
 
+    async def metrics(self) -> str:
+        """The node's cluster series for its /metrics."""
+        return await cluster_metrics.render(self.registry, self.views, self.messages)
+
     async def stop(self) -> None:
         """Leave the cluster: write what is pending, then declare this
-        incarnation dead at once (its exclusive queues go with it)."""
+        incarnation dead at once (its exclusive and non-durable queues go
+        with it)."""
+        if self.views is not None:
+            await self.views.stop()
+            self.views = None
         if self.definitions is not None:
             await self.definitions.stop()
             self.definitions = None
