@@ -138,6 +138,8 @@ def test_every_node_lists_the_whole_clusters_connections_channels_consumers(
             assert overview["object_totals"]["consumers"] == 1
             assert overview["cluster_name"] == "a"  # the first node's name
             assert {entry["node"] for entry in overview["listeners"]} == {"a", "b"}
+            nodes = {n["name"]: n for n in _get(asked, "/api/nodes")}
+            assert nodes["a"]["sockets_used"] == 1 and nodes["b"]["sockets_used"] == 1
 
         # Paged, as on a single node: both nodes' connections are counted.
         page = _get(a, "/api/connections?page=1&page_size=1")
@@ -340,5 +342,8 @@ def test_roost_ctl_lists_the_whole_cluster(node: Callable[[str], RoostProcess]) 
             check=True,
         ).stdout
         assert table.split()[0] == "node"
+        status = ctl("status", "--json")
+        assert status["nodes"] == ["a", "b"] and status["cluster_name"] == "a"
+        assert status["connections"] == 0 and status["cluster_connections"] == 1
     finally:
         on_b.close()

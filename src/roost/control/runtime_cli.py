@@ -294,6 +294,12 @@ def _status(status: dict[str, Any], as_json: bool) -> None:
         ("data directory", status["data_dir"]),
         ("store size", _size(status["store_bytes"])),
     ]
+    if "nodes" in status:  # a cluster node's
+        lines[1:1] = [
+            ("cluster", status["cluster_name"]),
+            ("nodes", ", ".join(status["nodes"])),
+            ("cluster connections", status["cluster_connections"]),
+        ]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key.ljust(width)}  {value}")
