@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -156,6 +157,12 @@ def test_every_node_lists_the_whole_clusters_connections_channels_consumers(
         assert len(chans) == 1
         channel = _get(a, "/api/channels/" + urllib.parse.quote(chans[0]["name"], safe=""))
         assert [c["consumer_tag"] for c in channel["consumer_details"]] == ["tag-on-b"]
+
+        # In use by a consumer on b: not deleted through a's API with if-unused.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _api(a, "DELETE", "/api/queues/%2F/api-shared?if-unused=true")
+        assert refused.value.code == 400
+        assert _queue(a, "api-shared") is not None
     finally:
         on_a.close()
         on_b.close()

@@ -138,9 +138,11 @@ async def delete(request: web.Request) -> web.Response:
         # Another connection's exclusive queue: RESOURCE_LOCKED, as the
         # management plugin's AMQP queue.delete gets it.
         vh.queue(q.name, _API_OWNER)
-    if request.query.get("if-unused") == "true" and q.consumer_count:
+    # In a cluster: the consumers and messages of every node.
+    figures = merged_queue(q, await cluster_snapshot(request))
+    if request.query.get("if-unused") == "true" and figures.consumers:
         return json_response({"error": "bad_request", "reason": "in use"}, status=400)
-    if request.query.get("if-empty") == "true" and q.message_count:
+    if request.query.get("if-empty") == "true" and figures.messages_ready:
         return json_response({"error": "bad_request", "reason": "not empty"}, status=400)
     vh.remove_queue(q)
     await definitions_saved(broker_of(request))
