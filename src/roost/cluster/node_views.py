@@ -43,6 +43,9 @@ PUBLISH_INTERVAL = 2.0
 # Readers share one read for this long (a dashboard asks for several
 # listings at once).
 SNAPSHOT_CACHE = 0.5
+# A listing waits this long for the others' views, then shows this node
+# alone (PostgreSQL out of reach: the pool would wait the node timeout).
+READ_TIMEOUT = 2.0
 CLOSE_CHANNEL = "roost_close_connection"
 RECONNECT_DELAY = 1.0
 
@@ -170,11 +173,13 @@ class NodeViews:
         now = time.monotonic()
         if self._cached is not None and now - self._cached[0] < SNAPSHOT_CACHE:
             return self._cached[1]
-        if self._reading is None:
+        if self._reading is None or self._reading.done():
+            # A read left behind by a reader that timed out is stale by now.
             self._reading = asyncio.get_running_loop().create_task(self._read())
+            self._reading.add_done_callback(_retrieve)
         reading = self._reading
         try:
-            snap = await asyncio.shield(reading)
+            snap = await asyncio.wait_for(asyncio.shield(reading), READ_TIMEOUT)
         except (psycopg.Error, OSError, TimeoutError) as exc:
             log.warning("cluster: cannot read the other nodes' views: %s", exc)
             return ClusterSnapshot("", [])
@@ -254,6 +259,13 @@ class NodeViews:
             return
         if epoch == self.registry.epoch:
             self.close_local(name, reason)
+
+
+def _retrieve(task: asyncio.Task[ClusterSnapshot]) -> None:
+    # A read nobody waits for any more: its failure was logged by a reader
+    # (or will be by the next one), not "never retrieved".
+    if not task.cancelled():
+        task.exception()
 
 
 def _list(value: object) -> list[dict[str, Any]]:
