@@ -195,7 +195,11 @@ class Server:
         # For ``roost ctl``; without it the broker still serves, and ctl
         # reports that the data directory is in use.
         control = ControlServer(
-            broker, control_socket(self.config.resolved_data_dir()), self._status_info
+            broker,
+            control_socket(self.config.resolved_data_dir()),
+            self._status_info,
+            cluster=self.cluster.views if self.cluster is not None else None,
+            node=self.cluster.name if self.cluster is not None else "",
         )
         try:
             await control.start()
@@ -284,6 +288,8 @@ class Server:
                 ),
                 node_name=self.cluster.name if self.cluster is not None else None,
                 cluster_nodes=self.cluster.nodes if self.cluster is not None else None,
+                cluster_view=self.cluster.views if self.cluster is not None else None,
+                cluster_metrics=self.cluster.metrics if self.cluster is not None else None,
             ),
             access_log=None,
             shutdown_timeout=1.0,

@@ -147,6 +147,8 @@ class Claimer:
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             conninfo, min_size=1, max_size=max_connections, kwargs=kwargs, open=False
         )
+        self.claims = 0  # claim statements run (for /metrics)
+        self.claimed_rows = 0
 
     async def open(self) -> None:
         await self.pool.open(wait=True)
@@ -161,6 +163,8 @@ class Claimer:
         async with self.pool.connection() as conn:
             cur = await conn.execute(CLAIM_SQL, {"q": queue_id, "n": n, "epoch": epoch})
             rows = [Claimed(*r) for r in await cur.fetchall()]
+        self.claims += 1
+        self.claimed_rows += len(rows)
         rows.sort(key=_order)
         return rows
 

@@ -253,7 +253,9 @@ class ClusterDefinitions:
             # Ids go into a copy, taken only once committed: a write rolled
             # back must not leave ids of rows that never were.
             queue_ids = dict(self.queue_ids)
-            await store.write(conn, self.base, rows, queue_ids, version, replaced)
+            await store.write(
+                conn, self.base, rows, queue_ids, version, replaced, self.registry.epoch
+            )
             await conn.execute(
                 "SELECT pg_notify(%s, %s)",
                 (DEFINITIONS_CHANNEL, f"{self.registry.epoch}:{version}"),

@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import logging
 import select
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -54,6 +55,7 @@ from psycopg import pq
 
 from roost.broker.dedup import SharedKey
 from roost.broker.journal import OutcomeUnknown
+from roost.broker.stats import Histogram
 from roost.cluster.claims import FENCE, READY_CHANNEL, TABLES, table_of
 from roost.cluster.held import HELD_TABLES
 
@@ -67,6 +69,8 @@ _FAILURES_KEPT = 10_000
 
 # Ids reserved at a time for hand-off rows.
 ID_RESERVE = 1000
+# Upper bounds (seconds) of the commit latency histogram's buckets.
+COMMIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # Server errors after which the batch is rolled back and tried again.
 _RETRIABLE = (
@@ -252,6 +256,8 @@ class MessageWriter:
         self.pending_bytes = 0
         # Counters for stats and tests.
         self.transactions = 0
+        # Each committed batch's round trip (for /metrics).
+        self.commit_seconds = Histogram(COMMIT_BUCKETS)
         self.rows_written = 0
 
     # -- lifecycle --------------------------------------------------------
@@ -575,8 +581,10 @@ class MessageWriter:
         for attempt in range(self.retries + 1):
             conn = await self._connection(slot)
             try:
+                started = time.perf_counter()
                 async with asyncio.timeout(self.commit_timeout):
                     counts = await self._transaction(conn, batch, drop_deleted)
+                self.commit_seconds.observe(time.perf_counter() - started)
             except psycopg.Error as exc:
                 # A server error (it has a SQLSTATE) on a connection still
                 # up means PostgreSQL rolled the transaction back; anything

@@ -429,7 +429,13 @@ class NodeRegistry:
 async def drop_exclusive_queues(conn: AsyncConn, epoch: int) -> int:
     """Delete the exclusive queues (and bindings to them) owned by a dead
     epoch, announcing the change; inside the caller's transaction."""
-    cur = await conn.execute("SELECT 1 FROM roost_queues WHERE owner_epoch = %s LIMIT 1", (epoch,))
+    return await drop_queues(conn, "owner_epoch = %s", (epoch,))
+
+
+async def drop_queues(conn: AsyncConn, where: str, params: tuple[object, ...]) -> int:
+    """Delete the queues ``where`` selects (and the bindings to them),
+    announcing the change; inside the caller's transaction."""
+    cur = await conn.execute(f"SELECT 1 FROM roost_queues WHERE {where} LIMIT 1".encode(), params)
     if await cur.fetchone() is None:
         return 0
     # The definitions lock first, as every definitions write takes it: a
@@ -442,7 +448,7 @@ async def drop_exclusive_queues(conn: AsyncConn, epoch: int) -> int:
     version = await cur.fetchone()
     assert version is not None
     cur = await conn.execute(
-        "DELETE FROM roost_queues WHERE owner_epoch = %s RETURNING vhost, name", (epoch,)
+        f"DELETE FROM roost_queues WHERE {where} RETURNING vhost, name".encode(), params
     )
     gone = await cur.fetchall()
     vhosts, names = [str(r[0]) for r in gone], [str(r[1]) for r in gone]

@@ -19,13 +19,17 @@ from collections.abc import Awaitable, Callable
 import psycopg
 
 from roost.broker.broker import Broker
+from roost.cluster import cluster_metrics
 from roost.cluster.claims import release_dead
 from roost.cluster.consumers import ClusterConsumers, SharedQueue
 from roost.cluster.definitions import ClusterDefinitions
 from roost.cluster.delay_store import DelayStore, release_dead_hook
 from roost.cluster.node_messages import NodeMessages
+from roost.cluster.node_views import NodeViews, forget_incarnation
 from roost.cluster.nodes import NodeRegistry
 from roost.cluster.pg_backing import PgBackingQueue, attach
+from roost.http.cluster_view import local_view
+from roost.http.connections import close_local
 from roost.http.nodes import ClusterNode as NodeListing
 
 log = logging.getLogger("roost.cluster")
@@ -44,6 +48,8 @@ class ClusterNode:
         self.messages: NodeMessages | None = None
         self.consumers: ClusterConsumers | None = None
         self.delays: DelayStore | None = None
+        # This node's connections etc. for the others' management API.
+        self.views: NodeViews | None = None
 
     @property
     def name(self) -> str:
@@ -56,6 +62,9 @@ class ClusterNode:
         close every client connection. Raises ClusterError."""
         # First of the fencing hooks: nothing of the dead incarnation may go on.
         self.registry.on_fenced.append(on_fenced)
+        # A dead incarnation's published view and non-durable queues go
+        # (also for an earlier incarnation this one takes over at start).
+        self.registry.on_node_dead.append(forget_incarnation)
         await self.registry.start()
 
     async def start_messages(self, broker: Broker) -> None:
@@ -185,6 +194,12 @@ class ClusterNode:
                 self.consumers = None
             await self.registry.leave()
             raise
+        self.views = NodeViews(
+            self.registry,
+            collect=lambda: local_view(broker, self.name),
+            close_local=lambda name, reason: close_local(broker, name, reason),
+        )
+        await self.views.start()
         if self.delays is not None:
             self.delays.run()
 
@@ -209,9 +224,17 @@ class ClusterNode:
             return [NodeListing(self.name, 0)]
         return [NodeListing(n.name, n.uptime_ms, n.amqp_address, n.http_address) for n in live]
 
+    async def metrics(self) -> str:
+        """The node's cluster series for its /metrics."""
+        return await cluster_metrics.render(self.registry, self.views, self.messages)
+
     async def stop(self) -> None:
         """Leave the cluster: write what is pending, then declare this
-        incarnation dead at once (its exclusive queues go with it)."""
+        incarnation dead at once (its exclusive and non-durable queues go
+        with it)."""
+        if self.views is not None:
+            await self.views.stop()
+            self.views = None
         if self.definitions is not None:
             await self.definitions.stop()
             self.definitions = None

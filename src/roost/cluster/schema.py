@@ -262,6 +262,36 @@ CREATE INDEX roost_dedup_keys_expiry ON roost_dedup_keys (expires_at)
     WHERE expires_at IS NOT NULL;
 """,
     ),
+    (
+        5,
+        "non-durable queues' home node, cluster name, nodes' published views",
+        """
+-- The incarnation that declared a non-durable queue: the queue goes when
+-- that incarnation is declared dead or leaves, as a non-durable queue goes
+-- with its node in RabbitMQ. No foreign key: dead incarnations' rows are
+-- pruned, and a queue written by a fenced node after its cleanup is found
+-- by the sweep as an orphan (roost.cluster.node_views).
+ALTER TABLE roost_queues ADD COLUMN home_epoch bigint;
+CREATE INDEX roost_queues_home ON roost_queues (home_epoch) WHERE home_epoch IS NOT NULL;
+
+-- Set by the first node to register: /api/overview's cluster_name.
+ALTER TABLE roost_cluster ADD COLUMN cluster_name text NOT NULL DEFAULT '';
+
+-- What each live node publishes every few seconds for the management API
+-- of the others: its connections, channels and consumers (as the API shows
+-- them), its per-queue figures and message counters. Unlogged: it is
+-- rewritten all the time and worth nothing after a PostgreSQL crash.
+CREATE UNLOGGED TABLE roost_node_views (
+    epoch        bigint PRIMARY KEY,
+    taken_at     timestamptz NOT NULL DEFAULT now(),
+    connections  jsonb NOT NULL DEFAULT '[]',
+    channels     jsonb NOT NULL DEFAULT '[]',
+    consumers    jsonb NOT NULL DEFAULT '[]',
+    queues       jsonb NOT NULL DEFAULT '[]',
+    stats        jsonb NOT NULL DEFAULT '{}'
+);
+""",
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

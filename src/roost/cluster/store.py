@@ -51,12 +51,17 @@ _UPSERT = {
     " type = EXCLUDED.type, durable = EXCLUDED.durable, auto_delete = EXCLUDED.auto_delete,"
     " internal = EXCLUDED.internal, arguments = EXCLUDED.arguments",
     # The id is kept on update: it is the key of the queue's messages.
+    # A non-durable queue's home is the incarnation that first wrote it
+    # (the last parameter); it goes with that incarnation.
     "queue": "INSERT INTO roost_queues"
-    " (vhost, name, durable, auto_delete, arguments, owner_epoch, owner_connection)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (vhost, name) DO UPDATE SET"
+    " (vhost, name, durable, auto_delete, arguments, owner_epoch, owner_connection, home_epoch)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, CASE WHEN %s::boolean THEN NULL ELSE %s::bigint END)"
+    " ON CONFLICT (vhost, name) DO UPDATE SET"
     " durable = EXCLUDED.durable, auto_delete = EXCLUDED.auto_delete,"
     " arguments = EXCLUDED.arguments, owner_epoch = EXCLUDED.owner_epoch,"
-    " owner_connection = EXCLUDED.owner_connection RETURNING id",
+    " owner_connection = EXCLUDED.owner_connection,"
+    " home_epoch = CASE WHEN EXCLUDED.durable THEN NULL"
+    " ELSE coalesce(roost_queues.home_epoch, EXCLUDED.home_epoch) END RETURNING id",
     # Only while both ends exist: another node may have deleted one since
     # this node's model last heard (writes are serialised by the
     # roost_cluster row lock, so the check sees every earlier write). The
@@ -88,6 +93,7 @@ async def write(
     queue_ids: dict[Key, int],
     version: int,
     replaced: frozenset[Key] = frozenset(),
+    home_epoch: int | None = None,
 ) -> int:
     """Make the tables hold ``rows`` where they held ``base``; returns the
     number of rows changed. Ids of upserted queues go into ``queue_ids``.
@@ -96,7 +102,8 @@ async def write(
     new queue, which must not inherit the old one's id (the key of its
     messages), so its row is deleted and inserted anew, and the bindings
     to it (gone with the old row) inserted again. What changed is logged
-    under ``version`` (:mod:`changes`)."""
+    under ``version`` (:mod:`changes`). Non-durable queues written for the
+    first time get ``home_epoch`` (the writing incarnation) as their home."""
     changed = 0
     touched: list[Key] = []
     for table in reversed(TABLES):
@@ -118,6 +125,8 @@ async def write(
             if base.get(key) == row and key not in replaced and not _binds(key, replaced):
                 continue
             params = _params(key, row)
+            if table == "queue":
+                params += [row[0], home_epoch]  # durable, home
             cur = await conn.execute(
                 _UPSERT[table],
                 {str(i): v for i, v in enumerate(params)} if table == "binding" else params,

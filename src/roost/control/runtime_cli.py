@@ -109,7 +109,12 @@ def _vhost_args(args: argparse.Namespace) -> dict[str, Any]:
 def _online(action: str, args: argparse.Namespace, path: Path) -> int:
     if action == "list":
         result = ctl.request(path, f"list_{args.kind}", _vhost_args(args))
-        _output(_COLUMNS[args.kind], result, args.json)
+        columns = _COLUMNS[args.kind]
+        if args.kind in ("connections", "channels", "consumers") and any(
+            "node" in row for row in result
+        ):
+            columns = ("node", *columns)  # a cluster's
+        _output(columns, result, args.json)
     elif action == "status":
         _status(ctl.request(path, "status", {}), args.json)
     elif action in ("purge", "delete"):
@@ -289,6 +294,12 @@ def _status(status: dict[str, Any], as_json: bool) -> None:
         ("data directory", status["data_dir"]),
         ("store size", _size(status["store_bytes"])),
     ]
+    if "nodes" in status:  # a cluster node's
+        lines[1:1] = [
+            ("cluster", status["cluster_name"]),
+            ("nodes", ", ".join(status["nodes"])),
+            ("cluster connections", status["cluster_connections"]),
+        ]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key.ljust(width)}  {value}")

@@ -23,8 +23,10 @@ from typing import Any
 
 from roost.broker.broker import Broker
 from roost.control import runtime
+from roost.control.cluster_rows import CLUSTER_LISTINGS, complete
 from roost.control.commands import READ_ONLY, ControlError, execute
 from roost.control.socket_path import reachable
+from roost.http.cluster_view import ClusterView
 
 log = logging.getLogger("roost.control")
 MAX_REQUEST = 1024 * 1024
@@ -32,10 +34,19 @@ MAX_REQUEST = 1024 * 1024
 
 class ControlServer:
     def __init__(
-        self, broker: Broker, path: Path, info: Callable[[], dict[str, Any]] | None = None
+        self,
+        broker: Broker,
+        path: Path,
+        info: Callable[[], dict[str, Any]] | None = None,
+        cluster: ClusterView | None = None,
+        node: str = "",
     ) -> None:
         self.broker = broker
         self.path = path
+        # In cluster mode: listings cover the other nodes too (``node``
+        # names this one in their rows).
+        self.cluster = cluster
+        self.node = node
         # What ``status`` reports beyond the broker: listeners, data
         # directory, start time (given by the server).
         self.info = info
@@ -116,6 +127,9 @@ class ControlServer:
                 result = runtime.RUNTIME_COMMANDS[command](self.broker, args)
             else:
                 result = execute(self.broker, command, args)
+            if self.cluster is not None and command in CLUSTER_LISTINGS:
+                snap = await self.cluster.snapshot()
+                result = complete(self.broker, self.node, command, args, result, snap)
         except ControlError as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # a bug: report it rather than drop the client

@@ -26,6 +26,7 @@ from roost.http import (
     overview,
     queues,
 )
+from roost.http.cluster_view import ClusterView
 from roost.http.common import (
     BROKER,
     CURRENT_USER,
@@ -128,13 +129,17 @@ def build_app(
     metrics: MetricsOptions | None = None,
     node_name: str | None = None,
     cluster_nodes: ClusterNodes | None = None,
+    cluster_view: ClusterView | None = None,
+    cluster_metrics: Callable[[], Awaitable[str]] | None = None,
 ) -> web.Application:
     """The management API over ``broker``; ``listeners`` (protocol,
     ip_address, port) are reported by /api/overview, ``data_dir`` (whose
     file system's free space is reported) and ``started`` (a time.time())
     by /api/nodes; ``client_max_size`` bounds request bodies (0: no
     bound). In cluster mode ``node_name`` is this node's name and
-    ``cluster_nodes`` lists the live nodes for /api/nodes."""
+    ``cluster_nodes`` lists the live nodes for /api/nodes, ``cluster_view``
+    the other nodes' connections, channels, consumers and queue figures,
+    ``cluster_metrics`` the node's cluster series for /metrics."""
     app = web.Application(
         middlewares=[bounded, _api], client_max_size=client_max_size or sys.maxsize
     )
@@ -143,6 +148,7 @@ def build_app(
     app[INFO] = {
         "node": node_name or f"roost@{socket.gethostname()}",
         "cluster_nodes": cluster_nodes,
+        "cluster": cluster_view,
         "listeners": listeners or [],
         "data_dir": data_dir or ".",
         "started": time.time() if started is None else started,
@@ -161,7 +167,7 @@ def build_app(
         openapi,
     ):
         module.register(app)
-    register_metrics(app, broker, metrics or MetricsOptions())
+    register_metrics(app, broker, metrics or MetricsOptions(), cluster_metrics)
     # The web dashboard at / (static files; the browser calls the API).
     from roost.http import dashboard
 

@@ -19,6 +19,7 @@ from roost.broker.access import Actor, loopback_allowed
 from roost.broker.broker import Broker
 from roost.broker.users import User
 from roost.broker.vhost import VirtualHost
+from roost.http.cluster_view import ClusterSnapshot, ClusterView
 
 T = TypeVar("T")
 log = logging.getLogger("roost.http")
@@ -314,3 +315,12 @@ async def _called_back(register: Callable[[Callable[[], None]], None]) -> None:
 
     register(called)
     await done
+
+
+async def cluster_snapshot(request: web.Request) -> ClusterSnapshot | None:
+    """The other nodes' published views in cluster mode, else None. While
+    PostgreSQL is out of reach: no peers (this node knows only itself)."""
+    view: ClusterView | None = request.app[INFO].get("cluster")
+    if view is None:
+        return None
+    return await view.snapshot()

@@ -5,19 +5,21 @@ models, with RabbitMQ's names: a connection is "peer -> local"
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from roost.broker import read_models
+from roost.broker.broker import Broker
 from roost.broker.errors import CONNECTION_FORCED
 from roost.broker.fields import jsonable
 from roost.broker.read_models import ChannelView, ConnectionView, ConsumerView, host_port
+from roost.http.cluster_view import ClusterView
 from roost.http.common import (
     INFO,
     broker_of,
+    cluster_snapshot,
     is_admin,
     json_response,
     listing,
@@ -40,12 +42,16 @@ def _connections(request: web.Request, vhost: str | None = None) -> list[Connect
 
 
 def connection_json(request: web.Request, c: ConnectionView) -> dict[str, Any]:
+    return connection_dict(request.app[INFO]["node"], c)
+
+
+def connection_dict(node: str, c: ConnectionView) -> dict[str, Any]:
     host, port = host_port(c.local)
     peer_host, peer_port = host_port(c.peer)
     props = jsonable(c.client_properties)
     return {
         "name": c.name,
-        "node": request.app[INFO]["node"],
+        "node": node,
         "type": "network",
         "protocol": "AMQP 0-9-1",
         "user": c.user,
@@ -67,10 +73,14 @@ def connection_json(request: web.Request, c: ConnectionView) -> dict[str, Any]:
 
 
 def channel_json(request: web.Request, conn: ConnectionView, ch: ChannelView) -> dict[str, Any]:
+    return channel_dict(request.app[INFO]["node"], conn, ch)
+
+
+def channel_dict(node: str, conn: ConnectionView, ch: ChannelView) -> dict[str, Any]:
     peer_host, peer_port = host_port(conn.peer)
     return {
         "name": conn.channel_name(ch),
-        "node": request.app[INFO]["node"],
+        "node": node,
         "number": ch.number,
         "user": conn.user,
         "vhost": conn.vhost,
@@ -93,6 +103,10 @@ def channel_json(request: web.Request, conn: ConnectionView, ch: ChannelView) ->
 
 
 def consumer_json(request: web.Request, c: ConsumerView) -> dict[str, Any]:
+    return consumer_dict(request.app[INFO]["node"], c)
+
+
+def consumer_dict(node: str, c: ConsumerView) -> dict[str, Any]:
     # Listed from its connection's channels, so it always has both.
     conn, ch = c.connection, c.channel
     assert conn is not None and ch is not None
@@ -103,7 +117,7 @@ def consumer_json(request: web.Request, c: ConsumerView) -> dict[str, Any]:
         "channel_details": {
             "name": conn.channel_name(ch),
             "connection_name": conn.name,
-            "node": request.app[INFO]["node"],
+            "node": node,
             "number": ch.number,
             "peer_host": conn.peer_host or peer_host,
             "peer_port": peer_port,
@@ -119,75 +133,149 @@ def consumer_json(request: web.Request, c: ConsumerView) -> dict[str, Any]:
     }
 
 
+# In cluster mode a listing holds this node's live objects (views) and the
+# other nodes' published ones (already rendered: dicts).
+Conn = ConnectionView | dict[str, Any]
+Chan = tuple[ConnectionView, ChannelView] | dict[str, Any]
+
+
+def _peer_visible(request: web.Request, user: str, vhost: str | None, want: str | None) -> bool:
+    me = user_of(request)
+    return (sees_all(me) or user == me.name) and (want is None or vhost == want)
+
+
+async def _all_connections(request: web.Request, vhost: str | None = None) -> list[Conn]:
+    out: list[Conn] = list(_connections(request, vhost))
+    snap = await cluster_snapshot(request)
+    if snap is not None:
+        out.extend(
+            d
+            for d in snap.connections()
+            if _peer_visible(request, d.get("user", ""), d.get("vhost"), vhost)
+        )
+        out.sort(key=_name)
+    return out
+
+
 def _channels(conns: list[ConnectionView]) -> list[tuple[ConnectionView, ChannelView]]:
     return [(conn, ch) for conn in conns for ch in conn.channels]
 
 
+async def _all_channels(request: web.Request, vhost: str | None = None) -> list[Chan]:
+    out: list[Chan] = list(_channels(_connections(request, vhost)))
+    snap = await cluster_snapshot(request)
+    if snap is not None:
+        out.extend(
+            d
+            for d in snap.channels()
+            if _peer_visible(request, d.get("user", ""), d.get("vhost"), vhost)
+        )
+        out.sort(key=_channel_name)
+    return out
+
+
 # Listings render only what passes the filter and falls on the page.
-def _name(c: ConnectionView) -> str:
-    return c.name
+def _name(c: Conn) -> str:
+    return str(c["name"]) if isinstance(c, dict) else c.name
 
 
-def _channel_name(pair: tuple[ConnectionView, ChannelView]) -> str:
-    return pair[0].channel_name(pair[1])
+def _channel_name(item: Chan) -> str:
+    if isinstance(item, dict):
+        return str(item["name"])
+    return item[0].channel_name(item[1])
 
 
-def _channel_renderer(
-    request: web.Request,
-) -> Callable[[tuple[ConnectionView, ChannelView]], dict[str, Any]]:
-    return lambda pair: channel_json(request, *pair)
+def _connection_renderer(request: web.Request) -> Callable[[Conn], dict[str, Any]]:
+    node = request.app[INFO]["node"]
+    return lambda c: c if isinstance(c, dict) else connection_dict(node, c)
+
+
+def _channel_renderer(request: web.Request) -> Callable[[Chan], dict[str, Any]]:
+    node = request.app[INFO]["node"]
+    return lambda item: item if isinstance(item, dict) else channel_dict(node, *item)
 
 
 async def list_connections(request: web.Request) -> web.Response:
-    return await listing(
-        request, _connections(request), functools.partial(connection_json, request), _name
-    )
+    conns = await _all_connections(request)
+    return await listing(request, conns, _connection_renderer(request), _name)
 
 
 async def list_vhost_connections(request: web.Request) -> web.Response:
     vh = vhost_of(request)
-    conns = _connections(request, vh.name)
-    return await listing(request, conns, functools.partial(connection_json, request), _name)
+    conns = await _all_connections(request, vh.name)
+    return await listing(request, conns, _connection_renderer(request), _name)
 
 
-def _connection(request: web.Request) -> ConnectionView:
+async def _connection(request: web.Request) -> Conn:
     name = request.match_info["name"]
     for conn in _connections(request):
         if conn.name == name:
             return conn
+    snap = await cluster_snapshot(request)
+    if snap is not None:
+        for d in snap.connections():
+            if d.get("name") == name and _peer_visible(request, d.get("user", ""), None, None):
+                return d
     not_found()
 
 
 async def show_connection(request: web.Request) -> web.Response:
-    return json_response(connection_json(request, _connection(request)))
+    return json_response(_connection_renderer(request)(await _connection(request)))
 
 
 async def close_connection(request: web.Request) -> web.Response:
-    view = _connection(request)
+    view = await _connection(request)
     user = user_of(request)
+    owner = view.get("user") if isinstance(view, dict) else view.user
     # As RabbitMQ: administrators close any connection, others their own.
-    if not (is_admin(user) or view.user == user.name):
+    if not (is_admin(user) or owner == user.name):
         not_found()
     reason = request.headers.get("X-Reason", "Closed via management plugin")
-    for conn in list(broker_of(request).connections):
-        if conn.vhost is not None and conn.describe().name == view.name:
-            conn.close(CONNECTION_FORCED, reason)
+    if not isinstance(view, dict):
+        close_local(broker_of(request), view.name, reason)
+        return web.Response(status=204)
+    # Another node's: it closes it when told (and it is gone from the
+    # listings once that node publishes again).
+    cluster: ClusterView | None = request.app[INFO].get("cluster")
+    snap = await cluster_snapshot(request)
+    if cluster is not None and snap is not None:
+        for peer in snap.peers:
+            if any(d.get("name") == view["name"] for d in peer.connections):
+                await cluster.close_connection(peer.epoch, str(view["name"]), reason)
     return web.Response(status=204)
 
 
+def close_local(broker: Broker, name: str, reason: str) -> int:
+    """Close this node's connection ``name`` (RabbitMQ's name) with 320;
+    returns how many were closed."""
+    closed = 0
+    for conn in list(broker.connections):
+        if conn.vhost is not None and conn.describe().name == name:
+            conn.close(CONNECTION_FORCED, reason)
+            closed += 1
+    return closed
+
+
 async def connection_channels(request: web.Request) -> web.Response:
-    conn = _connection(request)
+    conn = await _connection(request)
+    if isinstance(conn, dict):
+        snap = await cluster_snapshot(request)
+        peers = snap.channels() if snap is not None else []
+        name = conn["name"]
+        return json_response(
+            [d for d in peers if d.get("connection_details", {}).get("name") == name]
+        )
     return json_response([channel_json(request, conn, ch) for ch in conn.channels])
 
 
 async def list_channels(request: web.Request) -> web.Response:
-    chans = _channels(_connections(request))
+    chans = await _all_channels(request)
     return await listing(request, chans, _channel_renderer(request), _channel_name)
 
 
 async def list_vhost_channels(request: web.Request) -> web.Response:
     vh = vhost_of(request)
-    chans = _channels(_connections(request, vh.name))
+    chans = await _all_channels(request, vh.name)
     return await listing(request, chans, _channel_renderer(request), _channel_name)
 
 
@@ -200,22 +288,40 @@ async def show_channel(request: web.Request) -> web.Response:
                 consumer_json(request, read_models.consumer_view(c, conn, ch)) for c in ch.consumers
             ]
             return json_response(data)
+    snap = await cluster_snapshot(request)
+    if snap is not None:
+        for d in snap.channels():
+            if d.get("name") == name and _peer_visible(request, d.get("user", ""), None, None):
+                data = dict(d)
+                data["consumer_details"] = [
+                    c for c in snap.consumers() if c.get("channel_details", {}).get("name") == name
+                ]
+                return json_response(data)
     not_found()
 
 
-def _consumers(request: web.Request, vhost: str | None = None) -> list[dict[str, Any]]:
-    return [
+async def _consumers(request: web.Request, vhost: str | None = None) -> list[dict[str, Any]]:
+    out = [
         consumer_json(request, c)
         for c in read_models.channel_consumers(_connections(request, vhost))
     ]
+    snap = await cluster_snapshot(request)
+    if snap is not None:
+        for d in snap.consumers():
+            details = d.get("channel_details", {})
+            if _peer_visible(
+                request, details.get("user", ""), d.get("queue", {}).get("vhost"), vhost
+            ):
+                out.append(d)
+    return out
 
 
 async def list_consumers(request: web.Request) -> web.Response:
-    return json_response(_consumers(request))
+    return json_response(await _consumers(request))
 
 
 async def list_vhost_consumers(request: web.Request) -> web.Response:
-    return json_response(_consumers(request, vhost_of(request).name))
+    return json_response(await _consumers(request, vhost_of(request).name))
 
 
 def register(app: web.Application) -> None:

@@ -351,8 +351,15 @@ class _Page:
     """One endpoint's rendered page, reused for ``cache_seconds``; scrapes
     arriving while it renders share that render."""
 
-    def __init__(self, broker: Broker, per_object: bool, cache_seconds: float) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        per_object: bool,
+        cache_seconds: float,
+        extra: Callable[[], Awaitable[str]] | None = None,
+    ) -> None:
         self._broker = broker
+        self._extra = extra
         self._per_object = per_object
         self._cache_seconds = cache_seconds
         self._body = b""
@@ -374,6 +381,8 @@ class _Page:
             for chunk in _chunks(self._broker, self._per_object):
                 parts.append(chunk.encode())
                 await asyncio.sleep(0)  # let AMQP connections run between chunks
+            if self._extra is not None:
+                parts.append((await self._extra()).encode())
             self._body = b"".join(parts)
             self._rendered_at = asyncio.get_running_loop().time()
             return self._body
@@ -381,10 +390,16 @@ class _Page:
             self._rendering = None
 
 
-def register_metrics(app: Any, broker: Broker, options: MetricsOptions) -> None:
+def register_metrics(
+    app: Any,
+    broker: Broker,
+    options: MetricsOptions,
+    extra: Callable[[], Awaitable[str]] | None = None,
+) -> None:
     """Serve RabbitMQ's aggregated metrics at GET /metrics (or per-object
     ones with ``options.per_object``) and per-object ones at GET
-    /metrics/per-object of an aiohttp application."""
+    /metrics/per-object of an aiohttp application; ``extra`` renders more
+    series appended to both (a cluster node's)."""
     from aiohttp import web
 
     from roost.http.common import MANAGEMENT_TAGS, HTTPError, error, login
@@ -405,7 +420,7 @@ def register_metrics(app: Any, broker: Broker, options: MetricsOptions) -> None:
 
         return metrics
 
-    per_object = _Page(broker, True, options.cache_seconds)
-    main = per_object if options.per_object else _Page(broker, False, options.cache_seconds)
+    per_object = _Page(broker, True, options.cache_seconds, extra)
+    main = per_object if options.per_object else _Page(broker, False, options.cache_seconds, extra)
     app.router.add_get("/metrics", handler(main))
     app.router.add_get("/metrics/per-object", handler(per_object))

@@ -30,6 +30,7 @@ from roost.http.common import (
     INFO,
     HTTPError,
     broker_of,
+    cluster_snapshot,
     json_response,
     not_found,
     sees_all,
@@ -138,10 +139,11 @@ def _require_monitor(request: web.Request) -> None:
         raise HTTPError(401, "not_authorised", "Not monitor user")
 
 
-def _peer_info(node: ClusterNode) -> dict[str, Any]:
+def _peer_info(node: ClusterNode, connections: int | None) -> dict[str, Any]:
     # Another node's figures (memory, disk ...) are its own to report; the
-    # registry knows that it is alive and since when.
-    return {
+    # registry knows that it is alive and since when, and its published
+    # view how many connections it serves.
+    info: dict[str, Any] = {
         "name": node.name,
         "type": "disc",
         "running": True,
@@ -149,6 +151,9 @@ def _peer_info(node: ClusterNode) -> dict[str, Any]:
         "amqp_address": node.amqp_address,
         "http_address": node.http_address,
     }
+    if connections is not None:
+        info["sockets_used"] = connections
+    return info
 
 
 async def _nodes(request: web.Request) -> list[dict[str, Any]]:
@@ -156,6 +161,8 @@ async def _nodes(request: web.Request) -> list[dict[str, Any]]:
     listing: ClusterNodes | None = info.get("cluster_nodes")
     if listing is None:
         return [node_info(request)]
+    snap = await cluster_snapshot(request)
+    connections = {p.node: len(p.connections) for p in snap.peers} if snap is not None else {}
     out = []
     for node in await listing():
         if node.name == info["node"]:
@@ -163,7 +170,7 @@ async def _nodes(request: web.Request) -> list[dict[str, Any]]:
             own.update(amqp_address=node.amqp_address, http_address=node.http_address)
             out.append(own)
         else:
-            out.append(_peer_info(node))
+            out.append(_peer_info(node, connections.get(node.name)))
     return out
 
 

@@ -9,9 +9,12 @@ from aiohttp import web
 from roost import __version__
 from roost.broker import read_models
 from roost.broker.exchange import EXCHANGE_TYPES
+from roost.broker.read_models import host_port
+from roost.http.cluster_view import sum_stats
 from roost.http.common import (
     INFO,
     broker_of,
+    cluster_snapshot,
     json_response,
     user_of,
     vhost_of,
@@ -33,6 +36,36 @@ async def overview(request: web.Request) -> web.Response:
     totals = read_models.totals(vhosts)
     names = {vh.name for vh in vhosts}
     conns = [c for c in read_models.connections(broker) if c.vhost in names]
+    channels = sum(len(c.channels) for c in conns)
+    connections = len(conns)
+    consumers, ready, unacked = (
+        totals.consumers,
+        totals.messages_ready,
+        totals.messages_unacknowledged,
+    )
+    message_stats = broker.stats.message_stats(("overall",))
+    cluster_name = info["node"]
+    listeners = [{"node": info["node"], **listener} for listener in info["listeners"]]
+    cluster = await cluster_snapshot(request)
+    if cluster is not None:
+        # The whole cluster: the other nodes' connections, channels and
+        # shares of the queues, as each last published them.
+        cluster_name = cluster.cluster_name or cluster_name
+        connections += sum(1 for d in cluster.connections() if d.get("vhost") in names)
+        channels += sum(1 for d in cluster.channels() if d.get("vhost") in names)
+        for vh in vhosts:
+            for q in vh.queues.values():
+                f = cluster.queue(q)
+                consumers += f.consumers
+                ready += f.buffered
+                unacked += f.unacked
+        message_stats = sum_stats([message_stats, *(p.stats for p in cluster.peers)])
+        for peer in cluster.peers:
+            host, port = host_port(peer.amqp_address)
+            if port is not None:
+                listeners.append(
+                    {"node": peer.node, "protocol": "amqp", "ip_address": host, "port": port}
+                )
     data: dict[str, Any] = {
         "management_version": RABBITMQ_VERSION,
         "rates_mode": "none",
@@ -43,28 +76,28 @@ async def overview(request: web.Request) -> web.Response:
         "product_version": __version__,
         "product_name": "roost",
         "rabbitmq_version": RABBITMQ_VERSION,
-        "cluster_name": info["node"],
+        "cluster_name": cluster_name,
         "disable_stats": False,
         "enable_queue_totals": False,
-        "message_stats": broker.stats.message_stats(("overall",)),
+        "message_stats": message_stats,
         "queue_totals": {
-            "messages": totals.messages,
-            "messages_details": _rate(totals.messages),
-            "messages_ready": totals.messages_ready,
-            "messages_ready_details": _rate(totals.messages_ready),
-            "messages_unacknowledged": totals.messages_unacknowledged,
-            "messages_unacknowledged_details": _rate(totals.messages_unacknowledged),
+            "messages": ready + unacked,
+            "messages_details": _rate(ready + unacked),
+            "messages_ready": ready,
+            "messages_ready_details": _rate(ready),
+            "messages_unacknowledged": unacked,
+            "messages_unacknowledged_details": _rate(unacked),
         },
         "object_totals": {
-            "channels": sum(len(c.channels) for c in conns),
-            "connections": len(conns),
-            "consumers": totals.consumers,
+            "channels": channels,
+            "connections": connections,
+            "consumers": consumers,
             "exchanges": totals.exchanges,
             "queues": totals.queues,
         },
         "statistics_db_event_queue": 0,
         "node": info["node"],
-        "listeners": [{"node": info["node"], **listener} for listener in info["listeners"]],
+        "listeners": listeners,
         "contexts": [],
     }
     return json_response(data)

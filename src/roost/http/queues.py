@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -12,10 +13,12 @@ from roost.broker.access import CONFIGURE, READ
 from roost.broker.fields import jsonable
 from roost.broker.queue import Queue
 from roost.broker.vhost import VirtualHost
+from roost.http.cluster_view import ClusterSnapshot, merged_queue
 from roost.http.common import (
     INFO,
     acting_in,
     broker_of,
+    cluster_snapshot,
     definitions_saved,
     durable,
     json_body,
@@ -30,8 +33,22 @@ from roost.http.common import (
 _API_OWNER = object()
 
 
-def queue_json(request: web.Request, q: Queue) -> dict[str, Any]:
+def queue_json(
+    request: web.Request, q: Queue, cluster: ClusterSnapshot | None = None
+) -> dict[str, Any]:
     v = read_models.queue_view(broker_of(request), q)
+    node = request.app[INFO]["node"]
+    if cluster is not None:
+        # The whole cluster's figures; a queue with a home (exclusive,
+        # non-durable) is on that node, any other is served by every node.
+        merged = merged_queue(q, cluster)
+        node = cluster.homes.get((v.vhost, v.name), node)
+        v = replace(
+            v,
+            messages_ready=merged.messages_ready,
+            messages_unacknowledged=merged.messages_unacknowledged,
+            consumers=merged.consumers,
+        )
     return {
         "name": v.name,
         "vhost": v.vhost,
@@ -40,7 +57,7 @@ def queue_json(request: web.Request, q: Queue) -> dict[str, Any]:
         "exclusive": v.exclusive,
         "arguments": jsonable(v.arguments),
         "type": v.type,
-        "node": request.app[INFO]["node"],
+        "node": node,
         "state": v.state,
         "consumers": v.consumers,
         "messages": v.messages,
@@ -68,13 +85,15 @@ def _queue(request: web.Request, vh: VirtualHost) -> Queue:
 
 async def list_all(request: web.Request) -> web.Response:
     queues = [q for vh in visible_vhosts(request) for q in vh.queues.values()]
-    return await listing(request, queues, functools.partial(queue_json, request), _queue_name)
+    render = functools.partial(queue_json, request, cluster=await cluster_snapshot(request))
+    return await listing(request, queues, render, _queue_name)
 
 
 async def list_vhost(request: web.Request) -> web.Response:
     vh = vhost_of(request)
     queues = list(vh.queues.values())
-    return await listing(request, queues, functools.partial(queue_json, request), _queue_name)
+    render = functools.partial(queue_json, request, cluster=await cluster_snapshot(request))
+    return await listing(request, queues, render, _queue_name)
 
 
 def _queue_name(q: Queue) -> str:
@@ -83,7 +102,8 @@ def _queue_name(q: Queue) -> str:
 
 async def show(request: web.Request) -> web.Response:
     vh = vhost_of(request)
-    data = queue_json(request, _queue(request, vh))
+    q = _queue(request, vh)
+    data = queue_json(request, q, await cluster_snapshot(request))
     data["consumer_details"] = []
     data["incoming"] = []
     data["deliveries"] = []
@@ -118,9 +138,11 @@ async def delete(request: web.Request) -> web.Response:
         # Another connection's exclusive queue: RESOURCE_LOCKED, as the
         # management plugin's AMQP queue.delete gets it.
         vh.queue(q.name, _API_OWNER)
-    if request.query.get("if-unused") == "true" and q.consumer_count:
+    # In a cluster: the consumers and messages of every node.
+    figures = merged_queue(q, await cluster_snapshot(request))
+    if request.query.get("if-unused") == "true" and figures.consumers:
         return json_response({"error": "bad_request", "reason": "in use"}, status=400)
-    if request.query.get("if-empty") == "true" and q.message_count:
+    if request.query.get("if-empty") == "true" and figures.messages_ready:
         return json_response({"error": "bad_request", "reason": "not empty"}, status=400)
     vh.remove_queue(q)
     await definitions_saved(broker_of(request))
