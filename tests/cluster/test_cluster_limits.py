@@ -205,9 +205,7 @@ async def test_drop_head_without_dead_letter_exchange(
 
 async def test_max_length_bytes_reject_publish(node: Callable[[str], RoostProcess]) -> None:
     a, b = node("a"), node("b")
-    await _declare(
-        a, "bytes", **{"x-max-length-bytes": 10 * 100, "x-overflow": "reject-publish"}
-    )
+    await _declare(a, "bytes", **{"x-max-length-bytes": 10 * 100, "x-overflow": "reject-publish"})
     acked, nacked = await _both(a, b, "bytes", 50, size=100)
     assert (len(acked), len(nacked)) == (10, 90)
     assert await _count(b, "bytes") == 10

@@ -595,6 +595,9 @@ class Channel:
         if self._reply_key is not None:
             raise precondition("reply consumer already set")
         key = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        relay = self.vhost.reply_relay
+        if relay is not None:
+            key = relay.key_prefix() + key  # names this node to the others
         placeholder = Queue(self.vhost, REPLY_TO_QUEUE)
         consumer = Consumer(tag, placeholder, self, no_ack=True)
         self.consumers[tag] = consumer

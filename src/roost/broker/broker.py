@@ -12,7 +12,7 @@ from roost.broker.delayed import DelayedExchange
 from roost.broker.errors import BrokerError
 from roost.broker.journal import Journal
 from roost.broker.users import UserStore
-from roost.broker.vhost import VirtualHost
+from roost.broker.vhost import ReplyRelay, VirtualHost
 
 if TYPE_CHECKING:
     from roost.broker.read_models import ConnectionView
@@ -73,6 +73,8 @@ class Broker:
         self.definitions_saved_hook: Callable[[int, Callable[[], None]], None] | None = None
         # Cluster mode: the vhosts are shared by the nodes (VirtualHost.clustered).
         self.clustered = False
+        # Cluster mode: direct reply-to across nodes (VirtualHost.reply_relay).
+        self.reply_relay: ReplyRelay | None = None
         self.next_queue_id = 1
         # Log ids of deleted queues and delayed exchanges that may still have
         # unsettled records on disk: recovery drops those records instead of
@@ -156,6 +158,7 @@ class Broker:
             vh.scheduler = self.scheduler
             vh.persist_dedup = self.persist_dedup
             vh.clustered = self.clustered
+            vh.reply_relay = self.reply_relay
             vh.queue_memory_limit = self._vhost_queue_memory_limit()
             self.definitions_changed()
         return vh

@@ -24,6 +24,7 @@ from roost.cluster.definitions import ClusterDefinitions
 from roost.cluster.node_messages import NodeMessages
 from roost.cluster.nodes import NodeRegistry
 from roost.cluster.pg_backing import PgBackingQueue, attach
+from roost.cluster.reply_relay import ReplyRelay, forget_dead
 from roost.http.nodes import ClusterNode as NodeListing
 
 log = logging.getLogger("roost.cluster")
@@ -40,6 +41,7 @@ class ClusterNode:
         self.registry = NodeRegistry(url, name, timeout)
         self.definitions: ClusterDefinitions | None = None
         self.messages: NodeMessages | None = None
+        self.replies: ReplyRelay | None = None
 
     @property
     def name(self) -> str:
@@ -83,6 +85,13 @@ class ClusterNode:
         # another connection and wait for ever).
         registry.on_node_dead.append(lambda epoch, conn: release_dead(conn, epoch))
         registry.on_beat.append(self._beat)
+        # Direct reply-to: replies to requesters on other nodes.
+        replies = ReplyRelay(registry.url, registry.epoch, broker)
+        await replies.start()
+        self.replies = broker.reply_relay = replies  # vhosts created later take it
+        for vhost in broker.vhosts.values():
+            vhost.reply_relay = replies
+        registry.on_node_dead.append(lambda epoch, conn: forget_dead(conn, epoch))
         # The registration was the first heartbeat: the lease starts from
         # it, not unbounded until the next one.
         self._beat(registry.last_beat_sent)
@@ -96,6 +105,8 @@ class ClusterNode:
         # now on are under the new epoch (the old one's rows were released).
         if self.messages is not None:
             self.messages.set_epoch(epoch)
+        if self.replies is not None:
+            self.replies.set_epoch(epoch)
 
     def _beat(self, sent: float) -> None:
         if self.messages is not None:
@@ -162,6 +173,9 @@ class ClusterNode:
         if self.definitions is not None:
             await self.definitions.stop()
             self.definitions = None
+        if self.replies is not None:
+            await self.replies.close()
+            self.replies = None
         if self.messages is not None:
             # After the AMQP connections closed (their acks are enqueued):
             # writes what is pending, then hands back every row still held,
