@@ -104,16 +104,37 @@ async def _count(proc: RoostProcess, queue: str) -> int:
         return n
 
 
-async def _take_all(proc: RoostProcess, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Every message of the queue, by basic.get, acked."""
+async def _settles_at(proc: RoostProcess, queue: str, n: int) -> None:
+    """The node's message count reaches ``n`` (a node learns of another's
+    commits within a second) and stays there."""
+    for _ in range(600):
+        if await _count(proc, queue) == n:
+            break
+        await asyncio.sleep(0.05)
+    assert await _count(proc, queue) == n
+
+
+async def _take(
+    proc: RoostProcess, queue: str, n: int
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """``n`` messages of the queue by basic.get, acked (a get may come up
+    empty while a batch holds the head locked), and then no more."""
     conn = await aio_pika.connect(_url(proc))
-    got = []
+    got: list[aio_pika.abc.AbstractIncomingMessage] = []
     async with conn:
         ch = await conn.channel()
         q = await ch.declare_queue(queue, passive=True)
-        while (m := await q.get(fail=False, timeout=30)) is not None:
+        for _ in range(600):
+            if len(got) == n:
+                break
+            m = await q.get(fail=False, timeout=30)
+            if m is None:
+                await asyncio.sleep(0.05)
+                continue
             await m.ack()
             got.append(m)
+        assert len(got) == n
+        assert await q.get(fail=False, timeout=30) is None
     return got
 
 
@@ -129,9 +150,9 @@ async def test_reject_publish_accepts_exactly_the_limit_from_two_nodes(
     acked, nacked = await _both(a, b, "lim", 200)
     assert len(acked) == 50
     assert len(nacked) == 350
-    assert await _count(a, "lim") == 50
-    assert await _count(b, "lim") == 50
-    assert sorted(_bodies(await _take_all(b, "lim"))) == sorted(acked)
+    await _settles_at(a, "lim", 50)
+    await _settles_at(b, "lim", 50)
+    assert sorted(_bodies(await _take(b, "lim", 50))) == sorted(acked)
     # Consumed: room again, for exactly as many.
     acked, nacked = await _both(a, b, "lim", 40)
     assert (len(acked), len(nacked)) == (50, 30)
@@ -153,8 +174,8 @@ async def test_reject_publish_dlx_nacks_and_dead_letters_what_is_refused(
     )
     acked, nacked = await _both(a, b, "rdlx", 100)
     assert (len(acked), len(nacked)) == (30, 170)
-    assert sorted(_bodies(await _take_all(a, "rdlx"))) == sorted(acked)
-    dead = await _take_all(b, "rdlx.dlq")
+    assert sorted(_bodies(await _take(a, "rdlx", 30))) == sorted(acked)
+    dead = await _take(b, "rdlx.dlq", 170)
     assert sorted(_bodies(dead)) == sorted(nacked)
     death = dead[0].headers["x-death"][0]  # type: ignore[index]
     assert death["reason"] == "maxlen" and death["queue"] == "rdlx"  # type: ignore[index]
@@ -175,10 +196,9 @@ async def test_drop_head_keeps_the_newest_and_dead_letters_the_rest(
     )
     acked, nacked = await _both(a, b, "dh", 150)
     assert (len(acked), len(nacked)) == (300, 0)  # drop-head refuses nothing
-    assert await _count(b, "dh") == 40
-    kept = _bodies(await _take_all(b, "dh"))
-    dead = _bodies(await _take_all(a, "dh.dlq"))
-    assert len(kept) == 40 and len(dead) == 260
+    await _settles_at(b, "dh", 40)
+    kept = _bodies(await _take(b, "dh", 40))
+    dead = _bodies(await _take(a, "dh.dlq", 260))
     assert sorted(kept + dead) == sorted(acked)  # each exactly once
     # Each node's publishes are kept in order: the newest of each survive.
     for prefix in (b"a", b"b"):
@@ -195,12 +215,8 @@ async def test_drop_head_without_dead_letter_exchange(
     await _declare(a, "dh0", **{"x-max-length": 25})
     acked, nacked = await _both(a, b, "dh0", 100, persistent=False)
     assert (len(acked), len(nacked)) == (200, 0)
-    # Transient messages are confirmed before their batch commits.
-    for _ in range(600):
-        if await _count(a, "dh0") == 25:
-            break
-        await asyncio.sleep(0.05)
-    assert len(await _take_all(b, "dh0")) == 25
+    await _settles_at(a, "dh0", 25)
+    assert len(await _take(b, "dh0", 25)) == 25
 
 
 async def test_max_length_bytes_reject_publish(node: Callable[[str], RoostProcess]) -> None:
@@ -208,7 +224,7 @@ async def test_max_length_bytes_reject_publish(node: Callable[[str], RoostProces
     await _declare(a, "bytes", **{"x-max-length-bytes": 10 * 100, "x-overflow": "reject-publish"})
     acked, nacked = await _both(a, b, "bytes", 50, size=100)
     assert (len(acked), len(nacked)) == (10, 90)
-    assert await _count(b, "bytes") == 10
+    await _settles_at(b, "bytes", 10)
 
 
 async def test_max_length_bytes_drop_head(node: Callable[[str], RoostProcess]) -> None:
@@ -227,10 +243,9 @@ async def test_max_length_bytes_drop_head(node: Callable[[str], RoostProcess]) -
     # A message larger than the limit can never fit: dead-lettered at once.
     big, _ = await _publish(a, "bdh", [b"x" * 3000])
     assert big == [b"x" * 3000]
-    kept = await _take_all(b, "bdh")
-    dead = await _take_all(a, "bdh.dlq")
-    assert len(kept) == 20
-    assert sorted(_bodies(kept) + _bodies(dead)) == sorted(acked + big)
+    kept = _bodies(await _take(b, "bdh", 20))
+    dead = _bodies(await _take(a, "bdh.dlq", len(acked) + 1 - 20))
+    assert sorted(kept + dead) == sorted(acked + big)
 
 
 async def test_consumers_on_another_node_make_room(node: Callable[[str], RoostProcess]) -> None:
@@ -260,3 +275,57 @@ async def test_consumers_on_another_node_make_room(node: Callable[[str], RoostPr
                 await asyncio.sleep(0.05)
         assert len(accepted) > 20  # the consumer made room, round after round
         assert sorted(got) == sorted(accepted)
+
+
+async def _hold(proc: RoostProcess, queue: str, n: int) -> aio_pika.abc.AbstractRobustConnection:
+    """A consumer that takes ``n`` messages and acks none; returns its
+    connection (close it to requeue them)."""
+    conn = await aio_pika.connect(_url(proc))
+    ch = await conn.channel()
+    await ch.set_qos(prefetch_count=n)
+    q = await ch.declare_queue(queue, passive=True)
+    got: list[bytes] = []
+
+    async def on_message(m: aio_pika.abc.AbstractIncomingMessage) -> None:
+        got.append(m.body)
+
+    await q.consume(on_message)
+    for _ in range(600):
+        if len(got) == n:
+            break
+        await asyncio.sleep(0.05)
+    assert len(got) == n
+    return conn
+
+
+async def test_requeued_released_and_purged_rows_are_counted(
+    node: Callable[[str], RoostProcess],
+) -> None:
+    """Only ready messages count, as in RabbitMQ: delivered ones make room,
+    and count again once they are back (requeued by a closed connection,
+    released from a dead node), over the limit if need be; a purge empties."""
+    a, b = node("a"), node("b")
+    await _declare(a, "back", **{"x-max-length": 20, "x-overflow": "reject-publish"})
+    acked, _ = await _publish(a, "back", [f"m{i}".encode() for i in range(20)])
+    assert len(acked) == 20
+    held = await _hold(b, "back", 10)
+    acked, nacked = await _publish(a, "back", [f"n{i}".encode() for i in range(15)])
+    assert (len(acked), len(nacked)) == (10, 5)
+    await held.close()  # requeued: 30 ready, over the limit
+    await _settles_at(a, "back", 30)
+    acked, nacked = await _publish(a, "back", [b"x", b"y"])
+    assert (len(acked), len(nacked)) == (0, 2)
+    await _hold(b, "back", 12)
+    await _settles_at(a, "back", 18)
+    b.kill()  # released by the cluster after the node timeout
+    await _settles_at(a, "back", 30)
+    acked, nacked = await _publish(a, "back", [b"z"])
+    assert (len(acked), len(nacked)) == (0, 1)
+    conn = await aio_pika.connect(_url(a))
+    async with conn:
+        ch = await conn.channel()
+        q = await ch.declare_queue("back", passive=True)
+        assert await q.purge() is not None
+    await _settles_at(a, "back", 0)
+    acked, nacked = await _publish(a, "back", [f"p{i}".encode() for i in range(25)])
+    assert (len(acked), len(nacked)) == (20, 5)

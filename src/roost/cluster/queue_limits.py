@@ -134,8 +134,14 @@ async def decide(
     async def existing_head() -> HeadRow | None:
         nonlocal exhausted
         if not head and not exhausted:
-            # Enough for the batch at once when only the count limits.
-            want = max(16, pending + ready - (limit.max_length or 0))
+            # Locked until the batch commits, and skipped by claims
+            # meanwhile: no more than it may drop. With a count limit
+            # alone, that is known; with bytes, a few at a time.
+            if limit.max_bytes is None and limit.max_length is not None:
+                over = ready + 1 + pending - limit.max_length
+                want = max(1, min(ready - len(fresh), over))
+            else:
+                want = 16
             rows = await fetch_head(min(want, 10_000), seen)
             seen.extend(r.id for r in rows)
             head.extend(rows)
