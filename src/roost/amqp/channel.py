@@ -25,7 +25,7 @@ from roost.broker.access import CONFIGURE, READ, WRITE
 from roost.broker.consumer import Consumer
 from roost.broker.errors import BrokerError, precondition
 from roost.broker.exchange import EXCHANGE_TYPES, Exchange
-from roost.broker.journal import Journal, OutcomeUnknown
+from roost.broker.journal import Journal, OutcomeUnknown, PartlyRefused
 from roost.broker.message import Message, QueueEntry
 from roost.broker.queue import Queue
 from roost.broker.queue_args import parse_expiration
@@ -109,7 +109,7 @@ class Channel:
         self.publish_seq = 0
         self._confirmed_upto = 0
         # Publishes waiting for the message store's fsync: (seq, batch).
-        self._unconfirmed: deque[tuple[int, int, bool]] = deque()
+        self._unconfirmed: deque[tuple[int, int, bool, Message]] = deque()
         self._awaited_batch = 0
         self._confirm_sent = 0
         self.tx = False
@@ -318,15 +318,15 @@ class Channel:
         refused, batch = self._publish(ex, msg, ev.mandatory)
         if self.confirm:
             if batch or self._unconfirmed:
-                self._await_durable(self.publish_seq, batch, not refused)
+                self._await_durable(self.publish_seq, batch, not refused, msg)
             else:
                 self._resolve(self.publish_seq, not refused)
 
-    def _await_durable(self, seq: int, batch: int, ok: bool) -> None:
+    def _await_durable(self, seq: int, batch: int, ok: bool, msg: Message) -> None:
         """Confirm ``seq`` once the message store has fsync'd ``batch``;
         confirms stay in publish order, so later ones wait behind it."""
         journal = self.vhost.journal
-        self._unconfirmed.append((seq, batch, ok))
+        self._unconfirmed.append((seq, batch, ok, msg))
         if journal is None:
             return
         # Batches only grow, so one wait for the newest covers all before it.
@@ -342,13 +342,15 @@ class Channel:
         durable = journal.durable_batch
         pending = self._unconfirmed
         while pending and pending[0][1] <= durable:
-            seq, batch, ok = pending.popleft()
+            seq, batch, ok, msg = pending.popleft()
             exc = journal.failure(batch) if ok and batch else None
             if exc is not None:
                 if isinstance(exc, OutcomeUnknown):
                     self._outcome_unknown(exc)
                     return
-                ok = False  # not written: nacked
+                # Not written, or (a cluster's length limit) refused: nacked.
+                if not isinstance(exc, PartlyRefused) or exc.refuses(msg):
+                    ok = False
             self._resolve(seq, ok)
 
     def _outcome_unknown(self, exc: Exception) -> None:
@@ -593,6 +595,9 @@ class Channel:
         if self._reply_key is not None:
             raise precondition("reply consumer already set")
         key = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        relay = self.vhost.reply_relay
+        if relay is not None:
+            key = relay.key_prefix() + key  # names this node to the others
         placeholder = Queue(self.vhost, REPLY_TO_QUEUE)
         consumer = Consumer(tag, placeholder, self, no_ack=True)
         self.consumers[tag] = consumer
@@ -857,7 +862,7 @@ class Channel:
         if self.closing:
             return
         exc = journal.failure(batch) if batch else None
-        if exc is not None:
+        if exc is not None and not isinstance(exc, PartlyRefused):
             # Part of the transaction may be written, part not: it can be
             # neither committed whole nor rolled back, so no commit-ok.
             self._outcome_unknown(exc)

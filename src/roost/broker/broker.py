@@ -12,7 +12,7 @@ from roost.broker.delayed import DelayedExchange, DelayStore
 from roost.broker.errors import BrokerError
 from roost.broker.journal import Journal
 from roost.broker.users import UserStore
-from roost.broker.vhost import VirtualHost
+from roost.broker.vhost import ReplyRelay, VirtualHost
 
 if TYPE_CHECKING:
     from roost.broker.read_models import ConnectionView
@@ -75,6 +75,8 @@ class Broker:
         self.clustered = False
         # Cluster mode: where delayed exchanges keep what they hold (every vhost's).
         self.delay_store: DelayStore | None = None
+        # Cluster mode: direct reply-to across nodes (VirtualHost.reply_relay).
+        self.reply_relay: ReplyRelay | None = None
         self.next_queue_id = 1
         # Log ids of deleted queues and delayed exchanges that may still have
         # unsettled records on disk: recovery drops those records instead of
@@ -159,6 +161,7 @@ class Broker:
             vh.persist_dedup = self.persist_dedup
             vh.clustered = self.clustered
             vh.delay_store = self.delay_store
+            vh.reply_relay = self.reply_relay
             vh.queue_memory_limit = self._vhost_queue_memory_limit()
             self.definitions_changed()
         return vh

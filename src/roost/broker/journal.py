@@ -23,6 +23,19 @@ class OutcomeUnknown(Exception):
     rather than confirm or nack, so the client publishes again."""
 
 
+class PartlyRefused(Exception):
+    """A batch that was written, but whose store refused some of its
+    publishes (cluster mode decides length limits at commit): those are
+    nacked, the others confirmed. Not a failure of the batch."""
+
+    def __init__(self, refused: set[int]) -> None:
+        super().__init__(f"{len(refused)} publishes refused")
+        self.refused = refused  # id() of the refused messages
+
+    def refuses(self, message: Message) -> bool:
+        return id(message) in self.refused
+
+
 class Journal(Protocol):
     def append(self, message: Message, queue_ids: list[int]) -> int:
         """Write ``message`` as a persistent record for the durable queues
@@ -69,6 +82,7 @@ class Journal(Protocol):
 
     def failure(self, batch: int) -> Exception | None:
         """Why ``batch``, resolved by ``wait_durable``, was not written (None:
-        it was). An :class:`OutcomeUnknown` means it may have been; a local
+        it was). An :class:`OutcomeUnknown` means it may have been; a
+        :class:`PartlyRefused` that it was, less some publishes; a local
         log never fails a batch it called back for."""
         ...

@@ -231,6 +231,28 @@ class Queue:
         self.dead_lettered += 1
         deadletter.dead_letter(self, message, deadletter.MAXLEN)
 
+    def delegate_limits(self) -> None:
+        """The backing queue enforces x-max-length(-bytes) from now on (a
+        cluster's, deciding at commit against the count of every node's
+        rows): admit(), enqueue() and requeue() no longer do, and it
+        reports what it refused or dropped through :meth:`overflowed`."""
+        self._limited = False
+        self.admits_all = self.deduper is None
+
+    def overflowed(self, messages: Iterable[Message], uncounted: int = 0) -> None:
+        """The backing queue refused (reject-publish-dlx) or dropped
+        (drop-head) ``messages`` for the length limits: they are
+        dead-lettered; ``uncounted`` more were dropped whose content it
+        did not fetch, the queue having no dead-letter exchange."""
+        for message in messages:
+            self.dead_lettered += 1
+            deadletter.dead_letter(self, message, deadletter.MAXLEN)
+        if uncounted:
+            self.dead_lettered += uncounted
+            by = self.vhost.dead_lettered_by
+            key = (deadletter.MAXLEN, "disabled")
+            by[key] = by.get(key, 0) + uncounted
+
     def _over(self, count: int, size: int) -> bool:
         opts = self.options
         return (opts.max_length is not None and count > opts.max_length) or (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from roost.broker import errors, fields, stats
 from roost.broker.binding import Binding
@@ -67,6 +67,19 @@ def generate_name(prefix: str) -> str:
     return prefix + base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
 
 
+class ReplyRelay(Protocol):
+    """Direct reply-to beyond this process (a cluster's other nodes)."""
+
+    def key_prefix(self) -> str:
+        """Starts every reply-to key made here: says where the requester is."""
+        ...
+
+    def relay(self, vhost: str, key: str, message: Message) -> bool:
+        """A reply to ``key``, which has no requester here: send it on to
+        its node (True), or say it has nowhere to go (False)."""
+        ...
+
+
 class VirtualHost:
     def __init__(
         self,
@@ -100,6 +113,8 @@ class VirtualHost:
             self.exchanges[name_] = EXCHANGE_TYPES[type_](name_, durable=True)
         # Direct reply-to: routing key suffix -> delivery callback.
         self.reply_targets: dict[str, Callable[[Message], None]] = {}
+        # Set in a cluster: replies to requesters on other nodes.
+        self.reply_relay: ReplyRelay | None = None
         # call_later(seconds, fn) for TTL, retry and expiry timers; None in a
         # broker model running without an event loop (timers then do nothing).
         self.scheduler: Callable[[float, Callable[[], None]], Any] | None = None
@@ -542,9 +557,13 @@ class VirtualHost:
             and client
             and message.routing_key.startswith(REPLY_TO_PREFIX)
         ):
-            target = self.reply_targets.get(message.routing_key[len(REPLY_TO_PREFIX) :])
+            key = message.routing_key[len(REPLY_TO_PREFIX) :]
+            target = self.reply_targets.get(key)
             if target is not None:
                 target(message)
+                return True, False, 0
+            relay = self.reply_relay
+            if relay is not None and relay.relay(self.name, key, message):
                 return True, False, 0
             targets: list[Destination] = []
         else:

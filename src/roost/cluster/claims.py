@@ -36,6 +36,8 @@ from typing import Any, NamedTuple
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from roost.cluster.queue_limits import COUNTS, count_update
+
 TABLES = ("roost_messages", "roost_transient_messages")
 
 # LISTEN channel of "queues with new ready rows"; the payload is their ids,
@@ -93,9 +95,12 @@ def _claim_from(table: str, transient: bool, pick: str) -> str:
 
 def _both_tables(pick: str) -> str:
     # Both tables in one statement: one round trip, one (tiny) transaction.
+    # Claimed rows are ready no more: a limited queue's count goes down.
     return (
         f"WITH d AS ({_claim_from(TABLES[0], False, pick)}),"
-        f" t AS ({_claim_from(TABLES[1], True, pick)})"
+        f" t AS ({_claim_from(TABLES[1], True, pick)}),"
+        f" kd AS ({count_update(COUNTS[TABLES[0]], 'd', '-')}),"
+        f" kt AS ({count_update(COUNTS[TABLES[1]], 't', '-')})"
         " SELECT * FROM d UNION ALL SELECT * FROM t"
     )
 
@@ -108,6 +113,13 @@ _COUNT_READY_SQL = (
     " SELECT queue_id FROM roost_messages WHERE queue_id = ANY(%(qs)s) AND owner IS NULL"
     " UNION ALL SELECT queue_id FROM roost_transient_messages"
     "  WHERE queue_id = ANY(%(qs)s) AND owner IS NULL) r GROUP BY queue_id"
+)
+
+# Length-limited queues keep exact counts (queue_limits): read, not counted.
+_COUNTED_SQL = (
+    "SELECT d.queue_id, d.ready + t.ready FROM roost_queue_counts d"
+    " JOIN roost_transient_queue_counts t USING (queue_id)"
+    " WHERE d.queue_id = ANY(%(qs)s::bigint[])"
 )
 
 
@@ -185,10 +197,15 @@ class Claimer:
         """Ready (unclaimed) rows per queue, cluster-wide."""
         qs = list(queue_ids)
         async with self.pool.connection() as conn:
-            cur = await conn.execute(_COUNT_READY_SQL, {"qs": qs})
-            counts = {q: 0 for q in qs}
-            for q, n in await cur.fetchall():
-                counts[q] = n
+            cur = await conn.execute(_COUNTED_SQL, {"qs": qs})
+            counted = {q: int(n) for q, n in await cur.fetchall()}
+            rest = [q for q in qs if q not in counted]
+            counts = {q: 0 for q in rest}
+            if rest:
+                cur = await conn.execute(_COUNT_READY_SQL, {"qs": rest})
+                for q, n in await cur.fetchall():
+                    counts[q] = n
+            counts.update(counted)
         return counts
 
     async def release_dead(self, epoch: int | None = None) -> int:
@@ -250,7 +267,8 @@ async def _release_rows(
         cur = await conn.execute(
             f"WITH r AS (UPDATE {table} SET owner = NULL, redelivered = true"
             f" WHERE owner = ANY(%(epochs)s){' AND ' + FENCE if fence else ''}"
-            " RETURNING queue_id)"
+            " RETURNING queue_id, octet_length(body) AS size),"
+            f" k AS ({count_update(COUNTS[table], 'r', '+', 'size')})"
             " SELECT count(*), CASE WHEN count(DISTINCT queue_id) > 500 THEN ''"
             " ELSE coalesce(string_agg(DISTINCT queue_id::text, ','), '') END FROM r",
             {"epochs": epochs, "epoch": epochs[0]},

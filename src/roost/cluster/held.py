@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import psycopg
 
 from roost.cluster.claims import FENCE, READY_CHANNEL
+from roost.cluster.queue_limits import COUNTS, count_update
 
 HELD_TABLES = ("roost_delayed", "roost_transient_delayed")
 
@@ -89,10 +90,12 @@ def _retries_back_sql() -> str:
         zip(HELD_TABLES, ("roost_messages", "roost_transient_messages"), strict=True)
     ):
         delete, insert = _retries_back(held_table, table)
+        # Ready again: a length-limited queue counts them (queue_limits).
         parts.append(
             f"d{i} AS ({delete}), i{i} AS ({insert} SELECT queue_id, message_id, priority,"
             " exchange, routing_key, properties, body, published_at, expires_ms,"
-            f" delivery_count, true FROM d{i} RETURNING queue_id)"
+            f" delivery_count, true FROM d{i} RETURNING queue_id, octet_length(body) AS size),"
+            f" k{i} AS ({count_update(COUNTS[table], f'i{i}', '+', 'size')})"
         )
     return (
         "WITH "

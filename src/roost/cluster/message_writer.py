@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import select
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -58,6 +59,18 @@ from roost.broker.journal import OutcomeUnknown
 from roost.broker.stats import Histogram
 from roost.cluster.claims import FENCE, READY_CHANNEL, TABLES, table_of
 from roost.cluster.held import HELD_TABLES
+from roost.cluster.queue_limits import (
+    COUNTS,
+    Counted,
+    HeadRow,
+    Limit,
+    Publish,
+    count_update,
+    decide,
+)
+
+if TYPE_CHECKING:
+    from roost.broker.message import Message
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +127,10 @@ class MessageRow(NamedTuple):
     # deleted that row of the delayed tables: the message it releases.
     dedup: tuple[DedupKey, ...] = ()
     held: int | None = None
+    # A length-limited queue's: the batch decides whether it is inserted
+    # (queue_limits), and tells the node by ``message`` (never a hand-off).
+    limit: Limit | None = None
+    message: Message | None = None
 
 
 # A dedup key a row requires to be new to its cache (roost.broker.dedup).
@@ -145,12 +162,14 @@ _IdsByOwner = dict[tuple[int, bool], list[int]]
 
 class _Batch:
     __slots__ = (
+        "counted",
         "dedup_owner",
         "futures",
         "handed",
         "held_deletes",
         "held_rows",
         "id_request",
+        "limited",
         "new_ids",
         "number",
         "purges",
@@ -184,6 +203,10 @@ class _Batch:
         self.retries: dict[tuple[int, bool], tuple[list[int], list[int]]] = {}
         # Dedup token -> the publish (its message) that first carried it.
         self.dedup_owner: dict[str, object] = {}
+        # Limited queues: whether it has rows of one; what the batch
+        # decided (set by each attempt).
+        self.limited = False
+        self.counted: list[Counted] = []
 
     def conditional(self) -> bool:
         """Whether the batch needs the general insert statement."""
@@ -225,6 +248,7 @@ class MessageWriter:
         commit_timeout: float = 30.0,
         retries: int = 3,
         on_committed: Callable[[set[int]], None] | None = None,
+        on_counted: Callable[[list[Counted]], None] | None = None,
     ) -> None:
         self.conninfo = conninfo
         self.max_batch_rows = max_batch_rows
@@ -232,6 +256,9 @@ class MessageWriter:
         self.commit_timeout = commit_timeout
         self.retries = retries
         self.on_committed = on_committed
+        # Told, before the batch's confirms go out, what each committed
+        # batch decided for the length-limited queues it published to.
+        self.on_counted = on_counted
         self._open = _Batch(1)
         self._full: deque[_Batch] = deque()  # closed early, waiting for a worker
         self._wake = asyncio.Event()
@@ -243,6 +270,10 @@ class MessageWriter:
         self._resolved: set[int] = set()  # resolved above _durable (workers > 1)
         self._waiters: dict[int, list[Callable[[], None]]] = {}
         self._failures: dict[int, WriteFailed] = {}
+        # Committed batches that refused publishes (length limits): batch
+        # -> id() of the refused messages, alive until the batch resolved,
+        # so no message published in that batch can share one.
+        self._refusals: dict[int, set[int]] = {}
         self._waited_on = 0  # highest batch someone waits for
         # Ids reserved from the sequence for hand-off rows, which need one
         # before their batch commits.
@@ -322,6 +353,13 @@ class MessageWriter:
         10,000 failures are kept: ask soon after the batch resolved."""
         return self._failures.get(batch)
 
+    def refusals(self, batch: int) -> set[int] | None:
+        """``id()`` of the messages a committed batch refused (a queue's
+        length limit, see :mod:`queue_limits`); None: it refused none.
+        Kept for the last 1,000 batches that refused any: ask in the
+        wait_durable callback."""
+        return self._refusals.get(batch)
+
     # -- enqueueing (synchronous: called from the broker's event loop) ------
 
     def enqueue(self, row: MessageRow, publish: object = None) -> int:
@@ -337,6 +375,8 @@ class MessageWriter:
                 if first is not publish:
                     return batch.number  # a duplicate within the batch
         batch.rows.append(row)
+        if row.limit is not None:
+            batch.limited = True
         n = len(row.body)
         batch.size += n
         self.pending_rows += 1
@@ -503,12 +543,29 @@ class MessageWriter:
                 except Exception as exc:  # a bug: still never resolve on doubt
                     log.exception("message batch %d", batch.number)
                     error = CommitOutcomeUnknown(f"unexpected error: {exc!r}")
+            if error is None and batch.counted:
+                self._counted(batch)
             self._resolve(batch, error)
             if error is None and queues and self.on_committed is not None:
                 try:
                     self.on_committed(queues)
                 except Exception:
                     log.exception("on_committed hook")
+
+    def _counted(self, batch: _Batch) -> None:
+        refused: set[int] = set()
+        for c in batch.counted:
+            refused.update(id(m) for m in c.refused)
+        if refused:
+            refusals = self._refusals
+            refusals[batch.number] = refused
+            if len(refusals) > 1000:
+                del refusals[next(iter(refusals))]
+        if self.on_counted is not None:
+            try:
+                self.on_counted(batch.counted)
+            except Exception:
+                log.exception("on_counted hook")
 
     def _resolve(self, batch: _Batch, error: WriteFailed | None) -> None:
         self.pending_rows -= len(batch.rows) + len(batch.held_rows)
@@ -608,7 +665,7 @@ class MessageWriter:
                     f"no answer from PostgreSQL within {self.commit_timeout}s during commit"
                 ) from exc
             self.transactions += 1
-            self.rows_written += len(batch.rows)
+            self.rows_written += len(batch.rows)  # (refused ones included)
             if batch.id_request:
                 self._ids.extend(batch.new_ids)
                 self._ids_requested = False
@@ -633,14 +690,18 @@ class MessageWriter:
         async with conn.pipeline(), conn.transaction():
             cur = conn.cursor()
             rows = batch.rows
+            if batch.limited:
+                rows = await self._apply_limits(conn, batch)
             owner = next((r.owner for r in rows if r.owner is not None), None)
             if batch.conditional():
                 hand_cur = conn.cursor()
-                sql, params = _general_insert(batch, owner, drop_deleted)
+                sql, params = _general_insert(batch, rows, owner, drop_deleted)
                 await hand_cur.execute(sql, params)
                 evict = _evictions(batch)
                 if evict:
                     await cur.execute(_EVICT_KEYS, evict)
+                if batch.limited:
+                    await _recount_conditional(cur, rows)
             elif owner is not None:
                 hand_cur = conn.cursor()
                 await hand_cur.execute(
@@ -669,7 +730,8 @@ class MessageWriter:
             ):
                 for (epoch, transient), ids in ops.items():
                     ids.sort()  # one lock order for every writer: fewer deadlocks
-                    query = sql.format(table=table_of(transient), fence=FENCE)
+                    table = table_of(transient)
+                    query = sql.format(table=table, fence=FENCE, counts=COUNTS[table])
                     await cur.execute(query, {"ids": ids, "epoch": epoch, "channel": READY_CHANNEL})
             for (epoch, transient), (ids, delays) in batch.retries.items():
                 await cur.execute(
@@ -702,6 +764,168 @@ class MessageWriter:
             row = await pcur.fetchone()
             counts.append(int(row[0]) if row else 0)
         return counts
+
+    async def _apply_limits(
+        self, conn: psycopg.AsyncConnection[Any], batch: _Batch
+    ) -> list[MessageRow]:
+        """Lock the counts of the length-limited queues the batch publishes
+        to, decide each of their publishes (queue_limits.decide), enqueue
+        the drop-head deletes and the count updates; returns the rows to
+        insert (the batch's rows less those refused or dropped)."""
+        rows = batch.rows
+        batch.counted = []
+        by_queue: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            if r.limit is not None:
+                by_queue.setdefault(r.queue_id, []).append(i)
+        counts = await _lock_counts(conn, sorted(by_queue))
+        keep = [True] * len(rows)
+        deletes: dict[bool, list[int]] = {False: [], True: []}
+        shifts: dict[bool, tuple[list[int], list[int], list[int]]] = {
+            False: ([], [], []),
+            True: ([], [], []),
+        }
+
+        def transient(i: int) -> bool:
+            return rows[i].transient
+
+        for q, indexes in sorted(by_queue.items()):
+            found = counts.get(q)
+            if found is None:
+                # The queue was deleted meanwhile: its publishes are dropped,
+                # as RabbitMQ drops a publish to a queue deleted meanwhile.
+                for i in indexes:
+                    keep[i] = False
+                continue
+            limit = rows[indexes[0]].limit
+            assert limit is not None
+            ready, size = found
+            decision = await decide(
+                limit,
+                ready,
+                size,
+                [Publish(i, len(rows[i].body), rows[i].priority) for i in indexes],
+                transient,
+                functools.partial(_fetch_head, conn, q, limit.dead_letter),
+            )
+            accepted = set(decision.accepted)
+            for i in indexes:
+                if i not in accepted:
+                    keep[i] = False
+            for head in decision.dropped:
+                deletes[head.transient].append(head.id)
+            for kind, (dr, db) in decision.shift.items():
+                if dr or db:
+                    qs, drs, dbs = shifts[kind]
+                    qs.append(q)
+                    drs.append(dr)
+                    dbs.append(db)
+                    ready += dr
+            batch.counted.append(
+                Counted(
+                    q,
+                    _messages(rows, decision.refused),
+                    _messages(rows, decision.discarded + decision.dropped_new),
+                    decision.dropped,
+                    ready,
+                )
+            )
+        cur = conn.cursor()
+        for kind, ids in deletes.items():
+            if ids:
+                await cur.execute(f"DELETE FROM {table_of(kind)} WHERE id = ANY(%s)", (ids,))
+        for kind, (qs, drs, dbs) in shifts.items():
+            if qs:
+                await cur.execute(
+                    f"UPDATE {COUNTS[table_of(kind)]} k"
+                    " SET ready = k.ready + u.r, bytes = k.bytes + u.b"
+                    " FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS u(q, r, b)"
+                    " WHERE k.queue_id = u.q",
+                    (qs, drs, dbs),
+                )
+        return [r for r, k in zip(rows, keep, strict=True) if k]
+
+
+def _messages(rows: list[MessageRow], positions: list[int]) -> list[Message]:
+    return [m for i in positions if (m := rows[i].message) is not None]
+
+
+async def _lock_counts(
+    conn: psycopg.AsyncConnection[Any], queue_ids: list[int]
+) -> dict[int, tuple[int, int]]:
+    """Lock the count rows of the queues (both tables'); returns ready rows
+    and bytes per queue. A queue without them gets them (counted under
+    row locks that make claims in flight finish first, see
+    :data:`_RECOUNT`); a deleted queue is left out."""
+    found = await _select_counts(conn, queue_ids)
+    missing = [q for q in queue_ids if q not in found]
+    if missing:
+        for table in TABLES:
+            await conn.execute(
+                _RECOUNT.format(table=table, counts=COUNTS[table]).encode(), {"qs": missing}
+            )
+        found.update(await _select_counts(conn, missing))
+    return found
+
+
+async def _select_counts(
+    conn: psycopg.AsyncConnection[Any], queue_ids: list[int]
+) -> dict[int, tuple[int, int]]:
+    cur = await conn.execute(_LOCK_COUNTS, (queue_ids,))
+    return {q: (int(r), int(b)) for q, r, b in await cur.fetchall()}
+
+
+async def _fetch_head(
+    conn: psycopg.AsyncConnection[Any], queue_id: int, content: bool, n: int, seen: list[int]
+) -> list[HeadRow]:
+    cur = await conn.execute(
+        _HEAD_WITH_CONTENT if content else _HEAD, {"q": queue_id, "n": n, "seen": list(seen)}
+    )
+    return [HeadRow(*r) for r in await cur.fetchall()]
+
+
+# Both tables' counts of each queue, locked in queue order (a batch of
+# another node waits here, then reads what this one committed).
+_LOCK_COUNTS = (
+    "SELECT d.queue_id, d.ready + t.ready, d.bytes + t.bytes FROM roost_queue_counts d"
+    " JOIN roost_transient_queue_counts t USING (queue_id)"
+    " WHERE d.queue_id = ANY(%s::bigint[]) ORDER BY d.queue_id FOR UPDATE"
+)
+
+# A count row for a queue that has none yet: usually a queue that never
+# had a row. FOR SHARE waits for claims in flight (which, not seeing the
+# count row yet, do not count themselves) and leaves out what they took.
+_RECOUNT = (
+    "INSERT INTO {counts} (queue_id, ready, bytes)"
+    " SELECT q.id, c.n, c.s FROM roost_queues q CROSS JOIN LATERAL ("
+    "  SELECT count(*) AS n, coalesce(sum(octet_length(r.body)), 0) AS s FROM ("
+    "   SELECT body FROM {table} WHERE queue_id = q.id AND owner IS NULL FOR SHARE) r) c"
+    " WHERE q.id = ANY(%(qs)s::bigint[])"
+    " ON CONFLICT (queue_id) DO NOTHING"
+)
+
+
+def _head_sql(content: bool) -> str:
+    # The next rows to deliver, both tables merged, locked so no claim
+    # takes them meanwhile (and rows being claimed are skipped: they are
+    # leaving the ready rows anyway).
+    extra = ", exchange, routing_key, properties, body" if content else ""
+    pick = (
+        "SELECT id, {kind} AS transient, priority, octet_length(body) AS size" + extra + ""
+        " FROM {table} WHERE queue_id = %(q)s AND owner IS NULL"
+        " AND id <> ALL(%(seen)s::bigint[])"
+        " ORDER BY priority DESC, id LIMIT %(n)s FOR UPDATE SKIP LOCKED"
+    )
+    return (
+        f"WITH a AS ({pick.format(kind='false', table=TABLES[0])}),"
+        f" b AS ({pick.format(kind='true', table=TABLES[1])})"
+        " SELECT * FROM (SELECT * FROM a UNION ALL SELECT * FROM b) h"
+        " ORDER BY priority DESC, id LIMIT %(n)s"
+    )
+
+
+_HEAD = _head_sql(False)
+_HEAD_WITH_CONTENT = _head_sql(True)
 
 
 def _still_up(conn: psycopg.AsyncConnection[Any]) -> bool:
@@ -795,14 +1019,41 @@ def _insert_handoff_sql(drop_deleted: bool) -> str:
     )
 
 
+async def _recount_conditional(cur: psycopg.AsyncCursor[Any], rows: list[MessageRow]) -> None:
+    """A length-limited queue's row accepted by its limit may still not be
+    written (a duplicate, a release that lost its fence), which the
+    batch's count shift does not know: count such queues again, under the
+    count rows this transaction holds (O(ready rows), only for limited
+    queues that deduplicate or take delayed messages)."""
+    qs = sorted(
+        {r.queue_id for r in rows if r.limit is not None and (r.dedup or r.held is not None)}
+    )
+    if qs:
+        for table in TABLES:
+            await cur.execute(
+                _RECOUNT_AGAIN.format(table=table, counts=COUNTS[table]).encode(), {"qs": qs}
+            )
+
+
+# As _RECOUNT, for count rows that exist (FOR SHARE: claims in flight,
+# which count themselves out when they commit, finish first).
+_RECOUNT_AGAIN = (
+    "UPDATE {counts} k SET ready = c.n, bytes = c.s"
+    " FROM unnest(%(qs)s::bigint[]) AS q(id) CROSS JOIN LATERAL ("
+    "  SELECT count(*) AS n, coalesce(sum(octet_length(r.body)), 0) AS s FROM ("
+    "   SELECT body FROM {table} WHERE queue_id = q.id AND owner IS NULL FOR SHARE) r) c"
+    " WHERE k.queue_id = q.id"
+)
+
+
 def _general_insert(
-    batch: _Batch, owner: int | None, drop_deleted: bool
+    batch: _Batch, rows: list[MessageRow], owner: int | None, drop_deleted: bool
 ) -> tuple[str, dict[str, Any]]:
     """The hand-off statement, grown by what a batch with conditions needs:
     released held rows deleted (fenced), dedup keys inserted where new,
     held messages inserted, and every row or held message written only if
     what it requires happened in this very statement."""
-    rows, held = batch.rows, batch.held_rows
+    held = batch.held_rows
     keys: dict[str, DedupKey] = {}
     for dedup in [r.dedup for r in rows] + [h.dedup for h in held]:
         for k in dedup:
@@ -999,20 +1250,22 @@ def _notify_payloads(queue_ids: set[int]) -> list[str]:
 # waits for this statement, and this one sees the verdict; see claims).
 _SETTLE = "DELETE FROM {table} WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
 
-# Released rows are ready again: tell the queues' consumers everywhere.
+# Released rows are ready again: counted (a limited queue's), and the
+# queues' consumers everywhere are told.
 _READY_NOTIFY = (
+    ", k AS (" + count_update("{counts}", "r", "+", "size") + ")"
     " SELECT pg_notify(%(channel)s, CASE WHEN count(DISTINCT queue_id) > 500 THEN ''"
     " ELSE string_agg(DISTINCT queue_id::text, ',') END) FROM r HAVING count(*) > 0"
 )
 _RELEASE = (
     "WITH r AS (UPDATE {table} SET owner = NULL, redelivered = true"
     " WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
-    " RETURNING queue_id)" + _READY_NOTIFY
+    " RETURNING queue_id, octet_length(body) AS size)" + _READY_NOTIFY
 )
 _UNCLAIM = (
     "WITH r AS (UPDATE {table} SET owner = NULL, delivery_count = delivery_count - 1"
     " WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
-    " RETURNING queue_id)" + _READY_NOTIFY
+    " RETURNING queue_id, octet_length(body) AS size)" + _READY_NOTIFY
 )
 # Fenced like a settle: only rows the epoch delivered, while it is alive.
 _RETRY = (
@@ -1028,9 +1281,12 @@ _RETRY = (
 )
 
 _PURGE = (
-    "WITH a AS (DELETE FROM roost_messages WHERE queue_id = %(q)s AND owner IS NULL RETURNING 1),"
+    "WITH a AS (DELETE FROM roost_messages WHERE queue_id = %(q)s AND owner IS NULL"
+    " RETURNING queue_id, octet_length(body) AS size),"
     " b AS (DELETE FROM roost_transient_messages WHERE queue_id = %(q)s AND owner IS NULL"
-    " RETURNING 1)"
+    " RETURNING queue_id, octet_length(body) AS size),"
+    f" ka AS ({count_update(COUNTS[TABLES[0]], 'a', '-', 'size')}),"
+    f" kb AS ({count_update(COUNTS[TABLES[1]], 'b', '-', 'size')})"
     " SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM b)"
 )
 

@@ -32,6 +32,7 @@ from roost.cluster.lease import Lease
 from roost.cluster.message_writer import MessageWriter
 from roost.cluster.pg_backing import PgBackingQueue
 from roost.cluster.pg_journal import PgJournal
+from roost.cluster.queue_limits import Counted
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,10 @@ class NodeMessages:
         self.count_interval = count_interval
         self.expiry_batch = expiry_batch
         self.writer = MessageWriter(
-            conninfo, connections=writer_connections, on_committed=self._ready
+            conninfo,
+            connections=writer_connections,
+            on_committed=self._ready,
+            on_counted=self._counted,
         )
         self.claimer = Claimer(
             conninfo, max_connections=claim_connections, synchronous_commit=synchronous_claims
@@ -165,6 +169,13 @@ class NodeMessages:
             await _sweep_expired_rows(self.claimer, queues, self.expiry_batch, self.epoch)
         except Exception as exc:
             log.warning("sweeping expired messages: %s", exc)
+
+    def _counted(self, counted: list[Counted]) -> None:
+        queues = self.queues
+        for c in counted:
+            q = queues.get(c.queue_id)
+            if q is not None:
+                q.counted(c)
 
     def _ready(self, queue_ids: set[int] | None) -> None:
         queues = self.queues

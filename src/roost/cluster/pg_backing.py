@@ -74,6 +74,7 @@ from roost.broker.log_backed import ENTRY_OVERHEAD
 from roost.broker.message import Message, QueueEntry
 from roost.cluster.lease import Lease
 from roost.cluster.message_writer import CommitOutcomeUnknown, MessageRow
+from roost.cluster.queue_limits import Counted, HeadRow, Limit
 
 if TYPE_CHECKING:
     from roost.broker.queue import Queue
@@ -120,6 +121,11 @@ class PgBackingQueue:
         # The queue's shared deduplication cache (x-message-deduplication).
         self.deduper: Deduplicator | None = None
         self.requeue_later: Callable[[QueueEntry, int], bool] | None = self._wait_retry
+        # x-max-length(-bytes): each publish is decided by its batch against
+        # the exact count of ready rows (queue_limits); what was refused
+        # or dropped goes to overflowed().
+        self.limit: Limit | None = None
+        self.overflowed: Callable[[Counted], None] | None = None
         # (-priority, id, entry): the head is the next to deliver.
         self._heap: list[tuple[int, int, QueueEntry]] = []
         self._remote = 0  # committed ready rows not claimed by us (estimate)
@@ -169,6 +175,26 @@ class PgBackingQueue:
         transient = not (self.durable and message.persistent)
         writer = self.writer
         dedup, held = self._requires(message)
+        if self.limit is not None:
+            # Never handed off: the batch decides whether it gets in.
+            writer.enqueue(
+                MessageRow(
+                    self.store_id,
+                    message.exchange,
+                    message.routing_key,
+                    message.properties,
+                    message.body,
+                    entry.priority,
+                    entry.expires or None,
+                    transient,
+                    dedup=dedup,
+                    held=held,
+                    limit=self.limit,
+                    message=message,
+                ),
+                message,
+            )
+            return False
         # A row that may not be written (a duplicate, a release that lost
         # its fence) must not be in the buffer already: no hand-off.
         row_id = None if dedup or held is not None else self._handoff_id()
@@ -248,6 +274,19 @@ class PgBackingQueue:
         ):
             return None
         return self.writer.reserve_id()
+
+    def counted(self, counted: Counted) -> None:
+        """A committed batch decided this (limited) queue's publishes;
+        ``counted.ready`` is the exact count of its ready rows then."""
+        self._remote = counted.ready
+        self.generation += 1
+        limit = self.limit
+        if self.overflowed is not None and (
+            counted.dropped
+            or counted.dropped_rows
+            or (counted.refused and limit is not None and limit.overflow == "reject-publish-dlx")
+        ):
+            self.overflowed(counted)
 
     def _unowned_resolved(self, batch: int) -> None:
         n = self._unowned_by_batch.pop(batch, 0)
@@ -562,6 +601,21 @@ def attach(queue: Queue, backing: PgBackingQueue) -> None:
         # The cache is PostgreSQL's from now on, named by the queue's row.
         queue.deduper.share(f"q{backing.store_id}", backing.store_id)
         backing.deduper = queue.deduper
+    opts = queue.options
+    if opts.max_length is not None or opts.max_length_bytes is not None:
+        limit = Limit(
+            opts.max_length,
+            opts.max_length_bytes,
+            opts.overflow,
+            opts.overflow == "drop-head" and opts.dead_letter_exchange is not None,
+        )
+        backing.limit = limit
+        # A claimed row counts as delivered, not ready: claim no more than
+        # the consumers take, or the ready rows would be fewer than the
+        # messages waiting for a consumer.
+        backing.claim_ahead = 0
+        queue.delegate_limits()
+        backing.overflowed = functools.partial(_overflowed, queue, limit)
 
     def ready_changed() -> None:
         if queue.consumer_count and not queue.deleted:
@@ -569,6 +623,28 @@ def attach(queue: Queue, backing: PgBackingQueue) -> None:
 
     backing.ready_changed = ready_changed
     backing.demand = lambda: queue_demand(queue)
+
+
+def _overflowed(queue: Queue, limit: Limit, counted: Counted) -> None:
+    """Dead-letter what a batch refused (reject-publish-dlx) or dropped
+    (drop-head) from ``queue``."""
+    messages: list[Message] = []
+    if limit.overflow == "reject-publish-dlx":
+        messages += counted.refused
+    messages += counted.dropped
+    uncounted = 0
+    for row in counted.dropped_rows:
+        if limit.dead_letter:
+            messages.append(_dropped_message(row))
+        else:
+            uncounted += 1
+    queue.overflowed(messages, uncounted)
+
+
+def _dropped_message(row: HeadRow) -> Message:
+    props = row.properties
+    persistent = not row.transient or (bool(props) and properties.scan(props).delivery_mode == 2)
+    return Message(row.exchange, row.routing_key, props, row.body, persistent, row.priority or None)
 
 
 def queue_demand(queue: Queue) -> int:

@@ -7,7 +7,9 @@ out no reference; what the port still does is gate confirms and
 row the publish enqueues right after joins, and ``wait_durable`` calls
 back once that batch committed or failed. A caller that may confirm must
 then ask :meth:`failure`: a failed batch is nacked (:class:`WriteFailed`)
-or closes the connection (:class:`CommitOutcomeUnknown`), never acked.
+or closes the connection (:class:`CommitOutcomeUnknown`), never acked; a
+batch in which length-limited queues refused publishes says which
+(:class:`~roost.broker.journal.PartlyRefused`).
 
 Paging records have no cluster implementation (the rows are in
 PostgreSQL): those methods raise. The delayed exchanges' held messages do
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from roost.broker.journal import PartlyRefused
 
 if TYPE_CHECKING:
     from roost.broker.message import Message
@@ -42,8 +46,14 @@ class PgJournal:
     def wait_durable(self, batch: int, callback: Callable[[], None]) -> None:
         self.writer.wait_durable(batch, callback)
 
-    def failure(self, batch: int) -> WriteFailed | None:
-        return self.writer.failure(batch)
+    def failure(self, batch: int) -> WriteFailed | PartlyRefused | None:
+        writer = self.writer
+        exc = writer.failure(batch)
+        if exc is None:
+            refused = writer.refusals(batch)
+            if refused is not None:
+                return PartlyRefused(refused)
+        return exc
 
     def page_out(self, message: Message) -> int:
         raise NotImplementedError("no paging in cluster mode: the rows are in PostgreSQL")

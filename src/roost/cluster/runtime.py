@@ -28,6 +28,7 @@ from roost.cluster.node_messages import NodeMessages
 from roost.cluster.node_views import NodeViews, forget_incarnation
 from roost.cluster.nodes import NodeRegistry
 from roost.cluster.pg_backing import PgBackingQueue, attach
+from roost.cluster.reply_relay import ReplyRelay, forget_dead
 from roost.http.cluster_view import local_view
 from roost.http.connections import close_local
 from roost.http.nodes import ClusterNode as NodeListing
@@ -50,6 +51,7 @@ class ClusterNode:
         self.delays: DelayStore | None = None
         # This node's connections etc. for the others' management API.
         self.views: NodeViews | None = None
+        self.replies: ReplyRelay | None = None
 
     @property
     def name(self) -> str:
@@ -107,6 +109,13 @@ class ClusterNode:
         registry.on_node_dead.append(lambda epoch, conn: release_dead(conn, epoch))
         registry.on_node_dead.append(release_dead_hook)
         registry.on_beat.append(self._beat)
+        # Direct reply-to: replies to requesters on other nodes.
+        replies = ReplyRelay(registry.url, registry.epoch, broker)
+        await replies.start()
+        self.replies = broker.reply_relay = replies  # vhosts created later take it
+        for vhost in broker.vhosts.values():
+            vhost.reply_relay = replies
+        registry.on_node_dead.append(lambda epoch, conn: forget_dead(conn, epoch))
         # The registration was the first heartbeat: the lease starts from
         # it, not unbounded until the next one.
         self._beat(registry.last_beat_sent)
@@ -123,6 +132,8 @@ class ClusterNode:
             self.messages.set_epoch(epoch)
         if self.delays is not None:
             self.delays.set_epoch(epoch)
+        if self.replies is not None:
+            self.replies.set_epoch(epoch)
         self._drop_waiting()
 
     def _drop_waiting(self) -> None:
@@ -245,6 +256,9 @@ class ClusterNode:
         if self.delays is not None:
             await self.delays.close()  # routes nothing more; the writer flushes
             self.delays = None
+        if self.replies is not None:
+            await self.replies.close()
+            self.replies = None
         if self.messages is not None:
             # After the AMQP connections closed (their acks are enqueued):
             # writes what is pending, then hands back every row still held,

@@ -292,6 +292,42 @@ CREATE UNLOGGED TABLE roost_node_views (
 );
 """,
     ),
+    (
+        6,
+        "exact ready counts of length-limited queues, direct reply-to relay",
+        """
+-- Ready rows (owner IS NULL) and their body bytes, per queue and table,
+-- kept only for queues with x-max-length / x-max-length-bytes: created by
+-- the first batch publishing to such a queue, updated by every statement
+-- that makes rows of it ready or not. A batch publishing to the queue
+-- locks the row, so publishes of every node are decided against one exact
+-- count. (roost.cluster.queue_limits)
+CREATE TABLE roost_queue_counts (
+    queue_id  bigint PRIMARY KEY REFERENCES roost_queues (id) ON DELETE CASCADE,
+    ready     bigint NOT NULL,
+    bytes     bigint NOT NULL
+);
+-- The counts of roost_transient_messages, unlogged like it: after
+-- PostgreSQL's crash both are empty, and still agree.
+CREATE UNLOGGED TABLE roost_transient_queue_counts (
+    queue_id  bigint PRIMARY KEY REFERENCES roost_queues (id) ON DELETE CASCADE,
+    ready     bigint NOT NULL,
+    bytes     bigint NOT NULL
+);
+
+-- Direct reply-to replies too large for a NOTIFY payload, on their way to
+-- the node (epoch) of the requester. (roost.cluster.reply_relay)
+CREATE UNLOGGED TABLE roost_replies (
+    id          bigserial PRIMARY KEY,
+    epoch       bigint NOT NULL,
+    vhost       text NOT NULL,
+    key         text NOT NULL,
+    properties  bytea NOT NULL,
+    body        bytea NOT NULL
+);
+CREATE INDEX roost_replies_epoch ON roost_replies (epoch);
+""",
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]
