@@ -330,12 +330,15 @@ def test_auto_delete_queue_goes_when_its_last_consumers_node_dies(
     a, b = node("a"), node("b")
     with _connect(b) as cb:
         cb.channel().queue_declare("ephemeral-kill", auto_delete=True)
-    Consumer(a, "ephemeral-kill")
+    # Kept referenced: a collected consumer's connection closes, and the
+    # queue would go with its last consumer before the kill.
+    held = Consumer(a, "ephemeral-kill")
     _wait_for(lambda: _consumer_count(b, "ephemeral-kill") == 1, 10, "the consumer registered")
     assert a.proc is not None
     a.proc.kill()
     a.proc.wait()
     _wait_for(lambda: not _exists(b, "ephemeral-kill"), 30, "the queue deleted")
+    del held
 
 
 def test_x_expires_deletes_a_queue_unused_on_every_node(

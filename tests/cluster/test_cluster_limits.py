@@ -335,3 +335,36 @@ async def test_requeued_released_and_purged_rows_are_counted(
     await _settles_at(a, "back", 0)
     acked, nacked = await _publish(a, "back", [f"p{i}".encode() for i in range(25)])
     assert (len(acked), len(nacked)) == (20, 5)
+
+
+async def test_a_duplicate_takes_no_room_in_a_limited_queue(
+    node: Callable[[str], RoostProcess],
+) -> None:
+    """A publish the limit accepts and deduplication then drops (its key
+    was seen, on another node) must not count: the next ones still fit."""
+    a, b = node("a"), node("b")
+    await _declare(
+        a,
+        "lim-dedup",
+        **{"x-max-length": 3, "x-overflow": "reject-publish", "x-message-deduplication": True},
+    )
+    outcomes: list[bool] = []
+    for proc, key in ((a, "k1"), (b, "k1"), (a, "k1"), (b, "k2"), (a, "k3"), (b, "k4")):
+        conn = await aio_pika.connect(_url(proc))
+        async with conn:
+            ch = await conn.channel(publisher_confirms=True)
+            message = aio_pika.Message(
+                key.encode(),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers={"x-deduplication-header": key},
+            )
+            try:
+                await ch.default_exchange.publish(message, "lim-dedup", timeout=60)
+                outcomes.append(True)
+            except DeliveryError:
+                outcomes.append(False)
+    # Duplicates are confirmed (and dropped), as on a single node; k4 is
+    # the fourth message and is refused.
+    assert outcomes == [True, True, True, True, True, False]
+    await _settles_at(b, "lim-dedup", 3)
+    assert sorted(_bodies(await _take(b, "lim-dedup", 3))) == [b"k1", b"k2", b"k3"]

@@ -120,9 +120,10 @@ def merged_queue(q: Queue, snapshot: ClusterSnapshot | None) -> MergedQueue:
     if snapshot is None:
         return MergedQueue(q.message_count, q.unacked, q.consumer_count)
     f = snapshot.queue(q)
-    return MergedQueue(
-        q.message_count + f.buffered, q.unacked + f.unacked, q.consumer_count + f.consumers
-    )
+    # With the consumer registry (q.peers) the count is already the
+    # cluster's, and fresher than the peers' published views.
+    consumers = q.consumer_count if q.peers is not None else q.local_consumer_count + f.consumers
+    return MergedQueue(q.message_count + f.buffered, q.unacked + f.unacked, consumers)
 
 
 def sum_stats(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -161,8 +162,9 @@ def local_view(broker: Broker, node: str) -> dict[str, Any]:
     for vname, vh in broker.vhosts.items():
         for q in vh.queues.values():
             buffered = q.backing.in_memory()
-            if buffered or q.unacked or q.consumer_count:
-                queues.append([vname, q.name, buffered, q.unacked, q.consumer_count])
+            mine = q.local_consumer_count  # the peers count theirs
+            if buffered or q.unacked or mine:
+                queues.append([vname, q.name, buffered, q.unacked, mine])
     return {
         "connections": connections,
         "channels": channels,

@@ -56,7 +56,8 @@ async def overview(request: web.Request) -> web.Response:
         for vh in vhosts:
             for q in vh.queues.values():
                 f = cluster.queue(q)
-                consumers += f.consumers
+                if q.peers is None:  # else consumer_count is the cluster's
+                    consumers += f.consumers
                 ready += f.buffered
                 unacked += f.unacked
         message_stats = sum_stats([message_stats, *(p.stats for p in cluster.peers)])
