@@ -706,7 +706,14 @@ def _notify_payloads(queue_ids: set[int]) -> list[str]:
 # Fenced: only rows the epoch owns, only while the epoch is alive (FENCE
 # takes a key-share lock on the node row, so a node being declared dead
 # waits for this statement, and this one sees the verdict; see claims).
-_SETTLE = "DELETE FROM {table} WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
+#
+# The rows are found by id, through the primary key. ("owner + 0" keeps the
+# planner off roost_messages_owned, which it picks for "owner = epoch": that
+# index still holds an entry for every row the epoch settled since the last
+# vacuum, so under a steady stream of acks each statement would walk
+# thousands of dead entries, and ever more.)
+_MINE = "id = ANY(%(ids)s::bigint[]) AND owner + 0 = %(epoch)s"
+_SETTLE = "DELETE FROM {table} WHERE " + _MINE + " AND {fence}"
 
 # Released rows are ready again: tell the queues' consumers everywhere.
 _READY_NOTIFY = (
@@ -715,12 +722,12 @@ _READY_NOTIFY = (
 )
 _RELEASE = (
     "WITH r AS (UPDATE {table} SET owner = NULL, redelivered = true"
-    " WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
+    " WHERE " + _MINE + " AND {fence}"
     " RETURNING queue_id)" + _READY_NOTIFY
 )
 _UNCLAIM = (
     "WITH r AS (UPDATE {table} SET owner = NULL, delivery_count = delivery_count - 1"
-    " WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
+    " WHERE " + _MINE + " AND {fence}"
     " RETURNING queue_id)" + _READY_NOTIFY
 )
 _PURGE = (
