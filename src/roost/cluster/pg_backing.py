@@ -84,6 +84,14 @@ log = logging.getLogger(__name__)
 # Pause after a failed claim before the next attempt.
 CLAIM_RETRY_DELAY = 0.5
 
+# The read-ahead (see PgBackingQueue._reserve): enough entries for this many
+# claim round trips at the rate local consumers take them, and only while
+# they took some within RESERVE_IDLE seconds.
+RESERVE_TRIPS = 2.0
+RESERVE_IDLE = 0.5
+# Weight of the newest sample in the moving averages of rate and claim time.
+EWMA_WEIGHT = 0.2
+
 
 class PgBackingQueue:
     """A :class:`~roost.broker.backing_queue.BackingQueue` over PostgreSQL
@@ -138,6 +146,15 @@ class PgBackingQueue:
         # Buffer order: priority, then arrival here (claims in id order,
         # hand-offs in publish order); a requeued entry keeps its place.
         self._seq = 0
+        # Read-ahead: how fast local consumers take entries, how long a
+        # claim takes (moving averages), and the reserve they call for.
+        self._taken = 0  # entries fetched since _rate_at
+        self._rate_at = 0.0
+        self._last_taken_at = 0.0
+        self._rate = 0.0  # entries/s
+        self._claim_time = 0.0  # s
+        self._reserve = 0
+        self._taken_total = 0  # ever fetched (housekeeping's idle check)
 
     # -- counts -----------------------------------------------------------
 
@@ -263,6 +280,7 @@ class PgBackingQueue:
             return None
         entry = heapq.heappop(heap)[2]
         self.bytes -= len(entry.message.body)
+        self._taken += 1
         if len(heap) < self._low_water and self._claiming is None:
             self._top_up()
         return entry
@@ -276,6 +294,7 @@ class PgBackingQueue:
         for e in entries:
             size += len(e.message.body)
         self.bytes -= size
+        self._taken += n
         if n < k:
             self._short(k - n)
         elif len(heap) < self._low_water and self._claiming is None:
@@ -398,23 +417,55 @@ class PgBackingQueue:
 
     @property
     def _low_water(self) -> int:
-        return self.claim_ahead // 2
+        return self.claim_ahead // 2 + self._reserve
 
     def _top_up(self) -> None:
-        if not self._closed and self._wanted() > 0:
+        # Not for a handful of entries: while a claim is out the next one
+        # waits, so each should bring at least half the reserve.
+        if not self._closed and self._wanted() > self._reserve // 2:
             self._start_claim()
 
     def _wanted(self) -> int:
         # What a fetch missed (basic.get, or dispatch beyond the buffer),
         # and while consumers have credit, that credit but at least
-        # claim_ahead.
+        # claim_ahead; plus the reserve while they are taking entries.
         want = self._shortfall
         demand = self.demand
         if demand is not None:
             credit = demand()
             if credit > 0:
-                want = max(want, credit, self.claim_ahead)
+                want = max(want, credit + self._reserve, self.claim_ahead)
+            elif self._reserve:
+                want = max(want, self._reserve)
         return min(want, self.max_buffer) - len(self._heap)
+
+    def _update_reserve(self, now: float) -> None:
+        """Before a claim: the read-ahead that keeps local consumers busy
+        while the next claim is out, the rate they take entries at times
+        the claim round trip (RESERVE_TRIPS of them), up to half the
+        buffer. A consumer that takes fewer entries than it has credit for
+        (its prefetch) gets nothing beyond that credit; a fast one is not
+        left waiting a round trip each time it acks. What the node holds
+        back from other nodes' consumers is this reserve, no more."""
+        taken, self._taken = self._taken, 0
+        self._taken_total += taken
+        elapsed = now - self._rate_at
+        self._rate_at = now
+        if taken:
+            self._last_taken_at = now
+        if now - self._last_taken_at > RESERVE_IDLE:
+            self._rate = 0.0
+        elif elapsed > 0:
+            sample = taken / elapsed
+            self._rate += EWMA_WEIGHT * (sample - self._rate)
+        self._reserve = min(
+            self.max_buffer // 2, int(self._rate * self._claim_time * RESERVE_TRIPS)
+        )
+
+    def taken_total(self) -> int:
+        """Entries ever fetched from the buffer (a consumer at work takes
+        some between two housekeeping ticks, whatever its credit then)."""
+        return self._taken_total + self._taken
 
     async def fill(self, n: int = 1) -> int:
         """Claim now until the buffer holds ``n`` entries or the queue is
@@ -441,15 +492,20 @@ class PgBackingQueue:
         self._claiming = asyncio.get_running_loop().create_task(self._claim_loop())
 
     async def _claim_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while not self._closed:
                 self._again = False
+                started = loop.time()
+                self._update_reserve(started)
                 want = self._wanted()
                 if want <= 0:
                     break
                 generation = self.generation
                 try:
                     rows = await self.claimer.claim(self.store_id, want, self.epoch)
+                    took = loop.time() - started
+                    self._claim_time += EWMA_WEIGHT * (took - self._claim_time)
                 except Exception as exc:
                     # (A warning, not a traceback: during an outage every
                     # queue with consumers says this twice a second.)
