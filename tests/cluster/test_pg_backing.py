@@ -551,3 +551,29 @@ async def test_a_busy_consumer_gets_a_read_ahead_that_goes_back_when_it_stops(
     # (Deliveries go on up to the prefetch: count what it holds then.)
     await wait_for(lambda: backing.in_memory() == 0 and held() == len(sink.got) - acked, 15)
     assert bodies(sink) == [b"%d" % i for i in range(len(sink.got))]
+
+
+async def test_a_stream_of_hand_offs_runs_no_claims_here_or_elsewhere(
+    two_nodes: tuple[Node, Node, str],
+) -> None:
+    a, b, _ = two_nodes
+    consumer, sink = a.consume(prefetch=50)
+    _, there = b.consume(prefetch=50)
+    a.publish(b"warm-up")  # reserves ids for hand-offs; claimed or handed
+    await wait_for(lambda: len(sink.got) + len(there.got) == 1)
+    backing_a, backing_b = a.queue.backing, b.queue.backing
+    assert isinstance(backing_a, PgBackingQueue) and isinstance(backing_b, PgBackingQueue)
+    await asyncio.sleep(0.5)  # claims started by the warm-up are over
+    claims = backing_a.claims, backing_b.claims
+    for i in range(30):
+        batch = a.publish(b"%d" % i)
+        await a.confirmed(batch)
+        assert a.messages.writer.handed(batch) is True
+        await wait_for(lambda n=i: len(sink.got) >= n + 1 + (not there.got))  # type: ignore[misc]
+        a.ack(consumer, [e for _, e in sink.got[-1:]])
+    await asyncio.sleep(0.5)  # any wake-up has arrived by now
+    # The rows were claimed by their insert: nothing for a claim to find,
+    # here or on the other node, which hears nothing of them.
+    assert (backing_a.claims, backing_b.claims) == claims
+    assert bodies(sink)[-30:] == [b"%d" % i for i in range(30)]
+    assert not there.got or len(there.got) == 1

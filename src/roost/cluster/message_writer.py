@@ -514,7 +514,9 @@ class MessageWriter:
             for (_, pfut), n in zip(batch.purges, counts, strict=True):
                 if pfut is not None and not pfut.done():
                     pfut.set_result(n)
-            return {row.queue_id for row in batch.rows}
+            # Hand-off rows are nobody else's business, unless they went
+            # in ready (the epoch was dead).
+            return {r.queue_id for r in batch.rows if r.owner is None or not batch.handed}
         raise AssertionError("unreachable")
 
     async def _transaction(
@@ -568,10 +570,20 @@ class MessageWriter:
                 pcur = conn.cursor()
                 await pcur.execute(_PURGE, {"q": queue_id})
                 purge_curs.append(pcur)
-            if batch.rows:
-                for payload in _notify_payloads({r.queue_id for r in batch.rows}):
-                    # Delivered at COMMIT, and only if it commits.
-                    await cur.execute("SELECT pg_notify(%s, %s)", (READY_CHANNEL, payload))
+            # Delivered at COMMIT, and only if it commits. Hand-off rows
+            # are claimed already: other nodes hear of them only if they
+            # went in ready (the epoch was dead by then; dead stays dead,
+            # so this check, later than the insert's, cannot miss that).
+            ready = {r.queue_id for r in rows if r.owner is None}
+            for payload in _notify_payloads(ready):
+                await cur.execute("SELECT pg_notify(%s, %s)", (READY_CHANNEL, payload))
+            if owner is not None:
+                for payload in _notify_payloads({r.queue_id for r in rows} - ready):
+                    await cur.execute(
+                        "SELECT pg_notify(%s, %s) WHERE NOT EXISTS"
+                        " (SELECT 1 FROM roost_nodes WHERE epoch = %s AND NOT dead)",
+                        (READY_CHANNEL, payload, owner),
+                    )
         if hand_cur is not None:
             found = await hand_cur.fetchone()
             batch.handed = bool(found and found[0])

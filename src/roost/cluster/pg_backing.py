@@ -137,6 +137,12 @@ class PgBackingQueue:
         self._shortfall = 0  # asked of fetch and not there (without demand())
         self._claiming: asyncio.Task[None] | None = None
         self._again = False  # woken while a claim was in flight
+        # Ready rows may be there (a wake-up, a count, a commit of ours, a
+        # give-back) since the last claim came back short. Without that a
+        # consumer's credit starts no claim: in a steady stream of
+        # hand-offs every dispatch would claim, and find nothing.
+        self._maybe_ready = True
+        self._hints = 0
         self._closed = False
         self.claims = 0  # claim statements run (stats, tests)
         self.handoff = handoff
@@ -174,6 +180,14 @@ class PgBackingQueue:
             self._remote = ready
         else:
             self._remote = max(self._remote, ready)
+        if ready:
+            self._hint()
+
+    def _hint(self) -> None:
+        """Ready rows may be there: the next fetch that comes up short, or
+        the next top-up, claims."""
+        self._maybe_ready = True
+        self._hints += 1
 
     # -- messages in ------------------------------------------------------
 
@@ -246,6 +260,7 @@ class PgBackingQueue:
         if self.writer.failure(batch) is None:
             self._remote += n
             self.generation += 1
+            self._hint()
 
     def _committed(self, batch: int) -> None:
         """The batch holding hand-off entries resolved."""
@@ -264,6 +279,7 @@ class PgBackingQueue:
             # was closed meanwhile: give back what may be ours.
             self._remote += len(entries)
             self.generation += 1
+            self._hint()
         if error is None or isinstance(error, CommitOutcomeUnknown):
             # (Unknown: they may exist, owned by this epoch.)
             for transient in (False, True):
@@ -381,6 +397,7 @@ class PgBackingQueue:
         heap.clear()
         self.bytes = 0
         self._remote += n
+        self._hint()
         for transient in (False, True):
             if fresh[transient]:
                 self.writer.unclaim_nowait(fresh[transient], self.epoch, transient)
@@ -401,6 +418,7 @@ class PgBackingQueue:
         """New ready rows may be there (a commit here, a NOTIFY from elsewhere)."""
         if self._closed:
             return
+        self._hint()
         if self._claiming is not None:
             self._again = True
         elif self._wanted() > 0:
@@ -411,7 +429,8 @@ class PgBackingQueue:
             return
         self._shortfall = min(self.max_buffer, self._shortfall + n)
         if self._claiming is None:
-            self._start_claim()
+            if self._maybe_ready:
+                self._start_claim()
         else:
             self._again = True
 
@@ -422,7 +441,7 @@ class PgBackingQueue:
     def _top_up(self) -> None:
         # Not for a handful of entries: while a claim is out the next one
         # waits, so each should bring at least half the reserve.
-        if not self._closed and self._wanted() > self._reserve // 2:
+        if not self._closed and self._maybe_ready and self._wanted() > self._reserve // 2:
             self._start_claim()
 
     def _wanted(self) -> int:
@@ -474,10 +493,10 @@ class PgBackingQueue:
         synchronous fetch can only start a claim and miss."""
         want = n - len(self._heap)
         if want > 0 and not self._closed and self.lease.valid():
-            generation = self.generation
+            generation, hints = self.generation, self._hints
             rows = await self.claimer.claim(self.store_id, want, self.epoch)
             self.claims += 1
-            self._take(rows, want, generation)
+            self._take(rows, want, generation, hints)
         return len(self._heap)
 
     def forget_buffer(self) -> None:
@@ -485,6 +504,7 @@ class PgBackingQueue:
         the cluster and are not ours; drop them without a word to it."""
         self._heap.clear()
         self.bytes = 0
+        self._hint()  # released: claimable again, under the next epoch
 
     def _start_claim(self) -> None:
         if not self.lease.valid():
@@ -501,7 +521,7 @@ class PgBackingQueue:
                 want = self._wanted()
                 if want <= 0:
                     break
-                generation = self.generation
+                generation, hints = self.generation, self._hints
                 try:
                     rows = await self.claimer.claim(self.store_id, want, self.epoch)
                     took = loop.time() - started
@@ -513,7 +533,7 @@ class PgBackingQueue:
                     await asyncio.sleep(CLAIM_RETRY_DELAY)
                     continue
                 self.claims += 1
-                self._take(rows, want, generation)
+                self._take(rows, want, generation, hints)
                 if self._closed:
                     break
                 if rows and self.ready_changed is not None:
@@ -523,17 +543,19 @@ class PgBackingQueue:
         finally:
             self._claiming = None
 
-    def _take(self, rows: list[Claimed], wanted: int, generation: int) -> None:
+    def _take(self, rows: list[Claimed], wanted: int, generation: int, hints: int) -> None:
         """Claimed rows join the buffer (or go back, the queue being closed)."""
         self._shortfall = max(0, self._shortfall - len(rows))
         for row in rows:
             self._push(self._entry(row))
         if len(rows) < wanted:
             # The queue's head was empty, cluster-wide, when the claim ran;
-            # unless rows of ours committed since.
+            # unless rows of ours committed since, or a wake-up came.
             self._shortfall = 0
             if generation == self.generation:
                 self._remote = 0
+            if hints == self._hints:
+                self._maybe_ready = False
         else:
             self._remote = max(0, self._remote - len(rows))
         if self._closed:
