@@ -53,7 +53,7 @@ class NodeMessages:
         writer_connections: int = 1,
         claim_connections: int = 4,
         synchronous_claims: bool = True,
-        max_buffer: int = 1000,
+        max_buffer: int = 2000,
         claim_ahead: int = 64,
         handoff: bool = True,
         count_interval: float = 1.0,

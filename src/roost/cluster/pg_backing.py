@@ -105,7 +105,7 @@ class PgBackingQueue:
         writer: MessageWriter,
         claimer: Claimer,
         *,
-        max_buffer: int = 1000,
+        max_buffer: int = 2000,
         claim_ahead: int = 64,
         lease: Lease | None = None,
         handoff: bool = True,
@@ -427,7 +427,9 @@ class PgBackingQueue:
     def _short(self, n: int) -> None:
         if self._closed:
             return
-        self._shortfall = min(self.max_buffer, self._shortfall + n)
+        # The latest miss is the need (a dispatch retried for the same
+        # credit must not add up to a claim of max_buffer rows).
+        self._shortfall = min(self.max_buffer, max(self._shortfall, n))
         if self._claiming is None:
             if self._maybe_ready:
                 self._start_claim()
