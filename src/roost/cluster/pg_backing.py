@@ -27,10 +27,15 @@ How the synchronous backing-queue protocol meets the asynchronous database:
   claim asks for what they can take now (``demand()``) but at least
   ``claim_ahead`` (capped by ``max_buffer``), and the next claim starts
   when the buffer is half drained: a consumer with a small prefetch
-  would otherwise wait a claim round trip per few messages. That
-  ``claim_ahead`` is all a node holds back from other nodes' consumers;
-  what sits without local demand for a while is given back
-  (:meth:`give_back`).
+  would otherwise wait a claim round trip per few messages. On top of
+  that, while consumers take entries, a *read-ahead*: what they take in
+  two claim round trips (:meth:`_update_reserve`), so a consumer that
+  acks finds its next messages here, not a claim away. These are all a
+  node holds back from other nodes' consumers; what no local consumer
+  takes for a while is given back (:meth:`give_back`).
+- **No claim for nothing.** A consumer's credit starts a claim only while
+  ready rows may be there (a wake-up, a count, a commit of this node's
+  ready rows, a give-back); a claim that comes back short ends that.
 - **Expiry.** Only claimed entries reach the queue's TTL logic, so the
   node sweeps rows past their expiry that nobody claims (a TTL queue
   without consumers) into the buffer (:meth:`take_expired`), and the
