@@ -469,10 +469,11 @@ class PgBackingQueue:
         """Before a claim: the read-ahead that keeps local consumers busy
         while the next claim is out, the rate they take entries at times
         the claim round trip (RESERVE_TRIPS of them), up to half the
-        buffer. A consumer that takes fewer entries than it has credit for
-        (its prefetch) gets nothing beyond that credit; a fast one is not
-        left waiting a round trip each time it acks. What the node holds
-        back from other nodes' consumers is this reserve, no more."""
+        buffer. A slow consumer (a few entries per round trip) gets next to
+        nothing, one that took nothing for RESERVE_IDLE nothing at all; a
+        fast one is not left waiting a round trip each time it acks. What
+        the node holds back from other nodes' consumers beyond their
+        credit and claim_ahead is this reserve, no more."""
         taken, self._taken = self._taken, 0
         self._taken_total += taken
         elapsed = now - self._rate_at
