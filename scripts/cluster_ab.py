@@ -10,6 +10,7 @@ Workloads (64-byte persistent messages into the durable queue ``bench``):
 
 - ``consume``: publish ``-n`` with confirms (1,000 in flight) on the first
   node, then drain them with acks (prefetch 200) on ``--consume-node``;
+- ``consume-all``: the same, drained by one consumer on every node at once;
 - ``e2e``: publisher (first node) and consumer (``--consume-node``) at once,
   the publisher at ``--rate`` msg/s; latency percentiles from the body's
   timestamp.
@@ -197,6 +198,47 @@ def stop_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
         s.wait(30)
 
 
+async def consume_share(bench: ModuleType, url: str, done: list[int], total: int) -> int:
+    """One of several competing consumers (prefetch 200, acks every 100):
+    counts its deliveries into ``done[0]`` until all ``total`` arrived."""
+    c = await bench.connect(url)
+    c.send(bench.C.Basic.Qos(prefetch_count=200), 1)
+    await c.expect(bench.C.Basic.QosOk)
+    c.send(bench.C.Basic.Consume(queue="bench", consumer_tag="share"), 1)
+    await c.expect(bench.C.Basic.ConsumeOk)
+    got = unacked = last_tag = 0
+    buf = c.buf
+    while done[0] < total:
+        i, n = 0, len(buf)
+        while n - i >= 8:
+            size = int.from_bytes(buf[i + 3 : i + 7], "big")
+            if n - i < size + 8:
+                break
+            if buf[i] == 1 and buf[i + 7 : i + 11] == b"\x00\x3c\x00\x3c":  # basic.deliver
+                ctl = buf[i + 11]
+                last_tag = int.from_bytes(buf[i + 12 + ctl : i + 20 + ctl], "big")
+                got += 1
+                unacked += 1
+                done[0] += 1
+            i += size + 8
+        del buf[:i]
+        if unacked >= 100 or (done[0] >= total and unacked):
+            c.send(bench.C.Basic.Ack(delivery_tag=last_tag, multiple=True), 1)
+            unacked = 0
+        if done[0] >= total:
+            break
+        try:
+            data = await asyncio.wait_for(c.r.read(1 << 20), 0.2)
+        except TimeoutError:
+            continue  # another consumer may have taken the last ones
+        if not data:
+            raise ConnectionError("connection closed by broker")
+        buf += data
+    await c.w.drain()
+    c.w.close()
+    return got
+
+
 async def run_workload(
     bench: ModuleType, ports: list[int], pids: list[int], args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -216,6 +258,22 @@ async def run_workload(
         stop_profilers(spies)
         for k, v in after.items():
             out[k] = round(v - before[k], 2)
+    elif args.workload == "consume-all":
+        # Consumers on every node at once, competing for one queue.
+        pa = bench_args(bench, pub_url, messages=args.messages)
+        pc = await bench.connect(pub_url)
+        await bench.declare(pc, "bench", pa)
+        out.update(await bench.run_publish(pa, c=pc))
+        done = [0]
+        t0 = time.perf_counter()
+        shares = await asyncio.gather(
+            *(
+                consume_share(bench, f"amqp://guest:guest@127.0.0.1:{p}/", done, args.messages)
+                for p in ports
+            )
+        )
+        out["consume_rate"] = args.messages / (time.perf_counter() - t0)
+        out["shares"] = shares
     else:
         ca = bench_args(bench, con_url, messages=args.messages, rate=args.rate)
         cc = await bench.connect(con_url)
@@ -239,7 +297,7 @@ def main() -> int:
     ap.add_argument(
         "--tree", action="append", required=True, help="name=path/to/src[;VAR=value...]"
     )
-    ap.add_argument("--workload", choices=["consume", "e2e"], default="consume")
+    ap.add_argument("--workload", choices=["consume", "consume-all", "e2e"], default="consume")
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--consume-node", type=int, default=0, help="index of the consumer's node")
     ap.add_argument("--runs", type=int, default=3)
@@ -260,7 +318,7 @@ def main() -> int:
         tree_env[t[0]] = dict(e.split("=", 1) for e in extra)
     env_extra = dict(e.split("=", 1) for e in args.env)
     bench = load_bench()
-    key = "consume_rate" if args.workload == "consume" else "lat_p50_ms"
+    key = "lat_p50_ms" if args.workload == "e2e" else "consume_rate"
     results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in trees}
     for run in range(args.runs):
         for name, src in trees if run % 2 == 0 else list(reversed(trees)):
