@@ -719,12 +719,14 @@ def _notify_payloads(queue_ids: set[int]) -> list[str]:
 # takes a key-share lock on the node row, so a node being declared dead
 # waits for this statement, and this one sees the verdict; see claims).
 #
-# The rows are found by id, through the primary key. ("owner + 0" keeps the
-# planner off roost_messages_owned, which it picks for "owner = epoch": that
-# index still holds an entry for every row the epoch settled since the last
-# vacuum, so under a steady stream of acks each statement would walk
-# thousands of dead entries, and ever more.)
-_MINE = "id = ANY(%(ids)s::bigint[]) AND owner + 0 = %(epoch)s"
+# The rows are found by id, through the primary key. The planner would
+# rather scan roost_messages_owned (small, by its statistics), but that
+# index still holds an entry for every row the epoch settled since the
+# last vacuum, so under a steady stream of acks each statement would walk
+# thousands of dead entries, and ever more. IS NOT DISTINCT FROM (not
+# strict: it does not imply "owner IS NOT NULL", the index's predicate)
+# leaves it no way into that index; with a non-null epoch it means "=".
+_MINE = "id = ANY(%(ids)s::bigint[]) AND owner IS NOT DISTINCT FROM %(epoch)s"
 _SETTLE = "DELETE FROM {table} WHERE " + _MINE + " AND {fence}"
 
 # Released rows are ready again: tell the queues' consumers everywhere.
