@@ -333,3 +333,32 @@ async def test_an_idle_connection_lost_to_a_restart_fails_nothing(
     finally:
         await writer.close()
     assert fixtures.scalar(pg_url, "SELECT count(*) FROM roost_messages") == 2
+
+
+@pytest.mark.parametrize("sql", ["_SETTLE", "_RELEASE", "_UNCLAIM"])
+def test_acks_and_requeues_find_their_rows_by_primary_key(pg_url: str, sql: str) -> None:
+    # The owner index also holds every row the epoch settled since the
+    # last vacuum: a plan through it walks them all, on every ack.
+    from roost.cluster import message_writer
+    from roost.cluster.claims import FENCE, READY_CHANNEL
+
+    epoch, (q,) = fixtures.prepare(pg_url)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO roost_messages (queue_id, exchange, routing_key, properties, body, owner)"
+            " SELECT %s, '', 'k', '', 'b', CASE WHEN i <= 1400 THEN %s END"
+            " FROM generate_series(1, 20000) i",
+            (q, epoch),
+        )
+        conn.execute("ANALYZE roost_messages")
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM roost_messages WHERE owner = %s LIMIT 200", (epoch,)
+            )
+        ]
+        query = getattr(message_writer, sql).format(table="roost_messages", fence=FENCE)
+        args = {"ids": ids, "epoch": epoch, "channel": READY_CHANNEL}
+        plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN {query}", args))
+    assert "roost_messages_pkey" in plan
+    assert "roost_messages_owned" not in plan

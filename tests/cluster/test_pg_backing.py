@@ -513,3 +513,67 @@ async def test_a_hand_off_by_a_node_already_declared_dead_stays_ready(
     _, there = b.consume(prefetch=10)
     await wait_for(lambda: b"late" in bodies(there))
     assert bodies(here) == [b"warm-up"]
+
+
+async def test_a_busy_consumer_gets_a_read_ahead_that_goes_back_when_it_stops(
+    two_nodes: tuple[Node, Node, str],
+) -> None:
+    a, _, url = two_nodes
+    total = 3000
+    await a.confirmed(max(a.publish(b"%d" % i) for i in range(total)))
+    backing = a.queue.backing
+    assert isinstance(backing, PgBackingQueue)
+    consumer, sink = a.consume(prefetch=200)
+    # Without a read-ahead a claim asks for the consumer's credit, so the
+    # buffer is empty whenever that credit is used up: each ack would wait
+    # a claim round trip.
+    ahead_of_credit = 0
+    acked = 0
+    async with asyncio.timeout(60):
+        while acked < total // 2:
+            await asyncio.sleep(0)
+            if not backing.demand or backing.demand() == 0:
+                ahead_of_credit = max(ahead_of_credit, backing.in_memory())
+            if len(sink.got) - acked >= 100:  # acks 100 at a time, as clients do
+                a.ack(consumer, [e for _, e in sink.got[acked : acked + 100]])
+                acked += 100
+    assert ahead_of_credit > 0
+    # The consumer stops acking: what the node read ahead goes back, and it
+    # holds only what the consumer has not acked.
+
+    def held() -> int:
+        return int(
+            fixtures.scalar(
+                url, "SELECT count(*) FROM roost_messages WHERE owner = %s", a.messages.epoch
+            )
+        )
+
+    # (Deliveries go on up to the prefetch: count what it holds then.)
+    await wait_for(lambda: backing.in_memory() == 0 and held() == len(sink.got) - acked, 15)
+    assert bodies(sink) == [b"%d" % i for i in range(len(sink.got))]
+
+
+async def test_a_stream_of_hand_offs_runs_no_claims_here_or_elsewhere(
+    two_nodes: tuple[Node, Node, str],
+) -> None:
+    a, b, _ = two_nodes
+    consumer, sink = a.consume(prefetch=50)
+    _, there = b.consume(prefetch=50)
+    a.publish(b"warm-up")  # reserves ids for hand-offs; claimed or handed
+    await wait_for(lambda: len(sink.got) + len(there.got) == 1)
+    backing_a, backing_b = a.queue.backing, b.queue.backing
+    assert isinstance(backing_a, PgBackingQueue) and isinstance(backing_b, PgBackingQueue)
+    await asyncio.sleep(0.5)  # claims started by the warm-up are over
+    claims = backing_a.claims, backing_b.claims
+    for i in range(30):
+        batch = a.publish(b"%d" % i)
+        await a.confirmed(batch)
+        assert a.messages.writer.handed(batch) is True
+        await wait_for(lambda n=i: len(sink.got) >= n + 1 + (not there.got))  # type: ignore[misc]
+        a.ack(consumer, [e for _, e in sink.got[-1:]])
+    await asyncio.sleep(0.5)  # any wake-up has arrived by now
+    # The rows were claimed by their insert: nothing for a claim to find,
+    # here or on the other node, which hears nothing of them.
+    assert (backing_a.claims, backing_b.claims) == claims
+    assert bodies(sink)[-30:] == [b"%d" % i for i in range(30)]
+    assert not there.got or len(there.got) == 1

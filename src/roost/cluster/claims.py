@@ -173,7 +173,11 @@ class Claimer:
         the head of the queue for ``epoch``, in delivery order. Nothing
         when the epoch is dead."""
         async with self.pool.connection() as conn:
-            cur = await conn.execute(CLAIM_SQL, {"q": queue_id, "n": n, "epoch": epoch})
+            # Binary results: bodies and properties as they are, not
+            # hex-encoded by the server and decoded here.
+            cur = await conn.execute(
+                CLAIM_SQL, {"q": queue_id, "n": n, "epoch": epoch}, binary=True
+            )
             rows = [Claimed(*r) for r in await cur.fetchall()]
         self.claims += 1
         self.claimed_rows += len(rows)
@@ -188,7 +192,7 @@ class Claimer:
         consumer claims them (a TTL queue without consumers)."""
         args = {"qs": list(queue_ids), "n": n, "epoch": epoch, "now": now_ms}
         async with self.pool.connection() as conn:
-            cur = await conn.execute(CLAIM_EXPIRED_SQL, args)
+            cur = await conn.execute(CLAIM_EXPIRED_SQL, args, binary=True)
             rows = [Claimed(*r) for r in await cur.fetchall()]
         rows.sort(key=_order)
         return rows

@@ -677,7 +677,9 @@ class MessageWriter:
             for (_, pfut), n in zip(batch.purges, counts, strict=True):
                 if pfut is not None and not pfut.done():
                     pfut.set_result(n)
-            return {row.queue_id for row in batch.rows}
+            # Hand-off rows are nobody else's business, unless they went
+            # in ready (the epoch was dead).
+            return {r.queue_id for r in batch.rows if r.owner is None or not batch.handed}
         raise AssertionError("unreachable")
 
     async def _transaction(
@@ -750,10 +752,20 @@ class MessageWriter:
                 pcur = conn.cursor()
                 await pcur.execute(_PURGE, {"q": queue_id})
                 purge_curs.append(pcur)
-            if batch.rows:
-                for payload in _notify_payloads({r.queue_id for r in batch.rows}):
-                    # Delivered at COMMIT, and only if it commits.
-                    await cur.execute("SELECT pg_notify(%s, %s)", (READY_CHANNEL, payload))
+            # Delivered at COMMIT, and only if it commits. Hand-off rows
+            # are claimed already: other nodes hear of them only if they
+            # went in ready (the epoch was dead by then; dead stays dead,
+            # so this check, later than the insert's, cannot miss that).
+            ready = {r.queue_id for r in rows if r.owner is None}
+            for payload in _notify_payloads(ready):
+                await cur.execute("SELECT pg_notify(%s, %s)", (READY_CHANNEL, payload))
+            if owner is not None:
+                for payload in _notify_payloads({r.queue_id for r in rows} - ready):
+                    await cur.execute(
+                        "SELECT pg_notify(%s, %s) WHERE NOT EXISTS"
+                        " (SELECT 1 FROM roost_nodes WHERE epoch = %s AND NOT dead)",
+                        (READY_CHANNEL, payload, owner),
+                    )
         if hand_cur is not None:
             found = await hand_cur.fetchone()
             batch.handed = bool(found and found[0])
@@ -1248,7 +1260,16 @@ def _notify_payloads(queue_ids: set[int]) -> list[str]:
 # Fenced: only rows the epoch owns, only while the epoch is alive (FENCE
 # takes a key-share lock on the node row, so a node being declared dead
 # waits for this statement, and this one sees the verdict; see claims).
-_SETTLE = "DELETE FROM {table} WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
+#
+# The rows are found by id, through the primary key. The planner would
+# rather scan roost_messages_owned (small, by its statistics), but that
+# index still holds an entry for every row the epoch settled since the
+# last vacuum, so under a steady stream of acks each statement would walk
+# thousands of dead entries, and ever more. IS NOT DISTINCT FROM (not
+# strict: it does not imply "owner IS NOT NULL", the index's predicate)
+# leaves it no way into that index; with a non-null epoch it means "=".
+_MINE = "id = ANY(%(ids)s::bigint[]) AND owner IS NOT DISTINCT FROM %(epoch)s"
+_SETTLE = "DELETE FROM {table} WHERE " + _MINE + " AND {fence}"
 
 # Released rows are ready again: counted (a limited queue's), and the
 # queues' consumers everywhere are told.
@@ -1259,12 +1280,12 @@ _READY_NOTIFY = (
 )
 _RELEASE = (
     "WITH r AS (UPDATE {table} SET owner = NULL, redelivered = true"
-    " WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
+    " WHERE " + _MINE + " AND {fence}"
     " RETURNING queue_id, octet_length(body) AS size)" + _READY_NOTIFY
 )
 _UNCLAIM = (
     "WITH r AS (UPDATE {table} SET owner = NULL, delivery_count = delivery_count - 1"
-    " WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND {fence}"
+    " WHERE " + _MINE + " AND {fence}"
     " RETURNING queue_id, octet_length(body) AS size)" + _READY_NOTIFY
 )
 # Fenced like a settle: only rows the epoch delivered, while it is alive.

@@ -54,7 +54,7 @@ class NodeMessages:
         writer_connections: int = 1,
         claim_connections: int = 4,
         synchronous_claims: bool = True,
-        max_buffer: int = 1000,
+        max_buffer: int = 2000,
         claim_ahead: int = 64,
         handoff: bool = True,
         count_interval: float = 1.0,
@@ -208,6 +208,7 @@ class NodeMessages:
 
     async def _housekeeping(self) -> None:
         idle: set[int] = set()
+        taken: dict[int, int] = {}
         next_count: dict[int, float] = {}
         loop = asyncio.get_running_loop()
         while True:
@@ -233,8 +234,11 @@ class NodeMessages:
             await self._sweep_expired(queues)
             for qid, q in queues.items():
                 # Given back on the second tick without demand: a consumer
-                # between two deliveries is not "gone".
-                if q.in_memory() and (q.demand is None or q.demand() <= 0):
+                # between two deliveries is not "gone", nor one that took
+                # entries since the last tick (its credit may be used up
+                # at this moment; the buffer is its read-ahead).
+                n, taken[qid] = taken.get(qid, -1), q.taken_total()
+                if q.in_memory() and (q.demand is None or q.demand() <= 0) and n == taken[qid]:
                     if qid in idle:
                         q.give_back()
                         idle.discard(qid)
@@ -245,6 +249,9 @@ class NodeMessages:
             for qid in list(next_count):
                 if qid not in queues:
                     del next_count[qid]
+            for qid in list(taken):
+                if qid not in queues:
+                    del taken[qid]
 
 
 async def _sweep_expired_rows(

@@ -27,10 +27,15 @@ How the synchronous backing-queue protocol meets the asynchronous database:
   claim asks for what they can take now (``demand()``) but at least
   ``claim_ahead`` (capped by ``max_buffer``), and the next claim starts
   when the buffer is half drained: a consumer with a small prefetch
-  would otherwise wait a claim round trip per few messages. That
-  ``claim_ahead`` is all a node holds back from other nodes' consumers;
-  what sits without local demand for a while is given back
-  (:meth:`give_back`).
+  would otherwise wait a claim round trip per few messages. On top of
+  that, while consumers take entries, a *read-ahead*: what they take in
+  two claim round trips (:meth:`_update_reserve`), so a consumer that
+  acks finds its next messages here, not a claim away. These are all a
+  node holds back from other nodes' consumers; what no local consumer
+  takes for a while is given back (:meth:`give_back`).
+- **No claim for nothing.** A consumer's credit starts a claim only while
+  ready rows may be there (a wake-up, a count, a commit of this node's
+  ready rows, a give-back); a claim that comes back short ends that.
 - **Expiry.** Only claimed entries reach the queue's TTL logic, so the
   node sweeps rows past their expiry that nobody claims (a TTL queue
   without consumers) into the buffer (:meth:`take_expired`), and the
@@ -86,6 +91,14 @@ log = logging.getLogger(__name__)
 # Pause after a failed claim before the next attempt.
 CLAIM_RETRY_DELAY = 0.5
 
+# The read-ahead (see PgBackingQueue._reserve): enough entries for this many
+# claim round trips at the rate local consumers take them, and only while
+# they took some within RESERVE_IDLE seconds.
+RESERVE_TRIPS = 2.0
+RESERVE_IDLE = 0.5
+# Weight of the newest sample in the moving averages of rate and claim time.
+EWMA_WEIGHT = 0.2
+
 
 class PgBackingQueue:
     """A :class:`~roost.broker.backing_queue.BackingQueue` over PostgreSQL
@@ -99,7 +112,7 @@ class PgBackingQueue:
         writer: MessageWriter,
         claimer: Claimer,
         *,
-        max_buffer: int = 1000,
+        max_buffer: int = 2000,
         claim_ahead: int = 64,
         lease: Lease | None = None,
         handoff: bool = True,
@@ -139,6 +152,12 @@ class PgBackingQueue:
         self._shortfall = 0  # asked of fetch and not there (without demand())
         self._claiming: asyncio.Task[None] | None = None
         self._again = False  # woken while a claim was in flight
+        # Ready rows may be there (a wake-up, a count, a commit of ours, a
+        # give-back) since the last claim came back short. Without that a
+        # consumer's credit starts no claim: in a steady stream of
+        # hand-offs every dispatch would claim, and find nothing.
+        self._maybe_ready = True
+        self._hints = 0
         self._closed = False
         self.claims = 0  # claim statements run (stats, tests)
         self.handoff = handoff
@@ -148,6 +167,15 @@ class PgBackingQueue:
         # Buffer order: priority, then arrival here (claims in id order,
         # hand-offs in publish order); a requeued entry keeps its place.
         self._seq = 0
+        # Read-ahead: how fast local consumers take entries, how long a
+        # claim takes (moving averages), and the reserve they call for.
+        self._taken = 0  # entries fetched since _rate_at
+        self._rate_at = 0.0
+        self._last_taken_at = 0.0
+        self._rate = 0.0  # entries/s
+        self._claim_time = 0.0  # s
+        self._reserve = 0
+        self._taken_total = 0  # ever fetched (housekeeping's idle check)
 
     # -- counts -----------------------------------------------------------
 
@@ -167,6 +195,14 @@ class PgBackingQueue:
             self._remote = ready
         else:
             self._remote = max(self._remote, ready)
+        if ready:
+            self._hint()
+
+    def _hint(self) -> None:
+        """Ready rows may be there: the next fetch that comes up short, or
+        the next top-up, claims."""
+        self._maybe_ready = True
+        self._hints += 1
 
     # -- messages in ------------------------------------------------------
 
@@ -294,6 +330,7 @@ class PgBackingQueue:
         if self.writer.failure(batch) is None:
             self._remote += n
             self.generation += 1
+            self._hint()
 
     def _committed(self, batch: int) -> None:
         """The batch holding hand-off entries resolved."""
@@ -312,6 +349,7 @@ class PgBackingQueue:
             # was closed meanwhile: give back what may be ours.
             self._remote += len(entries)
             self.generation += 1
+            self._hint()
         if error is None or isinstance(error, CommitOutcomeUnknown):
             # (Unknown: they may exist, owned by this epoch.)
             for transient in (False, True):
@@ -328,6 +366,7 @@ class PgBackingQueue:
             return None
         entry = heapq.heappop(heap)[2]
         self.bytes -= len(entry.message.body)
+        self._taken += 1
         if len(heap) < self._low_water and self._claiming is None:
             self._top_up()
         return entry
@@ -341,6 +380,7 @@ class PgBackingQueue:
         for e in entries:
             size += len(e.message.body)
         self.bytes -= size
+        self._taken += n
         if n < k:
             self._short(k - n)
         elif len(heap) < self._low_water and self._claiming is None:
@@ -436,6 +476,7 @@ class PgBackingQueue:
         heap.clear()
         self.bytes = 0
         self._remote += n
+        self._hint()
         for transient in (False, True):
             if fresh[transient]:
                 self.writer.unclaim_nowait(fresh[transient], self.epoch, transient)
@@ -456,6 +497,7 @@ class PgBackingQueue:
         """New ready rows may be there (a commit here, a NOTIFY from elsewhere)."""
         if self._closed:
             return
+        self._hint()
         if self._claiming is not None:
             self._again = True
         elif self._wanted() > 0:
@@ -464,31 +506,71 @@ class PgBackingQueue:
     def _short(self, n: int) -> None:
         if self._closed:
             return
-        self._shortfall = min(self.max_buffer, self._shortfall + n)
+        # The latest miss is the need (a dispatch retried for the same
+        # credit must not add up to a claim of max_buffer rows).
+        self._shortfall = min(self.max_buffer, max(self._shortfall, n))
         if self._claiming is None:
-            self._start_claim()
+            if self._maybe_ready:
+                self._start_claim()
         else:
             self._again = True
 
     @property
     def _low_water(self) -> int:
-        return self.claim_ahead // 2
+        return self.claim_ahead // 2 + self._reserve
 
     def _top_up(self) -> None:
-        if not self._closed and self._wanted() > 0:
+        # Not for a handful of entries: while a claim is out the next one
+        # waits, so each should bring at least half the reserve.
+        if not self._closed and self._maybe_ready and self._wanted() > self._reserve // 2:
             self._start_claim()
 
     def _wanted(self) -> int:
         # What a fetch missed (basic.get, or dispatch beyond the buffer),
         # and while consumers have credit, that credit but at least
-        # claim_ahead.
+        # claim_ahead; plus the reserve while they are taking entries.
         want = self._shortfall
         demand = self.demand
         if demand is not None:
             credit = demand()
             if credit > 0:
-                want = max(want, credit, self.claim_ahead)
+                want = max(want, credit + self._reserve, self.claim_ahead)
+            elif self._reserve:
+                want = max(want, self._reserve)
         return min(want, self.max_buffer) - len(self._heap)
+
+    def _update_reserve(self, now: float) -> None:
+        """Before a claim: the read-ahead that keeps local consumers busy
+        while the next claim is out, the rate they take entries at times
+        the claim round trip (RESERVE_TRIPS of them), up to half the
+        buffer. A slow consumer (a few entries per round trip) gets next to
+        nothing, one that took nothing for RESERVE_IDLE nothing at all; a
+        fast one is not left waiting a round trip each time it acks. What
+        the node holds back from other nodes' consumers beyond their
+        credit and claim_ahead is this reserve, no more."""
+        taken, self._taken = self._taken, 0
+        self._taken_total += taken
+        elapsed = now - self._rate_at
+        self._rate_at = now
+        if taken:
+            self._last_taken_at = now
+        if now - self._last_taken_at > RESERVE_IDLE:
+            self._rate = 0.0
+        elif elapsed > 0:
+            sample = taken / elapsed
+            self._rate += EWMA_WEIGHT * (sample - self._rate)
+        self._reserve = min(
+            self.max_buffer // 2, int(self._rate * self._claim_time * RESERVE_TRIPS)
+        )
+        if self.limit is not None:
+            # A length-limited queue claims only what its consumers take
+            # (claim_ahead 0): a claimed row no longer counts as ready.
+            self._reserve = 0
+
+    def taken_total(self) -> int:
+        """Entries ever fetched from the buffer (a consumer at work takes
+        some between two housekeeping ticks, whatever its credit then)."""
+        return self._taken_total + self._taken
 
     async def fill(self, n: int = 1) -> int:
         """Claim now until the buffer holds ``n`` entries or the queue is
@@ -497,10 +579,10 @@ class PgBackingQueue:
         synchronous fetch can only start a claim and miss."""
         want = n - len(self._heap)
         if want > 0 and not self._closed and self.lease.valid():
-            generation = self.generation
+            generation, hints = self.generation, self._hints
             rows = await self.claimer.claim(self.store_id, want, self.epoch)
             self.claims += 1
-            self._take(rows, want, generation)
+            self._take(rows, want, generation, hints)
         return len(self._heap)
 
     def forget_buffer(self) -> None:
@@ -508,6 +590,7 @@ class PgBackingQueue:
         the cluster and are not ours; drop them without a word to it."""
         self._heap.clear()
         self.bytes = 0
+        self._hint()  # released: claimable again, under the next epoch
 
     def _start_claim(self) -> None:
         if not self.lease.valid():
@@ -515,15 +598,20 @@ class PgBackingQueue:
         self._claiming = asyncio.get_running_loop().create_task(self._claim_loop())
 
     async def _claim_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while not self._closed:
                 self._again = False
+                started = loop.time()
+                self._update_reserve(started)
                 want = self._wanted()
                 if want <= 0:
                     break
-                generation = self.generation
+                generation, hints = self.generation, self._hints
                 try:
                     rows = await self.claimer.claim(self.store_id, want, self.epoch)
+                    took = loop.time() - started
+                    self._claim_time += EWMA_WEIGHT * (took - self._claim_time)
                 except Exception as exc:
                     # (A warning, not a traceback: during an outage every
                     # queue with consumers says this twice a second.)
@@ -531,7 +619,7 @@ class PgBackingQueue:
                     await asyncio.sleep(CLAIM_RETRY_DELAY)
                     continue
                 self.claims += 1
-                self._take(rows, want, generation)
+                self._take(rows, want, generation, hints)
                 if self._closed:
                     break
                 if rows and self.ready_changed is not None:
@@ -541,17 +629,19 @@ class PgBackingQueue:
         finally:
             self._claiming = None
 
-    def _take(self, rows: list[Claimed], wanted: int, generation: int) -> None:
+    def _take(self, rows: list[Claimed], wanted: int, generation: int, hints: int) -> None:
         """Claimed rows join the buffer (or go back, the queue being closed)."""
         self._shortfall = max(0, self._shortfall - len(rows))
         for row in rows:
             self._push(self._entry(row))
         if len(rows) < wanted:
             # The queue's head was empty, cluster-wide, when the claim ran;
-            # unless rows of ours committed since.
+            # unless rows of ours committed since, or a wake-up came.
             self._shortfall = 0
             if generation == self.generation:
                 self._remote = 0
+            if hints == self._hints:
+                self._maybe_ready = False
         else:
             self._remote = max(0, self._remote - len(rows))
         if self._closed:
