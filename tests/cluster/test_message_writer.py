@@ -357,7 +357,9 @@ def test_acks_and_requeues_find_their_rows_by_primary_key(pg_url: str, sql: str)
                 "SELECT id FROM roost_messages WHERE owner = %s LIMIT 200", (epoch,)
             )
         ]
-        query = getattr(message_writer, sql).format(table="roost_messages", fence=FENCE)
+        query = getattr(message_writer, sql).format(
+            table="roost_messages", fence=FENCE, counts="roost_queue_counts"
+        )
         args = {"ids": ids, "epoch": epoch, "channel": READY_CHANNEL}
         plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN {query}", args))
     assert "roost_messages_pkey" in plan

@@ -506,6 +506,11 @@ class PgBackingQueue:
     def _short(self, n: int) -> None:
         if self._closed:
             return
+        if self.limit is not None and (self.demand is None or self.demand() <= 0):
+            # A basic.get miss: the get claims for itself (fill). A claim
+            # kept for later would take a row out of a length-limited
+            # queue's ready count with no one to deliver it to.
+            return
         # The latest miss is the need (a dispatch retried for the same
         # credit must not add up to a claim of max_buffer rows).
         self._shortfall = min(self.max_buffer, max(self._shortfall, n))
