@@ -58,6 +58,7 @@ class NodeMessages:
         handoff: bool = True,
         count_interval: float = 1.0,
         expiry_batch: int = 1000,
+        max_pending_bytes: int = 0,
     ) -> None:
         self.conninfo = conninfo
         self.epoch = epoch
@@ -67,7 +68,10 @@ class NodeMessages:
         self.count_interval = count_interval
         self.expiry_batch = expiry_batch
         self.writer = MessageWriter(
-            conninfo, connections=writer_connections, on_committed=self._ready
+            conninfo,
+            connections=writer_connections,
+            on_committed=self._ready,
+            max_pending_bytes=max_pending_bytes,
         )
         self.claimer = Claimer(
             conninfo, max_connections=claim_connections, synchronous_commit=synchronous_claims

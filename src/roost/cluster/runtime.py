@@ -25,6 +25,7 @@ from roost.cluster.node_messages import NodeMessages
 from roost.cluster.nodes import NodeRegistry
 from roost.cluster.pg_backing import PgBackingQueue, attach
 from roost.http.nodes import ClusterNode as NodeListing
+from roost.resources import MEMORY_ALARM
 
 log = logging.getLogger("roost.cluster")
 
@@ -34,10 +35,21 @@ log = logging.getLogger("roost.cluster")
 # already on its way out.
 LEASE_MARGIN = 1.0
 
+# The source under which a writer falling behind PostgreSQL holds the memory
+# alarm (what it holds back is memory: rows enqueued, not yet committed).
+WRITER_BACKLOG_SOURCE = "cluster_writer_backlog"
+
+# Default of max_pending_bytes: body bytes a node's writer may hold,
+# enqueued and not yet committed, before its publishers are blocked.
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+
 
 class ClusterNode:
-    def __init__(self, url: str, name: str, timeout: int) -> None:
+    def __init__(
+        self, url: str, name: str, timeout: int, max_pending_bytes: int = MAX_PENDING_BYTES
+    ) -> None:
         self.registry = NodeRegistry(url, name, timeout)
+        self.max_pending_bytes = max_pending_bytes
         self.definitions: ClusterDefinitions | None = None
         self.messages: NodeMessages | None = None
 
@@ -60,7 +72,9 @@ class ClusterNode:
         message routed to a queue becomes a row in PostgreSQL, delivered by
         whichever node claims it."""
         registry = self.registry
-        messages = NodeMessages(registry.url, registry.epoch)
+        messages = NodeMessages(
+            registry.url, registry.epoch, max_pending_bytes=self.max_pending_bytes
+        )
         await messages.start()
         self.messages = messages
         try:
@@ -72,6 +86,22 @@ class ClusterNode:
             self.messages = None
             raise
         broker.journal = messages.journal  # vhosts created later take it
+
+        def backlog(over: bool) -> None:
+            # Flow control as the memory alarm's: publishing connections
+            # get connection.blocked and are no longer read from, until the
+            # writer has caught up with half of the limit.
+            if over:
+                log.warning(
+                    "cluster: %d bytes of messages wait for PostgreSQL; blocking publishers",
+                    messages.writer.pending_bytes,
+                )
+                broker.set_alarm(MEMORY_ALARM, WRITER_BACKLOG_SOURCE)
+            else:
+                log.info("cluster: PostgreSQL caught up; unblocking publishers")
+                broker.clear_alarm(MEMORY_ALARM, WRITER_BACKLOG_SOURCE)
+
+        messages.writer.on_backlog = backlog
         for vhost in broker.vhosts.values():
             vhost.journal = messages.journal
         # Before the server's hook closes the connections: nothing more
