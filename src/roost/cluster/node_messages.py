@@ -144,6 +144,20 @@ class NodeMessages:
             # the renewed lease would let this node deliver a second time.
             q.forget_buffer()
 
+    def renew_lease(self, until: float) -> None:
+        """The registry's heartbeat committed: deliver until ``until``. A
+        lease that had lapsed (PostgreSQL out of reach for a while) held
+        back what the buffers hold, and no claim started meanwhile: nothing
+        else would wake those queues, so they are woken here."""
+        lapsed = not self.lease.valid()
+        self.lease.renew(until)
+        if not lapsed:
+            return
+        for q in list(self.queues.values()):
+            if q.in_memory() and q.ready_changed is not None:
+                q.ready_changed()
+            q.wake()
+
     def forget(self, queue_id: int) -> None:
         """The queue was deleted here (call after ``close()`` on it)."""
         self.queues.pop(queue_id, None)

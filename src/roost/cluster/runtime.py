@@ -129,7 +129,7 @@ class ClusterNode:
 
     def _beat(self, sent: float) -> None:
         if self.messages is not None:
-            self.messages.lease.renew(sent + self.registry.timeout - LEASE_MARGIN)
+            self.messages.renew_lease(sent + self.registry.timeout - LEASE_MARGIN)
 
     def _attach_queues(self) -> None:
         """Give each queue whose row is known its PostgreSQL backing queue
