@@ -1,0 +1,104 @@
+"""Nodes SIGKILLed, paused past their timeout (SIGSTOP, then SIGCONT) and
+restarted at random while confirmed publishers and acking consumers on
+every node keep going, following their host lists to another node when
+theirs goes: every confirmed message is consumed, and nothing acked comes
+back (see tests/cluster/traffic.py for the checker).
+
+The schedule is random but seeded (``ROOST_CHAOS_SEED``, printed when the
+test fails); ``ROOST_CHAOS_SECONDS`` makes it longer than the default (a
+soak: ``ROOST_CHAOS_SECONDS=600 pytest tests/cluster/test_node_chaos.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+
+from roost.testing import RoostProcess
+from tests.cluster.test_postgres_restart import TIMEOUT, close_nodes, start_nodes
+from tests.cluster.traffic import Consumer, Ledger, Publisher, drain, wait_until
+
+CHAOS_SECONDS = float(os.environ.get("ROOST_CHAOS_SECONDS", "25"))
+
+pytestmark = pytest.mark.timeout(240 + 2 * CHAOS_SECONDS)
+
+
+def kill_and_restart(node: RoostProcess, rng: random.Random) -> str:
+    node.kill()
+    time.sleep(rng.uniform(0.5, TIMEOUT * 1.5))
+    node.start(timeout=60)
+    return "killed, restarted"
+
+
+def pause_past_timeout(node: RoostProcess, rng: random.Random) -> str:
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGSTOP)
+    time.sleep(TIMEOUT + rng.uniform(1.0, 3.0))
+    node.proc.send_signal(signal.SIGCONT)
+    return "paused past its timeout"
+
+
+def pause_briefly(node: RoostProcess, rng: random.Random) -> str:
+    # Within the lease: the node goes on as if nothing happened.
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGSTOP)
+    time.sleep(rng.uniform(0.2, 1.0))
+    node.proc.send_signal(signal.SIGCONT)
+    return "paused briefly"
+
+
+def restart(node: RoostProcess, rng: random.Random) -> str:
+    node.kill()
+    node.start(timeout=60)
+    return "restarted at once"
+
+
+ACTIONS: list[Callable[[RoostProcess, random.Random], str]] = [
+    kill_and_restart,
+    pause_past_timeout,
+    pause_briefly,
+    restart,
+]
+
+
+def test_random_kills_and_pauses_lose_nothing_confirmed(pg_url: str) -> None:
+    seed = int(os.environ.get("ROOST_CHAOS_SEED", str(random.randrange(1 << 32))))
+    rng = random.Random(seed)
+    nodes = start_nodes(pg_url, ["a", "b", "c"])
+    done: list[str] = []
+    try:
+        hosts = [(n.host, n.port) for n in nodes]
+        ledger = Ledger()
+        pubs = [Publisher(f"p{i}", hosts, i, "chaos", ledger) for i in range(3)]
+        cons = [Consumer(f"c{i}", hosts, (i + 1) % 3, "chaos", ledger) for i in range(3)]
+        for t in [*pubs, *cons]:
+            t.start()
+        wait_until(lambda: len(ledger.confirmed) >= 200, 60, "publishing to start")
+        end = time.monotonic() + CHAOS_SECONDS
+        while time.monotonic() < end:
+            i = rng.randrange(3)
+            action = rng.choice(ACTIONS)
+            done.append(f"{'abc'[i]}: {action(nodes[i], rng)}")
+            # Publishing goes on somewhere between two blows.
+            before = len(ledger.confirmed)
+            wait_until(
+                lambda before=before: len(ledger.confirmed) > before + 20,  # type: ignore[misc]
+                60,
+                "publishing to resume",
+            )
+        for p in pubs:
+            p.stop()
+        drain(ledger, 120, url=pg_url, nodes=nodes)
+        for c in cons:
+            c.stop()
+        ledger.check()
+        assert done
+    except AssertionError as exc:
+        raise AssertionError(f"ROOST_CHAOS_SEED={seed}, schedule {done}: {exc}") from None
+    finally:
+        close_nodes(nodes)
