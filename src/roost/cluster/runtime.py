@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from roost.broker.broker import Broker
 from roost.cluster.claims import release_dead
@@ -44,11 +45,34 @@ WRITER_BACKLOG_SOURCE = "cluster_writer_backlog"
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 
 
+def conninfo_for_failures(url: str, timeout: int) -> str:
+    """``url`` with what lets every connection of the node notice a
+    database machine that vanished without closing its sockets (power
+    loss, a network partition) within about ``timeout``, rather than the
+    kernel's default of minutes to hours: TCP keepalives on idle
+    connections (the LISTEN ones are idle until a notification comes),
+    ``tcp_user_timeout`` on data sent and never acknowledged, and a
+    ``connect_timeout`` that holds per host of a multi-host URL, so a
+    dead host in the list does not stall the failover to the next. Settings
+    the URL makes itself are kept."""
+    given = conninfo_to_dict(url)
+    defaults = {
+        "keepalives": "1",
+        "keepalives_idle": str(max(1, timeout // 3)),
+        "keepalives_interval": "1",
+        "keepalives_count": "3",
+        "tcp_user_timeout": str(timeout * 1000),
+        "connect_timeout": str(timeout),
+    }
+    extra = {k: v for k, v in defaults.items() if k not in given}
+    return make_conninfo(url, **extra) if extra else url
+
+
 class ClusterNode:
     def __init__(
         self, url: str, name: str, timeout: int, max_pending_bytes: int = MAX_PENDING_BYTES
     ) -> None:
-        self.registry = NodeRegistry(url, name, timeout)
+        self.registry = NodeRegistry(conninfo_for_failures(url, timeout), name, timeout)
         self.max_pending_bytes = max_pending_bytes
         self.definitions: ClusterDefinitions | None = None
         self.messages: NodeMessages | None = None
