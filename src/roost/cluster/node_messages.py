@@ -262,7 +262,7 @@ async def _sweep_expired_rows(
     for row in rows:
         by_queue.setdefault(row.queue_id, []).append(row)
     for qid, mine in by_queue.items():
-        queues[qid].take_expired(mine)
+        queues[qid].take_expired(mine, epoch)
     return len(rows)
 
 

@@ -135,6 +135,8 @@ class PgBackingQueue:
         # Hand-off entries waiting for their batch's COMMIT, by batch.
         self._pending: dict[int, list[QueueEntry]] = {}
         self._pending_n = 0
+        # Batches whose hand-offs belong to an incarnation declared dead.
+        self._void: set[int] = set()
         # Buffer order: priority, then arrival here (claims in id order,
         # hand-offs in publish order); a requeued entry keeps its place.
         self._seq = 0
@@ -234,6 +236,9 @@ class PgBackingQueue:
         """The batch holding hand-off entries resolved."""
         entries = self._pending.pop(batch, [])
         self._pending_n -= len(entries)
+        if batch in self._void:
+            self._void.discard(batch)
+            return
         writer = self.writer
         error = writer.failure(batch)
         if error is None and writer.handed(batch) and not self._closed:
@@ -369,10 +374,13 @@ class PgBackingQueue:
                 self.writer.release_nowait(seen[transient], self.epoch, transient)
         return n
 
-    def take_expired(self, rows: Iterable[Claimed]) -> None:
-        """Rows past their expiry, claimed by the node's sweep: into the
-        buffer, and the queue's TTL timer (``expiry_seen``) dead-letters
-        them from the head as it does locally."""
+    def take_expired(self, rows: Iterable[Claimed], epoch: int | None = None) -> None:
+        """Rows past their expiry, claimed by the node's sweep for ``epoch``
+        (None: the current one): into the buffer, and the queue's TTL timer
+        (``expiry_seen``) dead-letters them from the head as it does
+        locally."""
+        if epoch is not None and epoch != self.epoch:
+            return  # claimed for a dead incarnation (see _take)
         for row in rows:
             self._push(self._entry(row))
         if self._closed:
@@ -423,17 +431,21 @@ class PgBackingQueue:
         synchronous fetch can only start a claim and miss."""
         want = n - len(self._heap)
         if want > 0 and not self._closed and self.lease.valid():
-            generation = self.generation
-            rows = await self.claimer.claim(self.store_id, want, self.epoch)
+            generation, epoch = self.generation, self.epoch
+            rows = await self.claimer.claim(self.store_id, want, epoch)
             self.claims += 1
-            self._take(rows, want, generation)
+            self._take(rows, want, generation, epoch)
         return len(self._heap)
 
     def forget_buffer(self) -> None:
         """This node was declared dead: the buffered rows were released to
-        the cluster and are not ours; drop them without a word to it."""
+        the cluster and are not ours; drop them without a word to it. So
+        are the hand-offs waiting for their batch: inserted for the dead
+        epoch, they are released with its other rows (or were inserted
+        ready, the epoch being dead by their COMMIT)."""
         self._heap.clear()
         self.bytes = 0
+        self._void.update(self._pending)
 
     def _start_claim(self) -> None:
         if not self.lease.valid():
@@ -447,9 +459,9 @@ class PgBackingQueue:
                 want = self._wanted()
                 if want <= 0:
                     break
-                generation = self.generation
+                generation, epoch = self.generation, self.epoch
                 try:
-                    rows = await self.claimer.claim(self.store_id, want, self.epoch)
+                    rows = await self.claimer.claim(self.store_id, want, epoch)
                 except Exception as exc:
                     # (A warning, not a traceback: during an outage every
                     # queue with consumers says this twice a second.)
@@ -457,7 +469,7 @@ class PgBackingQueue:
                     await asyncio.sleep(CLAIM_RETRY_DELAY)
                     continue
                 self.claims += 1
-                self._take(rows, want, generation)
+                self._take(rows, want, generation, epoch)
                 if self._closed:
                     break
                 if rows and self.ready_changed is not None:
@@ -467,8 +479,13 @@ class PgBackingQueue:
         finally:
             self._claiming = None
 
-    def _take(self, rows: list[Claimed], wanted: int, generation: int) -> None:
+    def _take(self, rows: list[Claimed], wanted: int, generation: int, epoch: int) -> None:
         """Claimed rows join the buffer (or go back, the queue being closed)."""
+        if epoch != self.epoch:
+            # Claimed for an incarnation that has since been declared dead:
+            # the cluster releases its rows to others (release_dead), so
+            # they must not be delivered from here as well.
+            return
         self._shortfall = max(0, self._shortfall - len(rows))
         for row in rows:
             self._push(self._entry(row))
