@@ -15,10 +15,15 @@ from pika.exceptions import AMQPError
 
 from roost.cluster.devdb import ThrowawayPostgres
 from roost.testing import RoostProcess
-from tests.cluster.test_postgres_restart import close_nodes, own_postgres, start_nodes
-from tests.cluster.traffic import Consumer, Ledger, Publisher, drain, wait_until
-
-__all__ = ["own_postgres"]  # the fixture
+from tests.cluster.traffic import (
+    Consumer,
+    Ledger,
+    Publisher,
+    close_nodes,
+    drain,
+    start_nodes,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(300)
 

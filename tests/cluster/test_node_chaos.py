@@ -20,8 +20,16 @@ from collections.abc import Callable
 import pytest
 
 from roost.testing import RoostProcess
-from tests.cluster.test_postgres_restart import TIMEOUT, close_nodes, start_nodes
-from tests.cluster.traffic import Consumer, Ledger, Publisher, drain, wait_until
+from tests.cluster.traffic import (
+    TIMEOUT,
+    Consumer,
+    Ledger,
+    Publisher,
+    close_nodes,
+    drain,
+    start_nodes,
+    wait_until,
+)
 
 CHAOS_SECONDS = float(os.environ.get("ROOST_CHAOS_SECONDS", "25"))
 

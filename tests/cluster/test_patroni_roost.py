@@ -13,8 +13,15 @@ from collections.abc import Iterator
 import pytest
 
 from tests.cluster.patroni_cluster import PatroniCluster, available
-from tests.cluster.test_postgres_restart import close_nodes, start_nodes
-from tests.cluster.traffic import Consumer, Ledger, Publisher, drain, wait_until
+from tests.cluster.traffic import (
+    Consumer,
+    Ledger,
+    Publisher,
+    close_nodes,
+    drain,
+    start_nodes,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -5,50 +5,23 @@ message is consumed, nothing acked coming back."""
 
 from __future__ import annotations
 
-import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from roost.cluster.devdb import ThrowawayPostgres, find_bindir
-from roost.testing import RoostProcess
-from tests.cluster.traffic import Consumer, Ledger, Publisher, drain, wait_until
+from roost.cluster.devdb import ThrowawayPostgres
+from tests.cluster.traffic import (
+    TIMEOUT,
+    Consumer,
+    Ledger,
+    Publisher,
+    close_nodes,
+    drain,
+    start_nodes,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(300)
-
-TIMEOUT = 3  # --node-timeout
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[ThrowawayPostgres]:
-    """A server of this test's own: it is crashed and restarted."""
-    if find_bindir() is None:
-        pytest.skip("PostgreSQL server binaries not installed (Debian: postgresql)")
-    with ThrowawayPostgres() as pg:
-        yield pg
-
-
-def start_nodes(url: str, names: list[str], *extra: str) -> list[RoostProcess]:
-    nodes = []
-    try:
-        for name in names:
-            proc = RoostProcess(
-                None, "--cluster", url, "--node-name", name, "--node-timeout", str(TIMEOUT), *extra
-            )
-            nodes.append(proc.start())
-    except BaseException:
-        for n in nodes:
-            n.close()
-        raise
-    return nodes
-
-
-def close_nodes(nodes: list[RoostProcess]) -> None:
-    for n in nodes:
-        if n.proc is not None and n.proc.poll() is None:
-            n.proc.send_signal(signal.SIGCONT)
-        n.close()
 
 
 def test_nodes_recover_from_postgres_restarts_under_load(own_postgres: ThrowawayPostgres) -> None:

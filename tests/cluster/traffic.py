@@ -1,6 +1,7 @@
 """Traffic for the failure tests: confirmed publishers and acking consumers
 (pika, each in a thread of its own, each following a host list to another
-node when its connection is lost), and the checker of what they saw.
+node when its connection is lost), the checker of what they saw, and the
+``roost serve --cluster`` nodes they run against (:func:`start_nodes`).
 
 Every publish *attempt* has a body of its own (``publisher:seq:attempt``):
 a publish whose confirm did not come (a nack, a connection closed with 541
@@ -20,6 +21,7 @@ message delivered twice. :meth:`Ledger.check` then asserts:
 from __future__ import annotations
 
 import itertools
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +44,8 @@ ACK_WINDOW = 2.0
 Address = tuple[str, int]
 
 _serials = itertools.count(1)
+
+TIMEOUT = 3  # --node-timeout of the nodes start_nodes() starts
 
 
 def parameters(hosts: list[Address], first: int = 0) -> list[pika.ConnectionParameters]:
@@ -315,3 +319,25 @@ def _diagnosis(ledger: Ledger, url: str, nodes: Sequence[RoostProcess]) -> str:
         noted = [line for line in node.output if " WARNING " in line or " ERROR " in line]
         lines.append(f"--- node on port {node.port}:\n" + "".join(noted[-30:]))
     return "\n".join(lines)
+
+
+def start_nodes(url: str, names: list[str], *extra: str) -> list[RoostProcess]:
+    nodes = []
+    try:
+        for name in names:
+            proc = RoostProcess(
+                None, "--cluster", url, "--node-name", name, "--node-timeout", str(TIMEOUT), *extra
+            )
+            nodes.append(proc.start())
+    except BaseException:
+        for n in nodes:
+            n.close()
+        raise
+    return nodes
+
+
+def close_nodes(nodes: list[RoostProcess]) -> None:
+    for n in nodes:
+        if n.proc is not None and n.proc.poll() is None:
+            n.proc.send_signal(signal.SIGCONT)
+        n.close()
