@@ -9,6 +9,8 @@ import asyncio
 
 import psycopg
 
+from roost.broker.broker import Broker
+from roost.cluster.runtime import ClusterNode
 from tests.cluster import fixtures
 from tests.cluster.test_pg_backing import make_node, wait_for
 
@@ -42,3 +44,35 @@ async def test_rows_claimed_for_the_previous_epoch_stay_out_of_the_buffer(pg_url
         assert all(e.redelivered for _, e in sink.got)
     finally:
         await node.messages.close()
+
+
+async def _nothing() -> None:
+    pass
+
+
+async def test_no_lease_before_the_message_layer_moved_to_the_new_epoch(pg_url: str) -> None:
+    broker = Broker()
+    broker.set_scheduler(asyncio.get_running_loop().call_later)
+    node = ClusterNode(pg_url, "a", 3)
+    await node.register(_nothing)
+    await node.start_messages(broker)
+    await node.load(broker)
+    try:
+        registry, messages = node.registry, node.messages
+        assert messages is not None
+        premature: list[tuple[int, int]] = []
+
+        def check(_sent: float) -> None:
+            # After every heartbeat hook, the registration's included.
+            if messages.lease.valid() and messages.epoch != registry.epoch:
+                premature.append((messages.epoch, registry.epoch))
+
+        registry.on_beat.append(check)
+        old = registry.epoch
+        fixtures.mark_dead(pg_url, old)
+        assert not await registry.beat()  # fenced, then registered anew
+        assert registry.epoch != old and messages.epoch == registry.epoch
+        assert messages.lease.valid()
+        assert not premature, premature
+    finally:
+        await node.stop()

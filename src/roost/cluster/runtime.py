@@ -150,9 +150,15 @@ class ClusterNode:
         # now on are under the new epoch (the old one's rows were released).
         if self.messages is not None:
             self.messages.set_epoch(epoch)
+            # Only now may it deliver: the registration was a heartbeat.
+            self._beat(self.registry.last_beat_sent)
 
     def _beat(self, sent: float) -> None:
-        if self.messages is not None:
+        # Not for a registration the message layer has not moved to yet
+        # (set_epoch() in _registered): the lease would let it deliver what
+        # claims of the dead epoch bring into the buffers meanwhile, rows
+        # the cluster has already released to other nodes.
+        if self.messages is not None and self.messages.epoch == self.registry.epoch:
             self.messages.renew_lease(sent + self.registry.timeout - LEASE_MARGIN)
 
     def _attach_queues(self) -> None:
