@@ -91,7 +91,8 @@ def test_random_kills_and_pauses_lose_nothing_confirmed(pg_url: str) -> None:
         while time.monotonic() < end:
             i = rng.randrange(3)
             action = rng.choice(ACTIONS)
-            done.append(f"{'abc'[i]}: {action(nodes[i], rng)}")
+            started = time.monotonic()
+            done.append(f"{started:.2f} {'abc'[i]}: {action(nodes[i], rng)}")
             # Publishing goes on somewhere between two blows.
             before = len(ledger.confirmed)
             wait_until(
@@ -107,6 +108,9 @@ def test_random_kills_and_pauses_lose_nothing_confirmed(pg_url: str) -> None:
         ledger.check()
         assert done
     except AssertionError as exc:
-        raise AssertionError(f"ROOST_CHAOS_SEED={seed}, schedule {done}: {exc}") from None
+        ports = {name: n.port for name, n in zip("abc", nodes, strict=True)}
+        raise AssertionError(
+            f"ROOST_CHAOS_SEED={seed}, nodes {ports}, schedule {done}: {exc}"
+        ) from None
     finally:
         close_nodes(nodes)

@@ -85,6 +85,7 @@ class Ledger:
     acks: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     conns: dict[int, _Conn] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    ports: dict[int, int] = field(default_factory=dict)  # connection -> node's port
 
     def confirm(self, key: str) -> None:
         with self.lock:
@@ -136,8 +137,18 @@ class Ledger:
                         if acked_at < got[i - 1][0]:
                             continue  # not an ack of an earlier delivery
                         if acked_at < when and self._certain(acked_at, ack_conn):
-                            found.append(f"{body}: acked, then delivered again")
+                            found.append(
+                                f"{body}: acked, then delivered again ({self._story(body)})"
+                            )
         return found
+
+    def _story(self, body: str) -> str:
+        """The deliveries and acks of ``body``: when, through which node."""
+        events = [
+            (t, f"delivered by :{self.ports.get(c)}{' redelivered' if r else ''}")
+            for t, c, r in self.deliveries.get(body, [])
+        ] + [(t, f"acked on :{self.ports.get(c)}") for t, c in self.acks.get(body, [])]
+        return ", ".join(f"{t:.2f} {what}" for t, what in sorted(events))
 
     def check(self) -> None:
         missing = self.missing()
@@ -241,6 +252,8 @@ class Consumer(threading.Thread):
             conn: Any = None
             try:
                 conn = pika.BlockingConnection(self.params)
+                with self.ledger.lock:
+                    self.ledger.ports[serial] = conn._impl.params.port
                 ch = conn.channel()
                 ch.queue_declare(self.queue, durable=True)
                 ch.basic_qos(prefetch_count=self.prefetch)
