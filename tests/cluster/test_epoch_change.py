@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 
 import psycopg
+import pytest
 
 from roost.broker.broker import Broker
+from roost.cluster.nodes import NodeRegistry
 from roost.cluster.runtime import ClusterNode
 from tests.cluster import fixtures
 from tests.cluster.test_pg_backing import make_node, wait_for
@@ -76,3 +78,30 @@ async def test_no_lease_before_the_message_layer_moved_to_the_new_epoch(pg_url: 
         assert not premature, premature
     finally:
         await node.stop()
+
+
+async def test_a_fencing_outlasting_the_heartbeat_timeout_is_not_cut_short(pg_url: str) -> None:
+    registry = NodeRegistry(pg_url, "a", 3)
+    registered: list[int] = []
+
+    async def slow_hook() -> None:
+        await asyncio.sleep(registry.interval * 2)  # closing many connections
+
+    async def on_registered(epoch: int) -> None:
+        registered.append(epoch)
+
+    registry.on_fenced.append(slow_hook)
+    registry.on_registered.append(on_registered)
+    await registry.start()
+    try:
+        old = registry.epoch
+        fixtures.mark_dead(pg_url, old)
+        # As the heartbeat loop calls it.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(registry.beat(), registry.interval)
+        await wait_for(lambda: bool(registered), 10)
+        assert registered == [registry.epoch] and registry.epoch != old
+        assert registry.is_current()
+        assert await registry.beat()
+    finally:
+        await registry.leave()
