@@ -92,7 +92,8 @@ def test_random_kills_and_pauses_lose_nothing_confirmed(pg_url: str) -> None:
             i = rng.randrange(3)
             action = rng.choice(ACTIONS)
             started = time.monotonic()
-            done.append(f"{started:.2f} {'abc'[i]}: {action(nodes[i], rng)}")
+            wall = time.strftime("%H:%M:%S")
+            done.append(f"{started:.2f} ({wall}) {'abc'[i]}: {action(nodes[i], rng)}")
             # Publishing goes on somewhere between two blows.
             before = len(ledger.confirmed)
             wait_until(
@@ -109,8 +110,13 @@ def test_random_kills_and_pauses_lose_nothing_confirmed(pg_url: str) -> None:
         assert done
     except AssertionError as exc:
         ports = {name: n.port for name, n in zip("abc", nodes, strict=True)}
+        logs = "".join(
+            f"--- {name}:\n"
+            + "".join(x for x in n.output if " WARNING " in x or " ERROR " in x)[-4000:]
+            for name, n in zip("abc", nodes, strict=True)
+        )
         raise AssertionError(
-            f"ROOST_CHAOS_SEED={seed}, nodes {ports}, schedule {done}: {exc}"
+            f"ROOST_CHAOS_SEED={seed}, nodes {ports}, schedule {done}: {exc}\n{logs}"
         ) from None
     finally:
         close_nodes(nodes)
