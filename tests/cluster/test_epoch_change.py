@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from roost.broker.broker import Broker
+from roost.cluster.claims import Claimer, ClaimInDoubt
 from roost.cluster.nodes import NodeRegistry
 from roost.cluster.runtime import ClusterNode
 from tests.cluster import fixtures
@@ -105,3 +106,42 @@ async def test_a_fencing_outlasting_the_heartbeat_timeout_is_not_cut_short(pg_ur
         assert await registry.beat()
     finally:
         await registry.leave()
+
+
+async def test_a_claim_whose_commit_is_cut_off_is_in_doubt(pg_url: str) -> None:
+    epoch, (q,) = fixtures.prepare(pg_url)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO roost_messages (queue_id, exchange, routing_key, properties, body)"
+            " SELECT %s, '', 'q', '', 'x' FROM generate_series(1, 3)",
+            (q,),
+        )
+        # The COMMIT takes a while: time enough to cut its connection.
+        conn.execute(
+            "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$"
+        )
+        conn.execute(
+            "CREATE CONSTRAINT TRIGGER slow AFTER UPDATE ON roost_messages"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+        )
+    claimer = Claimer(pg_url, max_connections=1)
+    await claimer.open()
+    try:
+        claim = asyncio.create_task(claimer.claim(q, 3, epoch))
+        await asyncio.sleep(0.5)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'roost-claims'"
+            )
+        with pytest.raises(ClaimInDoubt) as doubt:
+            await asyncio.wait_for(claim, 10)
+        assert len(doubt.value.rows) == 3
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("DROP TRIGGER slow ON roost_messages")
+        await claimer.unclaim(doubt.value.rows, epoch)  # (rolled back: nothing to do)
+        got = await claimer.claim(q, 3, epoch)
+        assert [r.delivery_count for r in got] == [1, 1, 1]
+    finally:
+        await claimer.close()

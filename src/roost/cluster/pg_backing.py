@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING
 from roost import properties
 from roost.broker.log_backed import ENTRY_OVERHEAD
 from roost.broker.message import Message, QueueEntry
+from roost.cluster.claims import ClaimInDoubt
 from roost.cluster.lease import Lease
 from roost.cluster.message_writer import CommitOutcomeUnknown, MessageRow
 
@@ -432,10 +433,28 @@ class PgBackingQueue:
         want = n - len(self._heap)
         if want > 0 and not self._closed and self.lease.valid():
             generation, epoch = self.generation, self.epoch
-            rows = await self.claimer.claim(self.store_id, want, epoch)
+            try:
+                rows = await self.claimer.claim(self.store_id, want, epoch)
+            except ClaimInDoubt as exc:
+                await self._give_back_doubtful(exc.rows, epoch)
+                raise
             self.claims += 1
             self._take(rows, want, generation, epoch)
         return len(self._heap)
+
+    async def _give_back_doubtful(self, rows: list[Claimed], epoch: int) -> None:
+        """Rows of a claim whose COMMIT may or may not have happened: given
+        back before the next claim from this queue (which could otherwise
+        get them legitimately, and then see them given back under it),
+        retrying until PostgreSQL answers, or the epoch is over (a dead
+        epoch's rows are released by the cluster)."""
+        while not self._closed and epoch == self.epoch:
+            try:
+                await self.claimer.unclaim(rows, epoch)
+                return
+            except Exception as exc:
+                log.warning("giving back the rows of a claim in doubt: %s", exc)
+                await asyncio.sleep(CLAIM_RETRY_DELAY)
 
     def forget_buffer(self) -> None:
         """This node was declared dead: the buffered rows were released to
@@ -462,6 +481,10 @@ class PgBackingQueue:
                 generation, epoch = self.generation, self.epoch
                 try:
                     rows = await self.claimer.claim(self.store_id, want, epoch)
+                except ClaimInDoubt as exc:
+                    log.warning("claim from queue %d: %s", self.store_id, exc)
+                    await self._give_back_doubtful(exc.rows, epoch)
+                    continue
                 except Exception as exc:
                     # (A warning, not a traceback: during an outage every
                     # queue with consumers says this twice a second.)
