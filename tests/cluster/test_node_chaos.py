@@ -94,6 +94,8 @@ def test_random_kills_and_pauses_lose_nothing_confirmed(pg_url: str) -> None:
             started = time.monotonic()
             wall = time.strftime("%H:%M:%S")
             done.append(f"{started:.2f} ({wall}) {'abc'[i]}: {action(nodes[i], rng)}")
+            if action is pause_past_timeout:
+                ledger.woke(nodes[i].port)
             # Publishing goes on somewhere between two blows.
             before = len(ledger.confirmed)
             wait_until(

@@ -86,6 +86,8 @@ class Ledger:
     conns: dict[int, _Conn] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     ports: dict[int, int] = field(default_factory=dict)  # connection -> node's port
+    # (port, from, to): a node woke from a pause past its timeout then.
+    wakes: list[tuple[int, float, float]] = field(default_factory=list)
 
     def confirm(self, key: str) -> None:
         with self.lock:
@@ -104,6 +106,22 @@ class Ledger:
     def connection_died(self, conn: int) -> None:
         with self.lock:
             self.conns.setdefault(conn, _Conn()).died = True
+
+    def woke(self, port: int, seconds: float = 2.0) -> None:
+        """The node on ``port`` was just resumed after a pause past its
+        timeout. Deliveries it wrote just before it froze (decided under
+        its lease, still in its output buffer) reach the client now, after
+        another node may have redelivered and seen acked the same message;
+        the node closes the connection (320) as soon as its heartbeat
+        learns it was declared dead, and the client's ack is void. Those
+        stale deliveries are not held against it."""
+        now = time.monotonic()
+        with self.lock:
+            self.wakes.append((port, now - 0.5, now + seconds))
+
+    def _stale(self, when: float, conn: int) -> bool:
+        port = self.ports.get(conn)
+        return any(p == port and start <= when <= end for p, start, end in self.wakes)
 
     def error(self, text: str) -> None:
         with self.lock:
@@ -130,7 +148,9 @@ class Ledger:
                 if len(got) < 2:
                     continue
                 acks = self.acks.get(body, [])
-                for i, (when, _conn, redelivered) in enumerate(got[1:], 1):
+                for i, (when, conn, redelivered) in enumerate(got[1:], 1):
+                    if self._stale(when, conn):
+                        continue
                     if not redelivered:
                         found.append(f"{body}: delivered again without the redelivered flag")
                     for acked_at, ack_conn in acks:
