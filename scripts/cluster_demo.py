@@ -35,51 +35,70 @@ def main(argv: list[str] | None = None) -> int:
     nodes: list[subprocess.Popen[bytes]] = []
     try:
         with ThrowawayPostgres() as pg:
-            print(f"PostgreSQL: {pg.url}", flush=True)
-            for i in range(args.nodes):
-                port, http = args.base_port + i, args.http_base_port + i
-                data = base / f"node{i + 1}"
-                data.mkdir(mode=0o700)
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "roost",
-                    "serve",
-                    "--cluster",
-                    pg.url,
-                    "--node-name",
-                    f"node{i + 1}",
-                    "--node-timeout",
-                    str(args.node_timeout),
-                    "--port",
-                    str(port),
-                    "--http-port",
-                    str(http),
-                    "--data-dir",
-                    str(data),
-                ]
-                nodes.append(subprocess.Popen(cmd))
-                print(
-                    f"node{i + 1}: amqp://guest:guest@127.0.0.1:{port}/  http://127.0.0.1:{http}/",
-                    flush=True,
-                )
-            print("Ctrl-C stops the cluster and removes its files.", flush=True)
-            while all(n.poll() is None for n in nodes):
-                time.sleep(0.5)
-            print("a node exited; stopping the cluster", file=sys.stderr)
-            return 1
+            try:
+                return _run(args, pg, base, nodes)
+            finally:
+                # Inside the with: the nodes go before their database does
+                # (a node whose PostgreSQL vanished first would only log
+                # connection errors until its SIGTERM timed out).
+                _stop(nodes)
     except KeyboardInterrupt:
         return 0
     finally:
-        for n in nodes:
-            if n.poll() is None:
-                n.send_signal(signal.SIGTERM)
-        for n in nodes:
-            try:
-                n.wait(15)
-            except subprocess.TimeoutExpired:
-                n.kill()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _run(
+    args: argparse.Namespace,
+    pg: ThrowawayPostgres,
+    base: Path,
+    nodes: list[subprocess.Popen[bytes]],
+) -> int:
+    print(f"PostgreSQL: {pg.url}", flush=True)
+    for i in range(args.nodes):
+        port, http = args.base_port + i, args.http_base_port + i
+        data = base / f"node{i + 1}"
+        data.mkdir(mode=0o700)
+        cmd = [
+            sys.executable,
+            "-m",
+            "roost",
+            "serve",
+            "--cluster",
+            pg.url,
+            "--node-name",
+            f"node{i + 1}",
+            "--node-timeout",
+            str(args.node_timeout),
+            "--port",
+            str(port),
+            "--http-port",
+            str(http),
+            "--data-dir",
+            str(data),
+        ]
+        nodes.append(subprocess.Popen(cmd))
+        print(
+            f"node{i + 1}: amqp://guest:guest@127.0.0.1:{port}/  http://127.0.0.1:{http}/",
+            flush=True,
+        )
+    print("Ctrl-C stops the cluster and removes its files.", flush=True)
+    while all(n.poll() is None for n in nodes):
+        time.sleep(0.5)
+    print("a node exited; stopping the cluster", file=sys.stderr)
+    return 1
+
+
+def _stop(nodes: list[subprocess.Popen[bytes]]) -> None:
+    for n in nodes:
+        if n.poll() is None:
+            n.send_signal(signal.SIGTERM)
+    for n in nodes:
+        try:
+            n.wait(15)
+        except subprocess.TimeoutExpired:
+            n.kill()
+            n.wait(15)
 
 
 if __name__ == "__main__":

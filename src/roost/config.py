@@ -68,6 +68,7 @@ class Config:
     cluster: str = ""
     node_name: str = ""
     node_timeout: int = 10
+    cluster_max_pending: str = "64MB"
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
@@ -157,6 +158,9 @@ HELP = {
     "machine's hostname:port)",
     "node_timeout": "seconds a cluster node may go without a heartbeat before the others "
     "declare it dead and take over what it held",
+    "cluster_max_pending": "bytes of published messages a cluster node may hold waiting for "
+    "PostgreSQL's COMMIT (such as 64MB); above it publishers are blocked, as by the memory "
+    "alarm, until half of it is written",
 }
 
 
@@ -261,6 +265,11 @@ def load_config(
         resources.parse_size(cfg.disk_free_limit)
     except ValueError as exc:
         raise ConfigError(f"disk_free_limit: {exc}") from None
+    try:
+        if resources.parse_size(cfg.cluster_max_pending) <= 0:
+            raise ValueError("must be above 0")
+    except ValueError as exc:
+        raise ConfigError(f"cluster_max_pending: {exc}") from None
     if not 0 <= cfg.tls_port <= 65535:
         raise ConfigError(f"tls_port: {cfg.tls_port} is not between 0 and 65535")
     if not -1 <= cfg.http_port <= 65535:

@@ -219,6 +219,7 @@ class Server:
             # machines all listening on 0.0.0.0 still get names of their own.
             self.config.node_name or f"{socket.gethostname()}:{port}",
             self.config.node_timeout,
+            parse_size(self.config.cluster_max_pending),
         )
         self.cluster = node
         await node.register(self._fenced)

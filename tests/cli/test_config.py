@@ -83,6 +83,8 @@ def test_cluster_options_from_file_environment_and_command_line(tmp_path: Path) 
     [
         ({"ROOST_NODE_TIMEOUT": "2"}, "node_timeout: must be at least 3"),
         ({"ROOST_CLUSTER": "mysql://db/roost"}, "cluster: expected a PostgreSQL URL"),
+        ({"ROOST_CLUSTER_MAX_PENDING": "0"}, "cluster_max_pending: must be above 0"),
+        ({"ROOST_CLUSTER_MAX_PENDING": "lots"}, "cluster_max_pending: expected a size"),
     ],
 )
 def test_bad_cluster_options_are_refused(env: dict[str, str], message: str) -> None:

@@ -37,3 +37,12 @@ def pg_url(postgres_server: ThrowawayPostgres) -> Iterator[str]:
     yield admin.rsplit("/", 1)[0] + "/" + name
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)".encode())
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[ThrowawayPostgres]:
+    """A server of the test's own, which it may crash, pause or restart."""
+    if find_bindir() is None:
+        pytest.skip("PostgreSQL server binaries not installed (Debian: postgresql)")
+    with ThrowawayPostgres() as pg:
+        yield pg

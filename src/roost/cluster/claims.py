@@ -127,6 +127,24 @@ def _order(c: Claimed) -> tuple[int, int]:
     return (-c.priority, c.id)
 
 
+class ClaimInDoubt(Exception):
+    """The connection broke during a claim's COMMIT: the rows (``rows``,
+    returned before it) may or may not be held by the epoch now. Give
+    them back (:meth:`Claimer.unclaim`) before this node claims from the
+    queue again; until then they are neither delivered nor claimable."""
+
+    def __init__(self, rows: list[Claimed], cause: BaseException) -> None:
+        super().__init__(f"claim outcome unknown: {cause}")
+        self.rows = rows
+
+
+# Gives back rows the epoch claimed and never delivered (see ClaimInDoubt).
+_UNCLAIM = (
+    "UPDATE {table} SET owner = NULL, delivery_count = delivery_count - 1"
+    " WHERE id = ANY(%(ids)s::bigint[]) AND owner = %(epoch)s AND " + FENCE
+)
+
+
 class NodeNotDead(RuntimeError):
     """release_dead() was asked to release a node that is not marked dead."""
 
@@ -172,17 +190,43 @@ class Claimer:
         """Claim up to ``n`` ready rows of each table (so up to ``2n``) at
         the head of the queue for ``epoch``, in delivery order. Nothing
         when the epoch is dead."""
+        rows: list[Claimed] | None = None
         async with self.pool.connection() as conn:
-            # Binary results: bodies and properties as they are, not
-            # hex-encoded by the server and decoded here.
-            cur = await conn.execute(
-                CLAIM_SQL, {"q": queue_id, "n": n, "epoch": epoch}, binary=True
-            )
-            rows = [Claimed(*r) for r in await cur.fetchall()]
+            try:
+                # An explicit transaction, so that the rows are known before
+                # the COMMIT: a connection lost during an autocommit claim
+                # would leave rows held by this epoch that it knows nothing
+                # of, never delivered until the node leaves. Binary results:
+                # bodies and properties as they are, not hex-encoded by the
+                # server and decoded here.
+                async with conn.transaction():
+                    cur = await conn.execute(
+                        CLAIM_SQL, {"q": queue_id, "n": n, "epoch": epoch}, binary=True
+                    )
+                    rows = [Claimed(*r) for r in await cur.fetchall()]
+            except psycopg.Error as exc:
+                if rows and (conn.broken or conn.closed or exc.sqlstate is None):
+                    raise ClaimInDoubt(rows, exc) from exc
+                raise
         self.claims += 1
         self.claimed_rows += len(rows)
         rows.sort(key=_order)
         return rows
+
+    async def unclaim(self, rows: Iterable[Claimed], epoch: int) -> None:
+        """Give back rows of a :class:`ClaimInDoubt` (those the epoch holds:
+        the claim committed after all), as they were before it."""
+        by_table: dict[bool, list[int]] = {False: [], True: []}
+        for row in rows:
+            by_table[row.transient].append(row.id)
+        async with self.pool.connection() as conn:
+            for transient, ids in by_table.items():
+                if ids:
+                    await conn.execute(
+                        _UNCLAIM.format(table=table_of(transient)), {"ids": ids, "epoch": epoch}
+                    )
+            # Ready again: claimers anywhere may be waiting for them.
+            await conn.execute("SELECT pg_notify(%s, '')", (READY_CHANNEL,))
 
     async def claim_expired(
         self, queue_ids: Iterable[int], n: int, epoch: int, now_ms: int

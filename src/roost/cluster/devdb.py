@@ -18,6 +18,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -176,6 +177,34 @@ class ThrowawayPostgres:
                     raise
                 time.sleep(0.1)
 
+    def pids(self) -> list[int]:
+        """The postmaster and its children (each child is a process group
+        of its own: PostgreSQL makes them so, a signal to the postmaster's
+        group reaches the postmaster alone)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        postmaster = self.proc.pid
+        found = [postmaster]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                # The parent pid is the 2nd field after the ")" that ends
+                # the command name (which may hold spaces).
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    found.append(int(stat.parent.name))
+        return found
+
+    def pause(self) -> None:
+        """SIGSTOP the server and every backend: connections are accepted by
+        the kernel and nothing answers, as with a hung database machine."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def stop_immediate(self) -> None:
         """Stop without a checkpoint, as a crash would (SIGQUIT)."""
         if self.proc is not None and self.proc.poll() is None:
@@ -185,6 +214,7 @@ class ThrowawayPostgres:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.resume()  # a paused server would never stop
             self.proc.terminate()  # smart shutdown... fast: SIGINT; SIGTERM waits for clients
             try:
                 self.proc.wait(15)

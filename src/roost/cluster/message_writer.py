@@ -249,6 +249,8 @@ class MessageWriter:
         retries: int = 3,
         on_committed: Callable[[set[int]], None] | None = None,
         on_counted: Callable[[list[Counted]], None] | None = None,
+        max_pending_bytes: int = 0,
+        on_backlog: Callable[[bool], None] | None = None,
     ) -> None:
         self.conninfo = conninfo
         self.max_batch_rows = max_batch_rows
@@ -285,6 +287,13 @@ class MessageWriter:
         self.on_hold: Callable[[int, int], None] | None = None
         self.pending_rows = 0  # enqueued, not yet resolved (flow control)
         self.pending_bytes = 0
+        # Flow control: on_backlog(True) once the body bytes enqueued and not
+        # yet resolved exceed max_pending_bytes (PostgreSQL falls behind or
+        # is out of reach), on_backlog(False) once they are back under half
+        # of it, so a writer hovering at the limit does not flap. 0: never.
+        self.max_pending_bytes = max_pending_bytes
+        self.on_backlog = on_backlog
+        self.backlogged = False
         # Counters for stats and tests.
         self.transactions = 0
         # Each committed batch's round trip (for /metrics).
@@ -381,6 +390,12 @@ class MessageWriter:
         batch.size += n
         self.pending_rows += 1
         self.pending_bytes += n
+        if (
+            self.max_pending_bytes
+            and not self.backlogged
+            and self.pending_bytes > self.max_pending_bytes
+        ):
+            self._backlog(True)
         if (
             len(batch.rows) >= self.max_batch_rows or batch.size >= self.max_batch_bytes
         ) and not self._close_pending:
@@ -567,9 +582,19 @@ class MessageWriter:
             except Exception:
                 log.exception("on_counted hook")
 
+    def _backlog(self, over: bool) -> None:
+        self.backlogged = over
+        if self.on_backlog is not None:
+            try:
+                self.on_backlog(over)
+            except Exception:
+                log.exception("on_backlog hook")
+
     def _resolve(self, batch: _Batch, error: WriteFailed | None) -> None:
         self.pending_rows -= len(batch.rows) + len(batch.held_rows)
         self.pending_bytes -= batch.size
+        if self.backlogged and self.pending_bytes <= self.max_pending_bytes // 2:
+            self._backlog(False)
         if error is not None:
             failures = self._failures
             failures[batch.number] = error

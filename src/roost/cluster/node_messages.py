@@ -59,6 +59,7 @@ class NodeMessages:
         handoff: bool = True,
         count_interval: float = 1.0,
         expiry_batch: int = 1000,
+        max_pending_bytes: int = 0,
     ) -> None:
         self.conninfo = conninfo
         self.epoch = epoch
@@ -72,6 +73,7 @@ class NodeMessages:
             connections=writer_connections,
             on_committed=self._ready,
             on_counted=self._counted,
+            max_pending_bytes=max_pending_bytes,
         )
         self.claimer = Claimer(
             conninfo, max_connections=claim_connections, synchronous_commit=synchronous_claims
@@ -143,6 +145,20 @@ class NodeMessages:
             # entries into the buffers: rows released to the cluster, which
             # the renewed lease would let this node deliver a second time.
             q.forget_buffer()
+
+    def renew_lease(self, until: float) -> None:
+        """The registry's heartbeat committed: deliver until ``until``. A
+        lease that had lapsed (PostgreSQL out of reach for a while) held
+        back what the buffers hold, and no claim started meanwhile: nothing
+        else would wake those queues, so they are woken here."""
+        lapsed = not self.lease.valid()
+        self.lease.renew(until)
+        if not lapsed:
+            return
+        for q in list(self.queues.values()):
+            if q.in_memory() and q.ready_changed is not None:
+                q.ready_changed()
+            q.wake()
 
     def forget(self, queue_id: int) -> None:
         """The queue was deleted here (call after ``close()`` on it)."""
@@ -262,7 +278,7 @@ async def _sweep_expired_rows(
     for row in rows:
         by_queue.setdefault(row.queue_id, []).append(row)
     for qid, mine in by_queue.items():
-        queues[qid].take_expired(mine)
+        queues[qid].take_expired(mine, epoch)
     return len(rows)
 
 

@@ -111,6 +111,7 @@ class NodeRegistry:
         self._last_beat = 0.0  # time.monotonic() of the last heartbeat that held
         # No judging of other nodes before this time.monotonic() (see beat()).
         self._sweep_after = 0.0
+        self._fencing: asyncio.Task[None] | None = None
 
     # -- for the message layer -------------------------------------------
 
@@ -224,6 +225,10 @@ class NodeRegistry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._fencing is not None and not self._fencing.done():
+            self._fencing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._fencing
         if self.pool is not None and self.epoch and not self._fenced:
             self._fenced = True
             try:
@@ -285,6 +290,11 @@ class NodeRegistry:
     async def beat(self) -> bool:
         """One heartbeat. Returns False when this incarnation had been
         declared dead (it has then been replaced by a new one)."""
+        if self._fencing is not None and not self._fencing.done():
+            # A fencing cut short by the caller's timeout goes on: wait for
+            # it rather than beat for the epoch it is replacing.
+            await asyncio.shield(self._fencing)
+            return False
         conn = await self._heartbeat_connection()
         sent = time.monotonic()
         cur = await conn.execute(
@@ -309,7 +319,11 @@ class NodeRegistry:
             self._last_beat = now
             self._beaten(sent)
             return True
-        await self._fence()
+        # Shielded from the caller's timeout (the heartbeat's is a third of
+        # the node timeout): a fencing cancelled half-way would leave the
+        # connections open or the message layer on the dead epoch.
+        self._fencing = asyncio.get_running_loop().create_task(self._fence())
+        await asyncio.shield(self._fencing)
         return False
 
     def _beaten(self, sent: float) -> None:

@@ -77,6 +77,7 @@ from roost import properties
 from roost.broker.dedup import Deduplicator, SharedKey
 from roost.broker.log_backed import ENTRY_OVERHEAD
 from roost.broker.message import Message, QueueEntry
+from roost.cluster.claims import ClaimInDoubt
 from roost.cluster.lease import Lease
 from roost.cluster.message_writer import CommitOutcomeUnknown, MessageRow
 from roost.cluster.queue_limits import Counted, HeadRow, Limit
@@ -164,6 +165,8 @@ class PgBackingQueue:
         # Hand-off entries waiting for their batch's COMMIT, by batch.
         self._pending: dict[int, list[QueueEntry]] = {}
         self._pending_n = 0
+        # Batches whose hand-offs belong to an incarnation declared dead.
+        self._void: set[int] = set()
         # Buffer order: priority, then arrival here (claims in id order,
         # hand-offs in publish order); a requeued entry keeps its place.
         self._seq = 0
@@ -336,6 +339,9 @@ class PgBackingQueue:
         """The batch holding hand-off entries resolved."""
         entries = self._pending.pop(batch, [])
         self._pending_n -= len(entries)
+        if batch in self._void:
+            self._void.discard(batch)
+            return
         writer = self.writer
         error = writer.failure(batch)
         if error is None and writer.handed(batch) and not self._closed:
@@ -484,10 +490,13 @@ class PgBackingQueue:
                 self.writer.release_nowait(seen[transient], self.epoch, transient)
         return n
 
-    def take_expired(self, rows: Iterable[Claimed]) -> None:
-        """Rows past their expiry, claimed by the node's sweep: into the
-        buffer, and the queue's TTL timer (``expiry_seen``) dead-letters
-        them from the head as it does locally."""
+    def take_expired(self, rows: Iterable[Claimed], epoch: int | None = None) -> None:
+        """Rows past their expiry, claimed by the node's sweep for ``epoch``
+        (None: the current one): into the buffer, and the queue's TTL timer
+        (``expiry_seen``) dead-letters them from the head as it does
+        locally."""
+        if epoch is not None and epoch != self.epoch:
+            return  # claimed for a dead incarnation (see _take)
         for row in rows:
             self._push(self._entry(row))
         if self._closed:
@@ -584,17 +593,39 @@ class PgBackingQueue:
         synchronous fetch can only start a claim and miss."""
         want = n - len(self._heap)
         if want > 0 and not self._closed and self.lease.valid():
-            generation, hints = self.generation, self._hints
-            rows = await self.claimer.claim(self.store_id, want, self.epoch)
+            generation, hints, epoch = self.generation, self._hints, self.epoch
+            try:
+                rows = await self.claimer.claim(self.store_id, want, epoch)
+            except ClaimInDoubt as exc:
+                await self._give_back_doubtful(exc.rows, epoch)
+                raise
             self.claims += 1
-            self._take(rows, want, generation, hints)
+            self._take(rows, want, generation, hints, epoch)
         return len(self._heap)
+
+    async def _give_back_doubtful(self, rows: list[Claimed], epoch: int) -> None:
+        """Rows of a claim whose COMMIT may or may not have happened: given
+        back before the next claim from this queue (which could otherwise
+        get them legitimately, and then see them given back under it),
+        retrying until PostgreSQL answers, or the epoch is over (a dead
+        epoch's rows are released by the cluster)."""
+        while not self._closed and epoch == self.epoch:
+            try:
+                await self.claimer.unclaim(rows, epoch)
+                return
+            except Exception as exc:
+                log.warning("giving back the rows of a claim in doubt: %s", exc)
+                await asyncio.sleep(CLAIM_RETRY_DELAY)
 
     def forget_buffer(self) -> None:
         """This node was declared dead: the buffered rows were released to
-        the cluster and are not ours; drop them without a word to it."""
+        the cluster and are not ours; drop them without a word to it. So
+        are the hand-offs waiting for their batch: inserted for the dead
+        epoch, they are released with its other rows (or were inserted
+        ready, the epoch being dead by their COMMIT)."""
         self._heap.clear()
         self.bytes = 0
+        self._void.update(self._pending)
         self._hint()  # released: claimable again, under the next epoch
 
     def _start_claim(self) -> None:
@@ -612,11 +643,15 @@ class PgBackingQueue:
                 want = self._wanted()
                 if want <= 0:
                     break
-                generation, hints = self.generation, self._hints
+                generation, hints, epoch = self.generation, self._hints, self.epoch
                 try:
-                    rows = await self.claimer.claim(self.store_id, want, self.epoch)
+                    rows = await self.claimer.claim(self.store_id, want, epoch)
                     took = loop.time() - started
                     self._claim_time += EWMA_WEIGHT * (took - self._claim_time)
+                except ClaimInDoubt as exc:
+                    log.warning("claim from queue %d: %s", self.store_id, exc)
+                    await self._give_back_doubtful(exc.rows, epoch)
+                    continue
                 except Exception as exc:
                     # (A warning, not a traceback: during an outage every
                     # queue with consumers says this twice a second.)
@@ -624,7 +659,7 @@ class PgBackingQueue:
                     await asyncio.sleep(CLAIM_RETRY_DELAY)
                     continue
                 self.claims += 1
-                self._take(rows, want, generation, hints)
+                self._take(rows, want, generation, hints, epoch)
                 if self._closed:
                     break
                 if rows and self.ready_changed is not None:
@@ -634,8 +669,15 @@ class PgBackingQueue:
         finally:
             self._claiming = None
 
-    def _take(self, rows: list[Claimed], wanted: int, generation: int, hints: int) -> None:
+    def _take(
+        self, rows: list[Claimed], wanted: int, generation: int, hints: int, epoch: int
+    ) -> None:
         """Claimed rows join the buffer (or go back, the queue being closed)."""
+        if epoch != self.epoch:
+            # Claimed for an incarnation that has since been declared dead:
+            # the cluster releases its rows to others (release_dead), so
+            # they must not be delivered from here as well.
+            return
         self._shortfall = max(0, self._shortfall - len(rows))
         for row in rows:
             self._push(self._entry(row))

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from roost.broker.broker import Broker
 from roost.cluster import cluster_metrics
@@ -32,6 +33,7 @@ from roost.cluster.reply_relay import ReplyRelay, forget_dead
 from roost.http.cluster_view import local_view
 from roost.http.connections import close_local
 from roost.http.nodes import ClusterNode as NodeListing
+from roost.resources import MEMORY_ALARM
 
 log = logging.getLogger("roost.cluster")
 
@@ -41,10 +43,44 @@ log = logging.getLogger("roost.cluster")
 # already on its way out.
 LEASE_MARGIN = 1.0
 
+# The source under which a writer falling behind PostgreSQL holds the memory
+# alarm (what it holds back is memory: rows enqueued, not yet committed).
+WRITER_BACKLOG_SOURCE = "cluster_writer_backlog"
+
+# Default of max_pending_bytes: body bytes a node's writer may hold,
+# enqueued and not yet committed, before its publishers are blocked.
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+
+
+def conninfo_for_failures(url: str, timeout: int) -> str:
+    """``url`` with what lets every connection of the node notice a
+    database machine that vanished without closing its sockets (power
+    loss, a network partition) within about ``timeout``, rather than the
+    kernel's default of minutes to hours: TCP keepalives on idle
+    connections (the LISTEN ones are idle until a notification comes),
+    ``tcp_user_timeout`` on data sent and never acknowledged, and a
+    ``connect_timeout`` that holds per host of a multi-host URL, so a
+    dead host in the list does not stall the failover to the next. Settings
+    the URL makes itself are kept."""
+    given = conninfo_to_dict(url)
+    defaults = {
+        "keepalives": "1",
+        "keepalives_idle": str(max(1, timeout // 3)),
+        "keepalives_interval": "1",
+        "keepalives_count": "3",
+        "tcp_user_timeout": str(timeout * 1000),
+        "connect_timeout": str(timeout),
+    }
+    extra = {k: v for k, v in defaults.items() if k not in given}
+    return make_conninfo(url, **extra) if extra else url
+
 
 class ClusterNode:
-    def __init__(self, url: str, name: str, timeout: int) -> None:
-        self.registry = NodeRegistry(url, name, timeout)
+    def __init__(
+        self, url: str, name: str, timeout: int, max_pending_bytes: int = MAX_PENDING_BYTES
+    ) -> None:
+        self.registry = NodeRegistry(conninfo_for_failures(url, timeout), name, timeout)
+        self.max_pending_bytes = max_pending_bytes
         self.definitions: ClusterDefinitions | None = None
         self.messages: NodeMessages | None = None
         self.consumers: ClusterConsumers | None = None
@@ -75,7 +111,9 @@ class ClusterNode:
         message routed to a queue becomes a row in PostgreSQL, delivered by
         whichever node claims it."""
         registry = self.registry
-        messages = NodeMessages(registry.url, registry.epoch)
+        messages = NodeMessages(
+            registry.url, registry.epoch, max_pending_bytes=self.max_pending_bytes
+        )
         await messages.start()
         self.messages = messages
         try:
@@ -96,6 +134,22 @@ class ClusterNode:
         self.delays = delays
         broker.journal = messages.journal  # vhosts created later take it
         broker.delay_store = delays
+
+        def backlog(over: bool) -> None:
+            # Flow control as the memory alarm's: publishing connections
+            # get connection.blocked and are no longer read from, until the
+            # writer has caught up with half of the limit.
+            if over:
+                log.warning(
+                    "cluster: %d bytes of messages wait for PostgreSQL; blocking publishers",
+                    messages.writer.pending_bytes,
+                )
+                broker.set_alarm(MEMORY_ALARM, WRITER_BACKLOG_SOURCE)
+            else:
+                log.info("cluster: PostgreSQL caught up; unblocking publishers")
+                broker.clear_alarm(MEMORY_ALARM, WRITER_BACKLOG_SOURCE)
+
+        messages.writer.on_backlog = backlog
         for vhost in broker.vhosts.values():
             vhost.journal = messages.journal
             vhost.delay_store = delays
@@ -135,6 +189,9 @@ class ClusterNode:
         if self.replies is not None:
             self.replies.set_epoch(epoch)
         self._drop_waiting()
+        if self.messages is not None:
+            # Only now may it deliver: the registration was a heartbeat.
+            self._beat(self.registry.last_beat_sent)
 
     def _drop_waiting(self) -> None:
         # Entries waiting out a retry delay are claims of the dead
@@ -146,8 +203,12 @@ class ClusterNode:
                 queue.drop_waiting()
 
     def _beat(self, sent: float) -> None:
-        if self.messages is not None:
-            self.messages.lease.renew(sent + self.registry.timeout - LEASE_MARGIN)
+        # Not for a registration the message layer has not moved to yet
+        # (set_epoch() in _registered): the lease would let it deliver what
+        # claims of the dead epoch bring into the buffers meanwhile, rows
+        # the cluster has already released to other nodes.
+        if self.messages is not None and self.messages.epoch == self.registry.epoch:
+            self.messages.renew_lease(sent + self.registry.timeout - LEASE_MARGIN)
 
     def _attach_queues(self) -> None:
         """Give each queue whose row is known its PostgreSQL backing queue
