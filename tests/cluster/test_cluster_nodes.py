@@ -173,6 +173,7 @@ def test_a_killed_node_is_declared_dead_and_its_exclusive_queues_go(
             TIMEOUT * 3,
             "b declared dead",
         )
+
         # Declared dead and cleaned up are two transactions: the queue goes
         # with the cleanup, a moment after /api/nodes stops listing b.
         def gone() -> bool:
