@@ -107,13 +107,14 @@ def test_every_node_lists_the_whole_clusters_connections_channels_consumers(
         on_a.channel()
 
         for asked in (a, b):
-            _wait_for(
-                lambda asked=asked: (
+
+            def both_listed(asked: RoostProcess = asked) -> bool:
+                return (
                     len(_named(_get(asked, "/api/connections"), "client-b")) == 1
                     and len(_named(_get(asked, "/api/connections"), "client-a")) == 1
-                ),
-                f"both connections listed by {asked.port}",
-            )
+                )
+
+            _wait_for(both_listed, f"both connections listed by {asked.port}")
             conns = _get(asked, "/api/connections")
             assert _named(conns, "client-a")[0]["node"] == "a"
             assert _named(conns, "client-b")[0]["node"] == "b"
@@ -193,10 +194,11 @@ def test_queue_figures_add_up_over_the_nodes(node: Callable[[str], RoostProcess]
             return q["messages"], q["messages_ready"], q["messages_unacknowledged"], q["consumers"]
 
         for asked in (a, b):
-            _wait_for(
-                lambda asked=asked: figures(asked) == (10, 7, 3, 1),
-                f"10 messages, 3 unacked on b, seen from {asked.port}",
-            )
+
+            def seen(asked: RoostProcess = asked) -> bool:
+                return figures(asked) == (10, 7, 3, 1)
+
+            _wait_for(seen, f"10 messages, 3 unacked on b, seen from {asked.port}")
             totals = _get(asked, "/api/overview")["queue_totals"]
             assert totals["messages_unacknowledged"] == 3
             assert totals["messages"] == 10

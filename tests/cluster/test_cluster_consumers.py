@@ -146,7 +146,11 @@ def test_consumer_counts_are_cluster_wide(node: Callable[[str], RoostProcess]) -
     second = Consumer(b, "counted")
     try:
         for proc in (a, b):
-            _wait_for(lambda p=proc: _consumer_count(p, "counted") == 2, 10, "two consumers")
+
+            def two(proc: RoostProcess = proc) -> bool:
+                return _consumer_count(proc, "counted") == 2
+
+            _wait_for(two, 10, "two consumers")
         # An exclusive consumer is refused while another node consumes.
         with _connect(a) as ca, pytest.raises(ChannelClosedByBroker) as info:
             ca.channel().basic_consume("counted", lambda *args: None, exclusive=True)
@@ -316,12 +320,20 @@ def test_auto_delete_when_the_last_consumers_on_two_nodes_go_at_once(
         with _connect(a) as ca:
             ca.channel().queue_declare(name, auto_delete=True)
         on_a, on_b = Consumer(a, name), Consumer(b, name)
-        _wait_for(lambda n=name: _consumer_count(a, n) == 2, 10, "two consumers")
+
+        def two(name: str = name) -> bool:
+            return _consumer_count(a, name) == 2
+
+        _wait_for(two, 10, "two consumers")
         # Both nodes' writes overlap: without taking the queue's locks in
         # turn, each would still see the other's consumer.
         on_a.close()
         on_b.close()
-        _wait_for(lambda n=name: not _exists(b, n), 10, "the queue deleted")
+
+        def gone(name: str = name) -> bool:
+            return not _exists(b, name)
+
+        _wait_for(gone, 10, "the queue deleted")
 
 
 def test_auto_delete_queue_goes_when_its_last_consumers_node_dies(

@@ -177,8 +177,9 @@ async def test_reject_publish_dlx_nacks_and_dead_letters_what_is_refused(
     assert sorted(_bodies(await _take(a, "rdlx", 30))) == sorted(acked)
     dead = await _take(b, "rdlx.dlq", 170)
     assert sorted(_bodies(dead)) == sorted(nacked)
-    death = dead[0].headers["x-death"][0]  # type: ignore[index]
-    assert death["reason"] == "maxlen" and death["queue"] == "rdlx"  # type: ignore[index]
+    deaths: Any = dead[0].headers["x-death"]
+    death = deaths[0]
+    assert death["reason"] == "maxlen" and death["queue"] == "rdlx"
 
 
 async def test_drop_head_keeps_the_newest_and_dead_letters_the_rest(
@@ -283,7 +284,7 @@ async def test_consumers_on_another_node_make_room(node: Callable[[str], RoostPr
         assert sorted(got) == sorted(accepted)
 
 
-async def _hold(proc: RoostProcess, queue: str, n: int) -> aio_pika.abc.AbstractRobustConnection:
+async def _hold(proc: RoostProcess, queue: str, n: int) -> aio_pika.abc.AbstractConnection:
     """A consumer that takes ``n`` messages and acks none; returns its
     connection (close it to requeue them)."""
     conn = await aio_pika.connect(_url(proc))

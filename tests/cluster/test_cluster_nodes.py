@@ -180,7 +180,7 @@ def test_a_killed_node_is_declared_dead_and_its_exclusive_queues_go(
             with pytest.raises(ChannelClosedByBroker) as info:
                 ca.channel().queue_declare("b-only", passive=True)
             assert info.value.reply_code in (404, 405)
-            return info.value.reply_code == 404
+            return bool(info.value.reply_code == 404)
 
         _wait_for(gone, TIMEOUT * 3, "b's exclusive queue deleted")
 

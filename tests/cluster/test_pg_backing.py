@@ -542,11 +542,11 @@ async def test_a_busy_consumer_gets_a_read_ahead_that_goes_back_when_it_stops(
     # holds only what the consumer has not acked.
 
     def held() -> int:
-        return int(
-            fixtures.scalar(
-                url, "SELECT count(*) FROM roost_messages WHERE owner = %s", a.messages.epoch
-            )
+        found = fixtures.scalar(
+            url, "SELECT count(*) FROM roost_messages WHERE owner = %s", a.messages.epoch
         )
+        assert isinstance(found, int)
+        return found
 
     # (Deliveries go on up to the prefetch: count what it holds then.)
     await wait_for(lambda: backing.in_memory() == 0 and held() == len(sink.got) - acked, 15)
